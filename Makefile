@@ -1,0 +1,52 @@
+# Edgefleet: `make demo` runs the product, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+export EDGEFLEET_CACHE ?= $(HOME)/.cache/edgefleet
+ARGS ?=
+
+# What the suite talks to: the machine's own services on loopback.
+TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
+	REDIS_URL=redis://127.0.0.1:6379/15 \
+	MQTT_URL=mqtt://127.0.0.1:1883 \
+	DJANGO_SETTINGS_MODULE=controlplane.settings
+
+.PHONY: help venv models services test lint demo clean
+
+help:
+	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
+	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
+	@echo "make lint   ruff and the migrations check"
+
+$(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: install python3.11 (or set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	PIP=$(VENV)/bin/pip bash scripts/fetch-models.sh
+
+services:
+	bash scripts/ensure-services.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(VENV)/bin/docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
+	$(VENV)/bin/hadolint docker/Dockerfile.plane docker/Dockerfile.agent
+
+test: venv models services lint
+	$(TEST_ENV) $(VENV)/bin/pytest
+
+demo: venv models
+	$(PY) scripts/demo.py $(ARGS)
+
+clean:
+	rm -rf var .pytest_cache

@@ -1,0 +1,90 @@
+"""Chunk maths and file manifests, shared by the plane (which builds them) and the agent.
+
+A file is cut into fixed-size chunks; the last one may be short. The manifest
+carries the sha256 of the whole file and of every chunk, so the agent can verify
+each chunk as it lands and fetch again only the ones that fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Final
+
+from agent.wire import FileManifest, FileRole
+
+DEFAULT_CHUNK_SIZE: Final = 256 * 1024
+_READ_SIZE: Final = 1024 * 1024
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    if size < 0 or chunk_size <= 0:
+        raise ValueError(f"size {size} and chunk size {chunk_size} must be >= 0 and > 0")
+    return -(-size // chunk_size)
+
+
+def chunk_span(index: int, size: int, chunk_size: int) -> tuple[int, int]:
+    """Offset and length of chunk ``index`` of a file of ``size`` bytes."""
+    if not 0 <= index < chunk_count(size, chunk_size):
+        raise IndexError(f"chunk {index} is outside a {size}-byte file of {chunk_size}-byte chunks")
+    offset = index * chunk_size
+    return offset, min(chunk_size, size - offset)
+
+
+def iter_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    while block := stream.read(chunk_size):
+        yield block
+
+
+def build_manifest(
+    path: Path,
+    *,
+    role: FileRole,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    filename: str | None = None,
+    format: str = "onnx",
+    precision: str = "",
+) -> FileManifest:
+    """Hash ``path`` whole and chunk by chunk, reading it once."""
+    whole = hashlib.sha256()
+    chunks = []
+    size = 0
+    with path.open("rb") as stream:
+        for block in iter_chunks(stream, chunk_size):
+            whole.update(block)
+            chunks.append(hashlib.sha256(block).hexdigest())
+            size += len(block)
+    return FileManifest(
+        role=role,
+        filename=filename or path.name,
+        sha256=whole.hexdigest(),
+        size=size,
+        chunk_size=chunk_size,
+        chunks=chunks,
+        format=format,
+        precision=precision,
+    )
+
+
+def check_manifest(manifest: FileManifest) -> None:
+    """Raise ValueError if the manifest's chunk list cannot describe its size."""
+    expected = chunk_count(manifest.size, manifest.chunk_size)
+    if len(manifest.chunks) != expected:
+        raise ValueError(
+            f"manifest of {manifest.filename} lists {len(manifest.chunks)} chunks; "
+            f"{manifest.size} bytes in {manifest.chunk_size}-byte chunks make {expected}"
+        )
+
+
+def chunk_ok(manifest: FileManifest, index: int, data: bytes) -> bool:
+    _, length = chunk_span(index, manifest.size, manifest.chunk_size)
+    return len(data) == length and hashlib.sha256(data).hexdigest() == manifest.chunks[index]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while block := stream.read(_READ_SIZE):
+            digest.update(block)
+    return digest.hexdigest()

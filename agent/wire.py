@@ -1,0 +1,332 @@
+"""The wire contract between the control plane and its agents.
+
+This is the only module the two sides share. It names every MQTT topic and every
+message schema, and it decodes and validates what arrives. The plane imports it
+too, so it must never import Django, the plane, or anything heavier than msgspec.
+
+Every message carries ``v``, the schema version. A receiver refuses a version it
+does not know rather than guessing at its meaning.
+
+docs/protocol.md is the prose form of this module; keep them in step.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Annotated, Final, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({1})
+
+TOPIC_ROOT: Final = "fleet"
+SHARE_GROUP: Final = "edgefleet-plane"
+
+# Agent-to-plane JSON messages are small; anything bigger is refused unread.
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_CHUNKS_PER_REQUEST: Final = 64
+
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+ShortText = Annotated[str, msgspec.Meta(max_length=200)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=2000)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class WireError(ValueError):
+    """A topic or payload that breaks the contract. The text says what is wrong."""
+
+
+class Channel(enum.StrEnum):
+    """The last part of a device topic: ``fleet/<device_id>/<channel>``."""
+
+    HELLO = "hello"
+    HEARTBEAT = "heartbeat"
+    STATE = "state"
+    PRESENCE = "presence"
+    CHUNK_REQUEST = "chunks/req"
+    DESIRED = "desired"
+    CHUNK_DATA = "chunks/data"
+
+
+AGENT_CHANNELS: Final = (
+    Channel.HELLO,
+    Channel.HEARTBEAT,
+    Channel.STATE,
+    Channel.PRESENCE,
+    Channel.CHUNK_REQUEST,
+)
+PLANE_CHANNELS: Final = (Channel.DESIRED, Channel.CHUNK_DATA)
+
+
+def topic(device_id: str, channel: Channel) -> str:
+    return f"{TOPIC_ROOT}/{device_id}/{channel}"
+
+
+def parse_topic(name: str) -> tuple[str, Channel]:
+    """Split ``fleet/<device_id>/<channel>``; raise WireError for anything else."""
+    root, _, rest = name.partition("/")
+    device_id, _, channel = rest.partition("/")
+    if root != TOPIC_ROOT or not device_id:
+        raise WireError(f"topic {name!r} is not under {TOPIC_ROOT}/<device_id>/")
+    try:
+        return device_id, Channel(channel)
+    except ValueError:
+        raise WireError(f"topic {name!r} names no known channel") from None
+
+
+def plane_subscriptions(*, shared: bool = True) -> list[str]:
+    """Topic filters the plane subscribes to.
+
+    With ``shared``, they are MQTT v5 shared subscriptions, so the broker splits
+    the load between every bridge process in the group.
+    """
+    filters = [f"{TOPIC_ROOT}/+/{channel}" for channel in AGENT_CHANNELS]
+    if shared:
+        return [f"$share/{SHARE_GROUP}/{f}" for f in filters]
+    return filters
+
+
+# --- Messages -----------------------------------------------------------------
+
+DeploymentStateName = Literal["pending", "downloading", "verifying", "active", "failed"]
+
+
+class Message(msgspec.Struct, kw_only=True):
+    v: int = SCHEMA_VERSION
+    device_id: DeviceId
+
+
+class HardwareProfile(msgspec.Struct, kw_only=True):
+    arch: ShortText
+    os: ShortText
+    os_release: ShortText = ""
+    cpu_model: ShortText = ""
+    cpu_count: Count
+    cpu_flags: Annotated[list[ShortText], msgspec.Meta(max_length=256)] = []
+    ram_bytes: Count
+    disk_free_bytes: Count = 0
+    providers: Annotated[list[ShortText], msgspec.Meta(max_length=32)]
+    agent_version: ShortText = ""
+
+
+class ActiveModel(msgspec.Struct, kw_only=True):
+    deployment_id: Count
+    sha256: Sha256
+
+
+class Hello(Message, kw_only=True):
+    name: ShortText = ""
+    hardware: HardwareProfile
+    active: ActiveModel | None = None
+    sent_at: NonNegative
+
+
+class LatencyStats(msgspec.Struct, kw_only=True):
+    count: Count
+    p50_ms: NonNegative
+    p95_ms: NonNegative
+    p99_ms: NonNegative
+    max_ms: NonNegative
+
+
+class Heartbeat(Message, kw_only=True):
+    seq: Count
+    sent_at: NonNegative
+    interval_s: NonNegative
+    uptime_s: NonNegative
+    cpu_percent: NonNegative
+    mem_rss_bytes: Count
+    mem_available_bytes: Count
+    active: ActiveModel | None = None
+    requests: Count = 0
+    errors: Count = 0
+    latency: LatencyStats | None = None
+
+
+class StateReport(Message, kw_only=True):
+    deployment_id: Count
+    state: DeploymentStateName
+    sha256: Sha256 | None = None
+    error: ErrorText = ""
+    bytes_done: Count = 0
+    bytes_total: Count = 0
+    sent_at: NonNegative
+
+
+class Presence(Message, kw_only=True):
+    online: bool
+    reason: ShortText = ""
+
+
+class ChunkRequest(Message, kw_only=True):
+    deployment_id: Count
+    sha256: Sha256
+    indexes: Annotated[list[Count], msgspec.Meta(min_length=1, max_length=MAX_CHUNKS_PER_REQUEST)]
+
+
+FileRole = Literal["model", "tokenizer"]
+
+
+class FileManifest(msgspec.Struct, kw_only=True):
+    """One file to fetch: its hash, size, and the hash of every chunk."""
+
+    role: FileRole
+    filename: ShortText
+    sha256: Sha256
+    size: Count
+    chunk_size: Annotated[int, msgspec.Meta(ge=1024, le=4 * 1024 * 1024)]
+    chunks: list[Sha256]
+    format: ShortText = "onnx"
+    precision: ShortText = ""
+
+
+class InferenceSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How the agent turns text into model inputs and outputs into a result."""
+
+    task: Literal["embedding", "tensor"] = "tensor"
+    pooling: Literal["mean", "cls", "none"] = "none"
+    normalize: bool = False
+    max_length: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 256
+
+
+class Desired(Message, kw_only=True):
+    """What the device should run. Retained; ``deployment_id`` None means nothing."""
+
+    deployment_id: Count | None
+    model: ShortText = ""
+    version: ShortText = ""
+    files: list[FileManifest] = []
+    inference: InferenceSpec = InferenceSpec()
+    issued_at: NonNegative
+
+
+AgentMessage = Hello | Heartbeat | StateReport | Presence | ChunkRequest
+
+_TYPES: Final[dict[Channel, type]] = {
+    Channel.HELLO: Hello,
+    Channel.HEARTBEAT: Heartbeat,
+    Channel.STATE: StateReport,
+    Channel.PRESENCE: Presence,
+    Channel.CHUNK_REQUEST: ChunkRequest,
+    Channel.DESIRED: Desired,
+}
+_DECODERS: Final = {channel: msgspec.json.Decoder(t) for channel, t in _TYPES.items()}
+
+
+def encode(message: Message) -> bytes:
+    return msgspec.json.encode(message)
+
+
+def decode(channel: Channel, payload: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate one JSON message of ``channel``. Raises WireError."""
+    if channel is Channel.CHUNK_DATA:
+        raise WireError("chunk data is binary: use decode_chunk")
+    if len(payload) > max_bytes:
+        raise WireError(f"payload of {len(payload)} bytes is over the {max_bytes}-byte limit")
+    try:
+        message = _DECODERS[channel].decode(payload)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        raise WireError(f"bad {channel} message: {exc}") from None
+    if message.v not in SUPPORTED_VERSIONS:
+        raise WireError(f"schema version {message.v} is not supported (this side speaks {sorted(SUPPORTED_VERSIONS)})")
+    return message
+
+
+def decode_from(topic_name: str, payload: bytes) -> tuple[str, Channel, Message]:
+    """Decode a message and check that it speaks for the device its topic names.
+
+    A payload that claims another device's id is refused even if the broker let it
+    through: the topic is what the broker's ACL confines, so it is the one we trust.
+    """
+    device_id, channel = parse_topic(topic_name)
+    message = decode(channel, payload)
+    if message.device_id != device_id:
+        raise WireError(f"payload claims device {message.device_id!r} on the topic of {device_id!r}")
+    return device_id, channel, message
+
+
+# --- Chunk data ---------------------------------------------------------------
+# Binary, to spare base64: a fixed header, then the chunk's bytes (or, for an
+# error frame, the UTF-8 reason). Header: magic "EFC", schema version, kind,
+# the file's sha256 as 32 raw bytes, the chunk index.
+
+_CHUNK_HEADER: Final = struct.Struct(">3sBB32sI")
+_CHUNK_MAGIC: Final = b"EFC"
+CHUNK_HEADER_BYTES: Final = _CHUNK_HEADER.size
+
+
+class ChunkKind(enum.IntEnum):
+    DATA = 0
+    ERROR = 1
+
+
+class Chunk(msgspec.Struct, frozen=True):
+    kind: ChunkKind
+    sha256: str
+    index: int
+    data: bytes
+
+
+def encode_chunk(sha256: str, index: int, data: bytes, kind: ChunkKind = ChunkKind.DATA) -> bytes:
+    return _CHUNK_HEADER.pack(_CHUNK_MAGIC, SCHEMA_VERSION, kind, bytes.fromhex(sha256), index) + data
+
+
+def decode_chunk(payload: bytes) -> Chunk:
+    if len(payload) < CHUNK_HEADER_BYTES:
+        raise WireError(f"chunk frame of {len(payload)} bytes is shorter than its header")
+    magic, version, kind, digest, index = _CHUNK_HEADER.unpack_from(payload)
+    if magic != _CHUNK_MAGIC:
+        raise WireError("chunk frame has no EFC magic")
+    if version not in SUPPORTED_VERSIONS:
+        raise WireError(f"chunk frame schema version {version} is not supported")
+    try:
+        kind = ChunkKind(kind)
+    except ValueError:
+        raise WireError(f"chunk frame kind {kind} is unknown") from None
+    return Chunk(kind, digest.hex(), index, payload[CHUNK_HEADER_BYTES:])
+
+
+# --- Broker address -----------------------------------------------------------
+
+
+class BrokerUrl(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how to reach the broker, parsed from ``mqtt[s]://user:pass@host:port?protocol=5``."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+
+    @property
+    def mqtt_v5(self) -> bool:
+        return self.protocol == "5"
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise WireError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise WireError(f"broker URL {url!r} names no host")
+    try:
+        port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    except ValueError:
+        raise WireError(f"broker URL {url!r} has a bad port") from None
+    protocol = parse_qs(parts.query).get("protocol", ["5"])[-1]
+    if protocol not in ("5", "3.1.1"):
+        raise WireError(f"broker URL {url!r}: protocol must be 5 or 3.1.1")
+    return BrokerUrl(
+        host=parts.hostname,
+        port=port,
+        tls=parts.scheme == "mqtts",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        protocol=protocol,  # type: ignore[arg-type]  # checked against the Literal just above
+    )

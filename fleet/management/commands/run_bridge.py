@@ -1,0 +1,39 @@
+import signal
+import threading
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from fleet.mqtt.bridge import Bridge
+from fleet.mqtt.client import make_client
+from fleet.storage import get_store
+
+
+class Command(BaseCommand):
+    help = "Run the MQTT bridge: store what agents report and serve their chunk requests. Stops on SIGTERM."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--chunk-workers", type=int, default=2, help="threads serving chunk requests")
+        parser.add_argument("--stats-every", type=float, default=60.0, help="seconds between stats log lines")
+
+    def handle(self, *args, chunk_workers: int, stats_every: float, **options):
+        broker = settings.MQTT_BROKER
+        bridge = Bridge(
+            make_client("bridge"),
+            get_store(),
+            shared=broker.mqtt_v5,
+            queue_size=settings.BRIDGE_QUEUE_SIZE,
+            batch_size=settings.BRIDGE_BATCH_SIZE,
+            flush_seconds=settings.BRIDGE_FLUSH_SECONDS,
+            chunk_workers=chunk_workers,
+        )
+        done = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: done.set())
+        self.stdout.write(f"bridge connecting to {broker.host}:{broker.port} (MQTT {broker.protocol})")
+        bridge.start()
+        while not done.wait(stats_every):
+            self.stdout.write(f"bridge stats: {bridge.stats.snapshot()}")
+        self.stdout.write("bridge stopping: draining queued messages")
+        bridge.stop()
+        self.stdout.write(f"bridge stopped: {bridge.stats.snapshot()}")

@@ -1,0 +1,311 @@
+"""The MQTT bridge: consumes what agents send, serves their chunk requests.
+
+paho's network thread only routes each message into a bounded queue. One thread
+applies JSON messages to the database, batching heartbeats; a small pool serves
+chunks from the artifact store. A full queue blocks paho's thread, so the broker
+holds the backlog (QoS 1) instead of the bridge dropping it.
+
+A bad message is counted, logged and dropped on its own; nothing an agent sends
+can stop the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import paho.mqtt.client as mqtt
+from django.db import close_old_connections, connection
+
+from agent import wire
+from agent.manifest import chunk_span
+from fleet.choices import ArtifactRole, ArtifactStatus
+from fleet.models import Artifact, Deployment, Device
+from fleet.mqtt.client import connect
+from fleet.services import deployments, devices, telemetry
+from fleet.storage import FilesystemStore
+
+log = logging.getLogger("fleet.bridge")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+class Stats:
+    """Thread-safe counters: what came in, what was stored, what was refused and why."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class ChunkRefused(Exception):
+    """A chunk request the bridge will not serve; the text goes back to the agent."""
+
+
+class Bridge:
+    """Built from a paho client and a store, so tests can hand it either."""
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        store: FilesystemStore,
+        *,
+        shared: bool = True,
+        queue_size: int = 20_000,
+        batch_size: int = 500,
+        flush_seconds: float = 0.2,
+        chunk_workers: int = 2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.shared = shared
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.chunk_workers = chunk_workers
+        self.clock = clock
+        self.stats = Stats()
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        self._heartbeats: list[telemetry.ReceivedHeartbeat] = []
+        self._last_flush = time.monotonic()
+        self._device_pks: dict[str, int] = {}
+        self._unknown_until: dict[str, float] = {}
+        # (device_id, deployment_id, sha256) -> (path, chunk size): what each device may read.
+        self._chunk_grants: dict[tuple[str, int, str], tuple[str, int]] = {}
+        self._threads: list[threading.Thread] = []
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+
+    # --- paho's thread: route only -------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the bridge: %s", reason_code)
+            return
+        subscriptions = wire.plane_subscriptions(shared=self.shared)
+        client.subscribe([(s, 1) for s in subscriptions])
+        self.connected.set()
+        log.info("bridge connected; subscribed to %s", ", ".join(subscriptions))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self.stopping.is_set():
+            log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        item = Inbound(message.topic, message.payload, self.clock())
+        target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
+        self.stats.add("received")
+        while not self.stopping.is_set():
+            try:
+                target.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self.stats.add("backpressure_waits")
+
+    # --- the database thread --------------------------------------------------------
+
+    def handle(self, item: Inbound) -> None:
+        """Apply one agent message. Never raises: a failure is counted and logged."""
+        try:
+            device_id, channel, message = wire.decode_from(item.topic, item.payload)
+        except wire.WireError as exc:
+            self._refuse("bad_message", item.topic, str(exc))
+            return
+        try:
+            self._apply(device_id, channel, message, item.received_at)
+        except deployments.StaleReport as exc:
+            self._refuse("stale_report", item.topic, str(exc))
+        except Exception:
+            self.stats.add("errors")
+            log.exception("failed to apply a message on %s", item.topic)
+
+    def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
+        if channel is wire.Channel.HELLO:
+            device, created = devices.record_hello(message)  # type: ignore[arg-type]  # channel fixes the type
+            self._device_pks[device_id] = device.pk
+            self._unknown_until.pop(device_id, None)
+            self.stats.add("hellos")
+        elif channel is wire.Channel.HEARTBEAT:
+            self._queue_heartbeat(device_id, message, received_at)  # type: ignore[arg-type]
+        elif channel is wire.Channel.STATE:
+            self._apply_state(device_id, message)  # type: ignore[arg-type]
+        elif channel is wire.Channel.PRESENCE:
+            if not devices.record_presence(device_id, message):  # type: ignore[arg-type]
+                self._refuse("unknown_device", device_id, "presence from a device that never said hello")
+            self.stats.add("presence")
+
+    def _device_pk(self, device_id: str) -> int | None:
+        pk = self._device_pks.get(device_id)
+        if pk is not None:
+            return pk
+        # Cache a miss briefly, so a flood from an unknown id costs one query a second.
+        if self._unknown_until.get(device_id, 0) > time.monotonic():
+            return None
+        pk = telemetry.device_pks([device_id]).get(device_id)
+        if pk is None:
+            self._unknown_until[device_id] = time.monotonic() + 1.0
+        else:
+            self._device_pks[device_id] = pk
+        return pk
+
+    def _queue_heartbeat(self, device_id: str, beat: wire.Heartbeat, received_at: float) -> None:
+        pk = self._device_pk(device_id)
+        if pk is None:
+            self._refuse("unknown_device", device_id, "heartbeat from a device that never said hello")
+            return
+        at = datetime.fromtimestamp(received_at, tz=UTC)
+        self._heartbeats.append(telemetry.ReceivedHeartbeat(pk, beat, at))
+        if len(self._heartbeats) >= self.batch_size:
+            self.flush()
+
+    def _apply_state(self, device_id: str, report: wire.StateReport) -> None:
+        pk = self._device_pk(device_id)
+        if pk is None:
+            self._refuse("unknown_device", device_id, "state report from a device that never said hello")
+            return
+        # Heartbeats first, so the stored series stays in the order the device sent it.
+        self.flush()
+        deployment = deployments.record_state(Device(pk=pk, device_id=device_id), report)
+        self.stats.add(f"state_{deployment.state}")
+
+    def flush(self) -> None:
+        """Store the pending heartbeats in one transaction; on failure keep them and retry later."""
+        self._last_flush = time.monotonic()
+        if not self._heartbeats:
+            return
+        try:
+            stored = telemetry.store_heartbeats(self._heartbeats)
+        except Exception:
+            self.stats.add("flush_failures")
+            log.exception("storing %d heartbeats failed; will retry", len(self._heartbeats))
+            close_old_connections()
+            return
+        self._heartbeats = []
+        self.stats.add("heartbeats_stored", stored)
+
+    def _refuse(self, reason: str, where: str, detail: str) -> None:
+        self.stats.add(reason)
+        log.warning("refused (%s) on %s: %s", reason, where, detail)
+
+    def _db_loop(self) -> None:
+        while not (self.stopping.is_set() and self.inbox.empty()):
+            try:
+                self.handle(self.inbox.get(timeout=self.flush_seconds))
+            except queue.Empty:
+                pass
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                self.flush()
+        self.flush()
+        connection.close()
+
+    # --- chunk serving ----------------------------------------------------------------
+
+    def serve_chunk_request(self, item: Inbound) -> None:
+        try:
+            device_id, _, request = wire.decode_from(item.topic, item.payload)
+        except wire.WireError as exc:
+            self._refuse("bad_message", item.topic, str(exc))
+            return
+        reply_topic = wire.topic(device_id, wire.Channel.CHUNK_DATA)
+        try:
+            self._serve(device_id, request, reply_topic)  # type: ignore[arg-type]  # the topic fixes the type
+        except ChunkRefused as exc:
+            self._refuse("chunk_refused", item.topic, str(exc))
+            frame = wire.encode_chunk(request.sha256, 0, str(exc).encode(), wire.ChunkKind.ERROR)
+            self.client.publish(reply_topic, frame, qos=1)
+        except Exception:
+            self.stats.add("errors")
+            log.exception("failed to serve chunks on %s", item.topic)
+
+    def _serve(self, device_id: str, request: wire.ChunkRequest, reply_topic: str) -> None:
+        path, chunk_size = self._grant(device_id, request.deployment_id, request.sha256)
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            for index in request.indexes:
+                try:
+                    offset, length = chunk_span(index, size, chunk_size)
+                except IndexError as exc:
+                    raise ChunkRefused(str(exc)) from None
+                data = os.pread(f.fileno(), length, offset)
+                self.client.publish(reply_topic, wire.encode_chunk(request.sha256, index, data), qos=1)
+        self.stats.add("chunks_served", len(request.indexes))
+
+    def _grant(self, device_id: str, deployment_id: int, sha256: str) -> tuple[str, int]:
+        """The file's path and chunk size if this device's deployment includes it."""
+        key = (device_id, deployment_id, sha256)
+        if key in self._chunk_grants:
+            return self._chunk_grants[key]
+        deployment = (
+            Deployment.objects.select_related("artifact").filter(pk=deployment_id, device__device_id=device_id).first()
+        )
+        if deployment is None:
+            raise ChunkRefused(f"deployment {deployment_id} is not assigned to {device_id}")
+        allowed = Artifact.objects.filter(status=ArtifactStatus.READY, sha256=sha256).filter(
+            pk=deployment.artifact_id
+        ) | Artifact.objects.filter(
+            status=ArtifactStatus.READY, sha256=sha256, version=deployment.version_id, role=ArtifactRole.TOKENIZER
+        )
+        artifact = allowed.first()
+        if artifact is None:
+            raise ChunkRefused(f"file {sha256} is not part of deployment {deployment_id}")
+        grant = (str(self.store.path(artifact.storage_key)), artifact.chunk_size)
+        if len(self._chunk_grants) > 10_000:
+            self._chunk_grants.clear()
+        self._chunk_grants[key] = grant
+        return grant
+
+    def _chunk_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                item = self.chunk_inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.serve_chunk_request(item)
+        connection.close()
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        connect(self.client)
+        self.client.loop_start()
+        self._threads = [threading.Thread(target=self._db_loop, name="bridge-db", daemon=True)]
+        self._threads += [
+            threading.Thread(target=self._chunk_loop, name=f"bridge-chunks-{n}", daemon=True)
+            for n in range(self.chunk_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking messages, apply what is queued, store what is batched, disconnect."""
+        self.stopping.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        log.info("bridge stopped: %s", self.stats.snapshot())

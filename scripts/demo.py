@@ -1,0 +1,413 @@
+"""`make demo`: the whole product on one machine, with a real model.
+
+It uses the machine's PostgreSQL, Redis and Mosquitto where they answer on
+127.0.0.1, and embedded stand-ins where they do not (SQLite, eager Celery, an
+in-process MQTT broker). Then it does what an operator and an API client would:
+registers all-MiniLM-L6-v2, publishes it, assigns it to the demo device, asks the
+device's agent for embeddings, and waits for the agent's heartbeat in the plane.
+
+    python scripts/demo.py            # keeps running until Ctrl-C
+    python scripts/demo.py --once     # runs the scenario, stops everything, exits 0 on success
+    python scripts/demo.py --embedded # ignores the machine's services
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from scripts.embedded_broker import EmbeddedBroker  # noqa: E402
+
+CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
+MODEL_DIR = CACHE / "models" / "minilm"
+PYTHON = sys.executable
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."]
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise DemoFailed(f"{what} did not happen within {timeout:.0f}s")
+
+
+# --- Services ---------------------------------------------------------------------
+
+
+def postgres_database(name: str) -> str | None:
+    """A DATABASE_URL for ``name`` on the local PostgreSQL, creating it if needed; None if unreachable."""
+    if not port_open(5432):
+        return None
+    import psycopg
+
+    try:
+        with psycopg.connect("postgresql://postgres:postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        say(f"PostgreSQL answers but refused us ({exc.__class__.__name__}); using SQLite")
+        return None
+    return f"postgres://postgres:postgres@127.0.0.1:5432/{name}"
+
+
+@dataclass
+class Services:
+    env: dict[str, str]
+    broker: EmbeddedBroker | None = None
+    summary: list[str] = field(default_factory=list)
+
+
+def choose_services(args: argparse.Namespace, var: Path) -> Services:
+    env = {
+        "DEBUG": "true",
+        "EDGEFLEET_VAR_DIR": str(var),
+        "ARTIFACT_ROOT": str(var / "artifacts"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    services = Services(env)
+    db = None if args.embedded else postgres_database(args.db_name)
+    env["DATABASE_URL"] = db or f"sqlite:///{var / 'edgefleet.sqlite3'}"
+    services.summary.append(f"database: {'PostgreSQL ' + args.db_name if db else 'SQLite (embedded)'}")
+    redis = not args.embedded and port_open(6379)
+    env["REDIS_URL"] = "redis://127.0.0.1:6379/14" if redis else ""
+    services.summary.append("celery: " + ("Redis with a worker" if redis else "eager, in-process (embedded)"))
+    if not args.embedded and port_open(1883):
+        env["MQTT_URL"] = "mqtt://127.0.0.1:1883"
+        services.summary.append("mqtt: Mosquitto on 127.0.0.1:1883")
+    else:
+        services.broker = EmbeddedBroker(free_port())
+        services.broker.start()
+        env["MQTT_URL"] = services.broker.url
+        services.summary.append(f"mqtt: in-process broker on 127.0.0.1:{services.broker.port} (embedded)")
+    return services
+
+
+# --- Processes ----------------------------------------------------------------------
+
+
+class Processes:
+    """Every process the demo starts, each logging to var/logs/<name>.log."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, *cmd: str) -> None:
+        result = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DemoFailed(f"{name} failed:\n{result.stdout}{result.stderr}")
+
+    def start(self, name: str, *cmd: str) -> None:
+        log = (self.logs / f"{name}.log").open("w")
+        self.procs[name] = subprocess.Popen(
+            cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise DemoFailed(f"{name} exited with {proc.returncode}; see {self.logs / name}.log")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                say(f"{name} did not stop on SIGTERM; killing it")
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- The API client -------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, base: str, token: str = "") -> None:
+        self.base = base
+        self.token = token
+
+    def call(self, method: str, path: str, body: dict | None = None, *, files: dict | None = None):
+        headers = {"Authorization": f"Token {self.token}"} if self.token else {}
+        data = None
+        if files is not None:
+            data, content_type = multipart(body or {}, files)
+            headers["Content-Type"] = content_type
+        elif body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise DemoFailed(f"{method} {path} -> {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
+
+    def get(self, path: str):
+        return self.call("GET", path)
+
+    def post(self, path: str, body: dict | None = None, **kwargs):
+        return self.call("POST", path, body, **kwargs)
+
+
+def multipart(fields: dict, files: dict[str, Path]) -> tuple[bytes, str]:
+    boundary = secrets.token_hex(16)
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, path in files.items():
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        )
+        parts.append(head.encode() + path.read_bytes() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+# --- The scenario ---------------------------------------------------------------------
+
+
+def register_model(api: Api) -> dict:
+    """What an API client does to release a model: model, version, files, publish."""
+    if not api.get("/models/?name=minilm-embedder")["results"]:
+        api.post("/models/", {"name": "minilm-embedder", "description": "all-MiniLM-L6-v2 sentence embeddings"})
+    version = api.post(
+        "/versions/",
+        {
+            "model": "minilm-embedder",
+            "notes": "all-MiniLM-L6-v2, int8 ONNX, registered by make demo",
+            "task": "embedding",
+            "pooling": "mean",
+            "normalize": True,
+            "max_length": 256,
+        },
+    )
+    say(f"created version {version['label']}; uploading the int8 ONNX model (22 MB) and its tokenizer")
+    uploads = [
+        ({"role": "model", "precision": "int8", "hardware_class": "any"}, MODEL_DIR / "model.int8.onnx"),
+        ({"role": "tokenizer", "format": "tokenizer.json"}, MODEL_DIR / "tokenizer.json"),
+    ]
+    for fields, path in uploads:
+        artifact = api.post(f"/versions/{version['id']}/artifacts/", fields, files={"file": path})
+        artifact = wait_until(
+            lambda a=artifact: ready_or_none(api.get(f"/artifacts/{a['id']}/")),
+            timeout=120,
+            what=f"processing of {path.name}",
+        )
+        say(f"  {path.name}: {artifact['size']:,} bytes, sha256 {artifact['sha256'][:16]}…, ready")
+    return api.post(f"/versions/{version['id']}/publish/")
+
+
+def ready_or_none(artifact: dict) -> dict | None:
+    if artifact["status"] == "failed":
+        raise DemoFailed(f"artifact {artifact['id']} failed: {artifact['error']}")
+    return artifact if artifact["status"] == "ready" else None
+
+
+def deploy(api: Api, version: dict, device_id: str) -> dict:
+    result = api.post(f"/versions/{version['id']}/assign/", {"devices": [device_id]})
+    if result["skipped"]:
+        raise DemoFailed(f"assignment skipped: {result['skipped']}")
+    deployment_id = result["deployments"][0]["id"]
+    say(f"assigned {version['label']} to {device_id} (deployment {deployment_id}); the agent pulls it over MQTT")
+    last = [""]
+
+    def active():
+        deployment = api.get(f"/deployments/{deployment_id}/")
+        if deployment["state"] != last[0]:
+            say(f"  deployment {deployment_id}: {deployment['state']}")
+            last[0] = deployment["state"]
+        if deployment["state"] == "failed":
+            raise DemoFailed(f"deployment failed: {deployment['error']}")
+        return deployment if deployment["state"] == "active" else None
+
+    return wait_until(active, timeout=180, what="the deployment becoming active", interval=0.5)
+
+
+def infer(agent_port: int) -> None:
+    body = json.dumps({"texts": SENTENCES}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{agent_port}/v1/infer", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    vectors = answer["embeddings"]
+    cosine = [sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:]]
+    say(f"the agent answered: {len(vectors)} embeddings of {len(vectors[0])} dimensions in {answer['latency_ms']:.1f} ms")
+    say(f"  cosine({SENTENCES[0]!r}, {SENTENCES[1]!r}) = {cosine[0]:.3f}")
+    say(f"  cosine({SENTENCES[0]!r}, {SENTENCES[2]!r}) = {cosine[1]:.3f}")
+    if not cosine[0] > cosine[1]:
+        raise DemoFailed("the embeddings do not rank the similar sentence first")
+
+
+def heartbeat_with_latency(api: Api, device_id: str) -> dict:
+    def found():
+        beats = api.get(f"/heartbeats/?device={device_id}&limit=20")["results"]
+        return next((b for b in beats if b["latency_count"]), None)
+
+    beat = wait_until(found, timeout=60, what="a heartbeat with inference latency")
+    say(
+        f"heartbeat #{beat['seq']} stored in the plane: {beat['requests']} requests, "
+        f"p50 {beat['p50_ms']:.1f} ms, p95 {beat['p95_ms']:.1f} ms, p99 {beat['p99_ms']:.1f} ms"
+    )
+    return beat
+
+
+def write_agent_config(path: Path, *, device_id: str, mqtt_url: str, data_dir: Path, port: int) -> None:
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        'name = "Demo device"\n'
+        f'broker_url = "{mqtt_url}"\n'
+        f'data_dir = "{data_dir}"\n'
+        "heartbeat_interval = 2.0\n\n"
+        f'[http]\nhost = "127.0.0.1"\nport = {port}\n'
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--once", action="store_true", help="run the scenario, then stop everything and exit")
+    parser.add_argument("--embedded", action="store_true", help="use SQLite, eager Celery and an in-process broker")
+    parser.add_argument("--web-port", type=int, default=8000)
+    parser.add_argument("--agent-port", type=int, default=8471)
+    parser.add_argument("--var-dir", type=Path, default=REPO / "var" / "demo")
+    parser.add_argument("--db-name", default="edgefleet_demo", help="PostgreSQL database to use (created if missing)")
+    args = parser.parse_args()
+
+    if not (MODEL_DIR / "model.int8.onnx").exists():
+        say(f"the model is not in {MODEL_DIR}: run `make models` (or `make demo`, which fetches it)")
+        return 2
+    for port, what in ((args.web_port, "--web-port"), (args.agent_port, "--agent-port")):
+        if port_open(port):
+            say(f"port {port} is taken: stop what uses it or pick another with {what}")
+            return 2
+    var = args.var_dir.resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    services = choose_services(args, var)
+    for line in services.summary:
+        say(line)
+    procs = Processes(services.env, var / "logs")
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        run_scenario(args, services, procs, var)
+        if not args.once:
+            say("running; press Ctrl-C to stop every process the demo started")
+            while not stop["now"]:
+                procs.check()
+                time.sleep(1)
+        return 0
+    except DemoFailed as exc:
+        say(f"FAILED: {exc}")
+        for name in procs.procs:
+            say(f"--- last lines of {name}.log ---\n{procs.tail(name)}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say("stopping the plane, the bridge, the worker and the agent")
+        procs.stop()
+        if services.broker:
+            services.broker.stop()
+
+
+def run_scenario(args: argparse.Namespace, services: Services, procs: Processes, var: Path) -> None:
+    manage = [PYTHON, "manage.py"]
+    say("migrating the database")
+    procs.run("migrate", *manage, "migrate", "--noinput")
+    password = "edgefleet-demo"
+    procs.env |= {"DJANGO_SUPERUSER_PASSWORD": password, "DJANGO_SUPERUSER_EMAIL": "admin@example.com"}
+    subprocess.run([*manage, "createsuperuser", "--noinput", "--username", "admin"], cwd=REPO, env=procs.env,
+                   capture_output=True)  # fmt: skip
+    token_out = subprocess.run(
+        [*manage, "drf_create_token", "admin"], cwd=REPO, env=procs.env, capture_output=True, text=True, check=True
+    )
+    token = token_out.stdout.split()[2]
+
+    say("starting the plane (web), the MQTT bridge" + (", a Celery worker" if procs.env["REDIS_URL"] else ""))
+    procs.start("web", *manage, "runserver", f"127.0.0.1:{args.web_port}", "--noreload")
+    procs.start("bridge", *manage, "run_bridge", "--stats-every", "30")
+    if procs.env["REDIS_URL"]:
+        procs.start("worker", PYTHON, "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
+                    "-l", "info", "-s", str(var / "celerybeat-schedule"))  # fmt: skip
+    device_id = "demo-device"
+    config = var / "agent.toml"
+    write_agent_config(
+        config, device_id=device_id, mqtt_url=procs.env["MQTT_URL"], data_dir=var / "agent", port=args.agent_port
+    )
+    procs.start("agent", PYTHON, "-m", "agent", "--config", str(config))
+
+    api = Api(f"http://127.0.0.1:{args.web_port}/api/v1", token)
+    wait_until(lambda: (procs.check(), port_open(args.web_port))[1], timeout=60, what="the plane answering")
+    version = register_model(api)
+    say(f"published {version['label']}")
+    wait_until(lambda: (procs.check(), device_seen(api, device_id))[1], timeout=60, what=f"{device_id} saying hello")
+    say(f"{device_id} said hello")
+    deploy(api, version, device_id)
+    infer(args.agent_port)
+    heartbeat_with_latency(api, device_id)
+    base = f"http://127.0.0.1:{args.web_port}"
+    say("")
+    say(f"admin:    {base}/admin/   user admin, password {password}")
+    say(f"API:      {base}/api/v1/  (Authorization: Token {token})   docs: {base}/api/docs/")
+    say(f"agent:    curl -s -XPOST 127.0.0.1:{args.agent_port}/v1/infer -d '{{\"text\": \"hello edge\"}}'")
+    say(f"logs:     {var / 'logs'}")
+
+
+def device_seen(api: Api, device_id: str) -> bool:
+    try:
+        api.get(f"/devices/{device_id}/")
+        return True
+    except DemoFailed:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""`make demo ARGS=--once` as a smoke test, with the machine's services and with the embedded fallbacks."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def run_demo(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "scripts/demo.py", "--once",
+        "--web-port", str(free_port()), "--agent-port", str(free_port()),
+        "--var-dir", str(tmp_path / "var"), "--db-name", "edgefleet_demo_test", *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+
+
+def test_it_runs_the_demo_scenario_on_the_machines_services(tmp_path):
+    result = run_demo(tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "database: PostgreSQL" in result.stdout
+    assert "mqtt: Mosquitto" in result.stdout
+    assert "the agent answered: 3 embeddings of 384 dimensions" in result.stdout
+    assert "stored in the plane" in result.stdout
+
+
+def test_it_runs_the_demo_on_embedded_defaults(tmp_path):
+    result = run_demo(tmp_path, "--embedded")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "database: SQLite (embedded)" in result.stdout
+    assert "celery: eager" in result.stdout
+    assert "in-process broker" in result.stdout
+    assert "stored in the plane" in result.stdout

@@ -1,0 +1,159 @@
+"""A model version travels from the plane to a real agent over a real Mosquitto, runs, and reports back.
+
+The bridge and the agent run as their own processes, as in production; the test
+process plays the API client (and, with eager Celery, the worker that publishes).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from agent import wire
+from agent.manifest import file_sha256
+from fleet.choices import DeploymentState
+from fleet.models import Deployment, Device, Heartbeat
+from fleet.mqtt import publisher
+from tests.support import REPO, free_port, wait_for_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+class Process:
+    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"{self.name} ignored SIGTERM:\n{self.output()[-3000:]}") from None
+
+
+@pytest.fixture
+def plane(settings, tmp_path, broker_port):
+    """Settings shared by this process and the bridge: the test database, artifact root, broker."""
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    settings.MQTT_BROKER = wire.parse_broker_url(f"mqtt://127.0.0.1:{broker_port}")
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    previous = publisher.install(None)  # a real publisher, connected to this test's broker on first use
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
+        "MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
+        "REDIS_URL": "",
+        "BRIDGE_FLUSH_MS": "50",
+    }
+    yield env
+    used = publisher.install(previous)
+    if used is not None:
+        used.close()
+
+
+@pytest.fixture
+def api(django_user_model):
+    user = django_user_model.objects.create_superuser("releaser", password="x")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+def release_minilm(api: APIClient, minilm: dict) -> dict:
+    assert api.post("/api/v1/models/", {"name": "minilm-embedder"}, format="json").status_code == 201
+    version = api.post(
+        "/api/v1/versions/",
+        {"model": "minilm-embedder", "task": "embedding", "pooling": "mean", "normalize": True},
+        format="json",
+    ).json()
+    for fields, path in (
+        ({"role": "model", "precision": "int8", "hardware_class": "any"}, minilm["model"]),
+        ({"role": "tokenizer", "format": "tokenizer.json"}, minilm["tokenizer"]),
+    ):
+        with path.open("rb") as f:
+            response = api.post(f"/api/v1/versions/{version['id']}/artifacts/", {**fields, "file": f})
+        assert response.status_code == 201, response.content
+        assert response.json()["status"] == "ready"
+    response = api.post(f"/api/v1/versions/{version['id']}/publish/")
+    assert response.status_code == 200, response.content
+    return version
+
+
+def test_it_deploys_a_real_model_to_a_real_agent_and_hears_back(plane, api, minilm, broker_port, tmp_path):
+    version = release_minilm(api, minilm)
+    agent_port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'device_id = "edge-1"\nbroker_url = "mqtt://127.0.0.1:{broker_port}"\n'
+        f'data_dir = "{tmp_path / "agent"}"\nheartbeat_interval = 1.0\n\n'
+        f'[http]\nhost = "127.0.0.1"\nport = {agent_port}\n'
+    )
+    bridge = Process("bridge", [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"], plane, tmp_path)
+    agent = Process("agent", [sys.executable, "-m", "agent", "--config", str(config)], plane, tmp_path)
+    try:
+        device = wait_until(
+            lambda: Device.objects.filter(device_id="edge-1").first(), timeout=30, what="the agent's hello"
+        )
+        assert device.online
+
+        response = api.post(f"/api/v1/versions/{version['id']}/assign/", {"devices": ["edge-1"]}, format="json")
+        assert response.status_code == 201, response.content
+
+        deployment = wait_until(
+            lambda: Deployment.objects.filter(device=device, state__in=["active", "failed"]).first(),
+            timeout=120,
+            what="the deployment finishing",
+        )
+        assert deployment.state == DeploymentState.ACTIVE, deployment.error
+        assert deployment.artifact.sha256 == file_sha256(minilm["model"])
+        assert deployment.downloading_at and deployment.active_at
+        device.refresh_from_db()
+        assert device.current_version_id == version["id"]
+
+        wait_for_port(agent_port)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{agent_port}/v1/infer",
+            data=json.dumps({"texts": ["A man is eating food.", "A man is eating bread.", "The movie is awful."]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            vectors = json.loads(reply.read())["embeddings"]
+        similar, different = (sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:])
+        assert similar > different + 0.3
+
+        beat = wait_until(
+            lambda: Heartbeat.objects.filter(device=device, latency_count__gt=0).first(),
+            timeout=30,
+            what="a heartbeat with latency figures",
+        )
+        assert beat.p50_ms > 0 and beat.p95_ms >= beat.p50_ms and beat.p99_ms >= beat.p95_ms
+        assert beat.active_sha256 == deployment.artifact.sha256
+    finally:
+        agent_code = agent.stop()
+        bridge_code = bridge.stop()
+    assert agent_code == 0, agent.output()[-3000:]
+    assert bridge_code == 0, bridge.output()[-3000:]
+    assert "bridge stopped" in bridge.output()
+    device.refresh_from_db()
+    assert not device.online, "the agent's goodbye should mark it offline"
