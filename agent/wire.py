@@ -207,7 +207,7 @@ class Desired(Message, kw_only=True):
 
 AgentMessage = Hello | Heartbeat | StateReport | Presence | ChunkRequest
 
-_TYPES: Final[dict[Channel, type]] = {
+_TYPES: Final[dict[Channel, type[Message]]] = {
     Channel.HELLO: Hello,
     Channel.HEARTBEAT: Heartbeat,
     Channel.STATE: StateReport,
@@ -215,7 +215,9 @@ _TYPES: Final[dict[Channel, type]] = {
     Channel.CHUNK_REQUEST: ChunkRequest,
     Channel.DESIRED: Desired,
 }
-_DECODERS: Final = {channel: msgspec.json.Decoder(t) for channel, t in _TYPES.items()}
+_DECODERS: Final[dict[Channel, msgspec.json.Decoder[Message]]] = {
+    channel: msgspec.json.Decoder(t) for channel, t in _TYPES.items()
+}
 
 
 def encode(message: Message) -> bytes:

@@ -1,0 +1,204 @@
+"""Carrying one desired deployment to active: download, verify, load, report.
+
+A job runs in its own thread, never on paho's. A newer desired deployment cancels
+the running job and starts only once that job has stopped, so two jobs never
+race to swap the runner's model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final, Protocol
+
+from agent import hardware, manifest, wire
+from agent.active import ActiveDeployment, active_from, save_active
+from agent.clock import Clock
+from agent.config import TransferConfig
+from agent.runtime import ModelLoadError, Runner, load_model
+from agent.transfer import Transfer, TransferCancelled, TransferFailed, artifact_path
+
+log = logging.getLogger(__name__)
+
+# The plane needs progress, not a report for every chunk.
+PROGRESS_EVERY_S: Final = 1.0
+MAX_ERROR_CHARS: Final = 2000
+
+
+class DeploymentError(Exception):
+    """The desired deployment cannot be carried out as given. The text says why."""
+
+
+class Reporter(Protocol):
+    def __call__(
+        self,
+        deployment_id: int,
+        state: wire.DeploymentStateName,
+        *,
+        sha256: str | None = None,
+        error: str = "",
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+    ) -> None: ...
+
+
+RequestChunks = Callable[[int, str, list[int]], None]
+
+
+class DeploymentJob:
+    """One desired deployment, from its first chunk request to an active model or a failure."""
+
+    def __init__(
+        self,
+        desired: wire.Desired,
+        *,
+        data_dir: Path,
+        settings: TransferConfig,
+        clock: Clock,
+        runner: Runner,
+        report: Reporter,
+        request_chunks: RequestChunks,
+        on_active: Callable[[ActiveDeployment], None],
+        after: DeploymentJob | None = None,
+    ) -> None:
+        assert desired.deployment_id is not None
+        self.desired = desired
+        self.deployment_id: int = desired.deployment_id
+        self.data_dir = data_dir
+        self.settings = settings
+        self.clock = clock
+        self.runner = runner
+        self._report = report
+        self._request_chunks = request_chunks
+        self._on_active = on_active
+        self._after = after
+        self._cancelled = threading.Event()
+        self._transfer: Transfer | None = None
+        self._reported_at = float("-inf")
+        self._thread = threading.Thread(target=self._run, name=f"deployment-{self.deployment_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._cancelled.is_set()
+
+    def feed(self, chunk: wire.Chunk) -> None:
+        transfer = self._transfer
+        if transfer is not None and transfer.sha256 == chunk.sha256:
+            transfer.feed(chunk)
+
+    def nudge(self) -> None:
+        transfer = self._transfer
+        if transfer is not None:
+            transfer.nudge()
+
+    def _run(self) -> None:
+        if self._after is not None:
+            self._after.join()
+        try:
+            self._deploy()
+        except TransferCancelled:
+            log.info("deployment.cancelled deployment_id=%d", self.deployment_id)
+        except (DeploymentError, TransferFailed, ModelLoadError) as exc:
+            self._fail(str(exc))
+        except Exception as exc:
+            log.exception("deployment.crashed deployment_id=%d", self.deployment_id)
+            self._fail(f"agent error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, error: str) -> None:
+        log.error("deployment.failed deployment_id=%d error=%r", self.deployment_id, error)
+        self._report(self.deployment_id, "failed", error=error[:MAX_ERROR_CHARS])
+
+    def _deploy(self) -> None:
+        files = self._files_by_role()
+        self._check_disk()
+        self._progress(0)  # even when every file is already stored, the plane sees the download start
+        paths = self._download(files)
+        self._report(self.deployment_id, "verifying", bytes_done=self._total, bytes_total=self._total)
+        self._verify(files, paths)
+        self._load(paths)
+
+    # --- steps --------------------------------------------------------------
+
+    def _files_by_role(self) -> dict[str, wire.FileManifest]:
+        files: dict[str, wire.FileManifest] = {}
+        for file in self.desired.files:
+            if file.role in files:
+                raise DeploymentError(f"deployment lists two {file.role} files")
+            files[file.role] = file
+        if "model" not in files:
+            raise DeploymentError("deployment lists no model file")
+        return files
+
+    @property
+    def _total(self) -> int:
+        return sum(f.size for f in self.desired.files)
+
+    def _check_disk(self) -> None:
+        needed = sum(f.size for f in self.desired.files if not artifact_path(self.data_dir, f.sha256).exists())
+        free = hardware.disk_free_bytes(self.data_dir)
+        if free and needed > free:
+            raise DeploymentError(f"needs {needed} bytes of disk for its files; {free} free in {self.data_dir}")
+
+    def _download(self, files: dict[str, wire.FileManifest]) -> dict[str, Path]:
+        paths: dict[str, Path] = {}
+        done_before = 0
+        for role, file in files.items():
+            paths[role] = self._download_one(file, done_before)
+            done_before += file.size
+        return paths
+
+    def _download_one(self, file: wire.FileManifest, done_before: int) -> Path:
+        self._transfer = Transfer(
+            file,
+            data_dir=self.data_dir,
+            request=lambda indexes: self._request_chunks(self.deployment_id, file.sha256, indexes),
+            settings=self.settings,
+            clock=self.clock,
+            on_progress=lambda done, _total: self._progress(done_before + done),
+            cancel=self._cancelled,
+        )
+        try:
+            return self._transfer.run()
+        finally:
+            self._transfer = None
+
+    def _progress(self, done: int) -> None:
+        now = self.clock.monotonic()
+        if now - self._reported_at < PROGRESS_EVERY_S:
+            return
+        self._reported_at = now
+        self._report(self.deployment_id, "downloading", bytes_done=done, bytes_total=self._total)
+
+    def _verify(self, files: dict[str, wire.FileManifest], paths: dict[str, Path]) -> None:
+        # The transfer checked each file as it stored it; this catches a disk that changed it since.
+        for role, path in paths.items():
+            actual = manifest.file_sha256(path)
+            if actual != files[role].sha256:
+                path.unlink(missing_ok=True)
+                raise DeploymentError(f"stored {role} file hashes to {actual}, not {files[role].sha256}")
+
+    def _load(self, paths: dict[str, Path]) -> None:
+        active = active_from(self.desired)
+        loaded = load_model(
+            paths["model"], spec=active.inference, info=active.info, tokenizer_path=paths.get("tokenizer")
+        )
+        if self._cancelled.is_set():
+            raise TransferCancelled("a newer deployment arrived while this one was loading")
+        self.runner.install(loaded)
+        save_active(self.data_dir, active)
+        self._on_active(active)
+        self._report(
+            self.deployment_id, "active", sha256=active.sha256, bytes_done=self._total, bytes_total=self._total
+        )

@@ -1,0 +1,251 @@
+"""Running the active model with onnxruntime.
+
+A LoadedModel is immutable once built: the session, the tokenizer and how to use
+them. The Runner holds a reference to the current one; swapping models builds
+and warms the new one fully first, then swaps the reference under a lock, so a
+request in flight finishes on the model it started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
+from tokenizers import Tokenizer
+
+from agent import wire
+
+log = logging.getLogger(__name__)
+
+TEXT_INPUTS: Final = ("input_ids", "attention_mask", "token_type_ids")
+# Providers that run the model somewhere else, not on this device.
+_REMOTE_PROVIDERS: Final = frozenset({"AzureExecutionProvider"})
+_WARM_UP_TEXT: Final = "warm up"
+
+_NUMPY_TYPES: Final = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its tokenizer cannot be loaded or does not fit its inference spec."""
+
+
+class NoActiveModel(RuntimeError):
+    """Inference was asked for before any model was loaded."""
+
+
+class BadInput(ValueError):
+    """The caller's inputs do not fit the model. The text says how."""
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Which deployment a loaded model came from."""
+
+    deployment_id: int
+    sha256: str
+    model: str = ""
+    version: str = ""
+    tokenizer_sha256: str | None = None
+
+
+def session_providers() -> list[str]:
+    """Every local provider onnxruntime offers, best first, CPU always last as the fallback."""
+    local = [p for p in ort.get_available_providers() if p not in _REMOTE_PROVIDERS and p != "CPUExecutionProvider"]
+    return [*local, "CPUExecutionProvider"]
+
+
+class LoadedModel:
+    """One model ready to run: session, optional tokenizer, spec and where it came from."""
+
+    def __init__(
+        self, session: ort.InferenceSession, tokenizer: Tokenizer | None, spec: wire.InferenceSpec, info: ModelInfo
+    ):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.info = info
+        self.input_types = {i.name: i.type for i in session.get_inputs()}
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        if self.spec.task != "embedding" or self.tokenizer is None:
+            raise BadInput(f"model {self.info.model!r} is a tensor model: send inputs, not text")
+        if not texts:
+            return []
+        feed = self._encode(texts)
+        hidden = self.session.run(self.output_names[:1], feed)[0]
+        vectors = pool(np.asarray(hidden, dtype=np.float32), feed.get("attention_mask"), self.spec.pooling)
+        if self.spec.normalize:
+            vectors = l2_normalize(vectors)
+        result: list[list[float]] = vectors.tolist()
+        return result
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        feed = self._tensor_feed(inputs)
+        try:
+            outputs = self.session.run(self.output_names, feed)
+        except (InvalidArgument, Fail) as exc:  # wrong shape or rank: the caller's fault
+            raise BadInput(f"the model refused the inputs: {exc}") from None
+        return {name: np.asarray(value).tolist() for name, value in zip(self.output_names, outputs, strict=True)}
+
+    @property
+    def dimensions(self) -> int | None:
+        shape = self.session.get_outputs()[0].shape
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
+
+    def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        assert self.tokenizer is not None
+        encodings = self.tokenizer.encode_batch(list(texts))
+        columns = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+            "token_type_ids": [e.type_ids for e in encodings],
+        }
+        return {name: np.asarray(columns[name], dtype=np.int64) for name in self.input_types}
+
+    def _tensor_feed(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        unknown = sorted(set(inputs) - set(self.input_types))
+        missing = sorted(set(self.input_types) - set(inputs))
+        if unknown or missing:
+            raise BadInput(f"model inputs are {sorted(self.input_types)}; unknown {unknown}, missing {missing}")
+        return {name: _to_array(name, value, self.input_types[name]) for name, value in inputs.items()}
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray | None, pooling: str) -> np.ndarray:
+    """[batch, seq, hidden] to [batch, hidden]; a 2-D output is already pooled."""
+    if hidden.ndim == 2:
+        return hidden
+    if hidden.ndim != 3:
+        raise BadInput(f"an embedding model must output [batch, seq, hidden], not {list(hidden.shape)}")
+    pooled: np.ndarray
+    if pooling == "cls":
+        pooled = hidden[:, 0, :]
+    elif mask is None:
+        pooled = hidden.mean(axis=1)
+    else:
+        weights = mask.astype(np.float32)[:, :, None]
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    return pooled
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit: np.ndarray = vectors / np.clip(norms, 1e-12, None)
+    return unit
+
+
+def _to_array(name: str, value: Any, onnx_type: str) -> np.ndarray:
+    dtype = _NUMPY_TYPES.get(onnx_type)
+    if dtype is None:
+        raise BadInput(f"input {name!r} has type {onnx_type}, which this agent cannot feed")
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(f"input {name!r} is not a rectangular array of {onnx_type}: {exc}") from None
+
+
+def load_model(
+    model_path: Path, *, spec: wire.InferenceSpec, info: ModelInfo, tokenizer_path: Path | None = None
+) -> LoadedModel:
+    """Load and warm up a model; raise ModelLoadError with a reason a person can act on."""
+    session = _open_session(model_path)
+    tokenizer = _open_tokenizer(tokenizer_path, spec) if tokenizer_path else None
+    loaded = LoadedModel(session, tokenizer, spec, info)
+    if spec.task == "embedding":
+        _check_embedding_model(loaded)
+    return loaded
+
+
+def _open_session(model_path: Path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(model_path), providers=session_providers())
+    except Exception as exc:  # onnxruntime raises its own untyped pybind errors
+        raise ModelLoadError(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
+
+
+def _open_tokenizer(path: Path, spec: wire.InferenceSpec) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for bad files
+        raise ModelLoadError(f"cannot load tokenizer {path.name}: {exc}") from exc
+    padding = tokenizer.padding or {}
+    tokenizer.enable_truncation(max_length=spec.max_length)
+    # Pad to the longest text of each batch, not to a fixed length a tokenizer.json may carry.
+    tokenizer.enable_padding(pad_id=padding.get("pad_id", 0), pad_token=padding.get("pad_token", "[PAD]"))
+    return tokenizer
+
+
+def _check_embedding_model(loaded: LoadedModel) -> None:
+    if loaded.tokenizer is None:
+        raise ModelLoadError("an embedding model needs a tokenizer file in its deployment")
+    unfed = sorted(set(loaded.input_types) - set(TEXT_INPUTS))
+    if unfed:
+        raise ModelLoadError(f"an embedding model may only take {list(TEXT_INPUTS)}; this one also takes {unfed}")
+    try:
+        loaded.embed([_WARM_UP_TEXT])
+    except Exception as exc:
+        raise ModelLoadError(f"the model fails on a warm-up text: {exc}") from exc
+
+
+class Runner:
+    """The agent's current model. Thread-safe: onnxruntime sessions run concurrently."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+
+    def load(
+        self, model_path: Path, *, spec: wire.InferenceSpec, info: ModelInfo, tokenizer_path: Path | None = None
+    ) -> LoadedModel:
+        loaded = load_model(model_path, spec=spec, info=info, tokenizer_path=tokenizer_path)
+        self.install(loaded)
+        return loaded
+
+    def install(self, loaded: LoadedModel) -> None:
+        """Make a fully loaded model the current one; requests already running finish on the old one."""
+        with self._lock:
+            self._model = loaded
+        log.info(
+            "runtime.installed model=%r version=%r sha256=%s",
+            loaded.info.model,
+            loaded.info.version,
+            loaded.info.sha256[:12],
+        )
+
+    def relabel(self, info: ModelInfo) -> None:
+        """Keep the loaded session but credit it to another deployment of the same files."""
+        with self._lock:
+            if self._model is not None:
+                self._model = LoadedModel(self._model.session, self._model.tokenizer, self._model.spec, info)
+
+    def current(self) -> LoadedModel:
+        model = self._model
+        if model is None:
+            raise NoActiveModel("no model is active on this device yet")
+        return model
+
+    @property
+    def info(self) -> ModelInfo | None:
+        model = self._model
+        return model.info if model else None
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        return self.current().embed(texts)
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return self.current().run(inputs)

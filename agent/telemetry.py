@@ -1,0 +1,85 @@
+"""What the agent measures about itself: inference latency and process health.
+
+The recorder collects every local inference request between two heartbeats; each
+heartbeat drains it, so the plane sees per-interval numbers it can compare
+between a canary and the rest of the fleet.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import psutil
+
+from agent import wire
+from agent.clock import Clock
+
+
+class LatencyRecorder:
+    """Thread-safe: the HTTP server's threads record, the heartbeat drains."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latencies: list[float] = []
+        self._requests = 0
+        self._errors = 0
+
+    def record(self, latency_ms: float, ok: bool) -> None:
+        with self._lock:
+            self._requests += 1
+            if ok:
+                self._latencies.append(latency_ms)
+            else:
+                self._errors += 1
+
+    def drain(self) -> tuple[int, int, wire.LatencyStats | None]:
+        """Requests, errors and latency of successful requests since the last drain."""
+        with self._lock:
+            requests, errors, latencies = self._requests, self._errors, self._latencies
+            self._requests, self._errors, self._latencies = 0, 0, []
+        return requests, errors, latency_stats(latencies)
+
+
+def latency_stats(latencies: list[float]) -> wire.LatencyStats | None:
+    if not latencies:
+        return None
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    return wire.LatencyStats(
+        count=len(latencies),
+        p50_ms=round(float(p50), 3),
+        p95_ms=round(float(p95), 3),
+        p99_ms=round(float(p99), 3),
+        max_ms=round(max(latencies), 3),
+    )
+
+
+class HeartbeatBuilder:
+    """Builds numbered heartbeats; the sequence lets the plane see gaps."""
+
+    def __init__(self, device_id: str, clock: Clock, recorder: LatencyRecorder) -> None:
+        self.device_id = device_id
+        self.clock = clock
+        self.recorder = recorder
+        self.seq = 0
+        self._started = clock.monotonic()
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)  # the first reading is always 0.0; start the window now
+
+    def build(self, interval_s: float, active: wire.ActiveModel | None) -> wire.Heartbeat:
+        requests, errors, latency = self.recorder.drain()
+        self.seq += 1
+        return wire.Heartbeat(
+            device_id=self.device_id,
+            seq=self.seq,
+            sent_at=self.clock.time(),
+            interval_s=interval_s,
+            uptime_s=max(0.0, self.clock.monotonic() - self._started),
+            cpu_percent=self._process.cpu_percent(None),
+            mem_rss_bytes=self._process.memory_info().rss,
+            mem_available_bytes=psutil.virtual_memory().available,
+            active=active,
+            requests=requests,
+            errors=errors,
+            latency=latency,
+        )

@@ -1,0 +1,307 @@
+"""Pulling one artifact file from the plane over MQTT, chunk by chunk.
+
+The agent asks for chunks by index (at most ``window`` in flight), checks each
+against the manifest's chunk hash as it lands, and writes it at its offset in
+``downloads/<sha256>.part``. Verified indexes are saved after every chunk in
+``downloads/<sha256>.state``.
+
+Resume: a restarted agent trusts that state file only as a list of claims. It
+re-hashes each claimed chunk from the part file (one read of the bytes already
+fetched) and fetches again any that fail, so a crash between writing a chunk and
+the page cache reaching the disk cannot smuggle bad bytes into an artifact.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import queue
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from agent import manifest, wire
+from agent.clock import Clock
+from agent.config import TransferConfig
+from agent.files import fsync_dir, write_atomic
+
+log = logging.getLogger(__name__)
+
+POLL_S: Final = 0.1
+# Saving the resume state after every chunk of a big file would cost more than the chunks.
+SAVE_EVERY_S: Final = 0.25
+FIRST_BACKOFF_S: Final = 0.1
+
+RequestChunks = Callable[[list[int]], None]
+Progress = Callable[[int, int], None]
+
+
+class TransferFailed(Exception):
+    """The file could not be fetched. The text says why, for the deployment's error."""
+
+
+class TransferCancelled(Exception):
+    """A newer deployment replaced the one this transfer was for."""
+
+
+class ResumeState(msgspec.Struct, kw_only=True):
+    """The chunks of a part file already verified, saved so a restart need not fetch them again."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    verified: list[int]
+
+
+def artifact_path(data_dir: Path, sha256: str) -> Path:
+    return data_dir / "artifacts" / sha256
+
+
+def find_artifact(data_dir: Path, sha256: str) -> Path | None:
+    """The stored artifact with this hash, if it is there and intact."""
+    path = artifact_path(data_dir, sha256)
+    if path.is_file() and manifest.file_sha256(path) == sha256:
+        return path
+    return None
+
+
+class Transfer:
+    """Fetches one file. ``run`` blocks in a worker thread; ``feed`` takes frames from any thread."""
+
+    def __init__(
+        self,
+        file: wire.FileManifest,
+        *,
+        data_dir: Path,
+        request: RequestChunks,
+        settings: TransferConfig,
+        clock: Clock,
+        on_progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.file = file
+        self.data_dir = data_dir
+        self.settings = settings
+        self.clock = clock
+        self.bad_chunks = 0
+        self._request = request
+        self._on_progress = on_progress or (lambda done, total: None)
+        self._cancel = cancel or threading.Event()
+        self._inbox: queue.Queue[wire.Chunk] = queue.Queue(maxsize=max(64, settings.window * 4))
+        self._nudged = threading.Event()
+        self._verified: set[int] = set()
+        self._inflight: set[int] = set()
+        self._waiting: deque[int] = deque()
+        self._retries: list[tuple[float, int]] = []
+        self._attempts: Counter[int] = Counter()
+        self._problems: dict[int, str] = {}
+        self._last_progress = 0.0
+        self._done_bytes = 0
+        self._saved_at = 0.0
+
+    @property
+    def sha256(self) -> str:
+        return self.file.sha256
+
+    def feed(self, chunk: wire.Chunk) -> None:
+        # A full inbox means this transfer is behind; the stall timer fetches the chunk again.
+        try:
+            self._inbox.put_nowait(chunk)
+        except queue.Full:
+            log.warning("transfer.inbox_full sha256=%s index=%d", self.sha256[:12], chunk.index)
+
+    def nudge(self) -> None:
+        """Ask again for every chunk in flight now, e.g. because replies were lost in a reconnect."""
+        self._nudged.set()
+
+    def run(self) -> Path:
+        """Fetch, verify and store the file; return its path under ``artifacts/``."""
+        _check_manifest(self.file)
+        existing = find_artifact(self.data_dir, self.sha256)
+        if existing:
+            log.info("transfer.already_stored sha256=%s", self.sha256[:12])
+            return existing
+        self._part.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._prepare(fd)
+            self._fetch(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._store()
+
+    # --- resume -------------------------------------------------------------
+
+    @property
+    def _part(self) -> Path:
+        return self.data_dir / "downloads" / f"{self.sha256}.part"
+
+    @property
+    def _state(self) -> Path:
+        return self.data_dir / "downloads" / f"{self.sha256}.state"
+
+    def _prepare(self, fd: int) -> None:
+        os.ftruncate(fd, self.file.size)
+        self._verified = self._reverify(fd, self._claimed())
+        self._waiting = deque(i for i in range(len(self.file.chunks)) if i not in self._verified)
+        self._done_bytes = sum(self._length(i) for i in self._verified)
+        self._last_progress = self.clock.monotonic()
+        if self._verified:
+            log.info(
+                "transfer.resumed sha256=%s verified=%d of=%d",
+                self.sha256[:12],
+                len(self._verified),
+                len(self.file.chunks),
+            )
+        self._on_progress(self._done_bytes, self.file.size)
+
+    def _claimed(self) -> list[int]:
+        try:
+            state = msgspec.json.decode(self._state.read_bytes(), type=ResumeState)
+        except (OSError, msgspec.DecodeError):
+            return []
+        if (state.sha256, state.size, state.chunk_size) != (self.sha256, self.file.size, self.file.chunk_size):
+            return []
+        return [i for i in state.verified if 0 <= i < len(self.file.chunks)]
+
+    def _reverify(self, fd: int, claimed: list[int]) -> set[int]:
+        good = set()
+        for index in claimed:
+            offset, length = manifest.chunk_span(index, self.file.size, self.file.chunk_size)
+            if manifest.chunk_ok(self.file, index, os.pread(fd, length, offset)):
+                good.add(index)
+        return good
+
+    def _save_state_now_and_then(self) -> None:
+        now = self.clock.monotonic()
+        if now - self._saved_at >= SAVE_EVERY_S:
+            self._saved_at = now
+            self._save_state()
+
+    def _save_state(self) -> None:
+        state = ResumeState(
+            sha256=self.sha256, size=self.file.size, chunk_size=self.file.chunk_size, verified=sorted(self._verified)
+        )
+        write_atomic(self._state, msgspec.json.encode(state), sync=False)
+
+    # --- fetch loop ---------------------------------------------------------
+
+    def _fetch(self, fd: int) -> None:
+        try:
+            self._fetch_all(fd)
+        finally:
+            self._save_state()  # whatever happens next, a later run starts from here
+
+    def _fetch_all(self, fd: int) -> None:
+        while len(self._verified) < len(self.file.chunks):
+            if self._cancel.is_set():
+                raise TransferCancelled(f"transfer of {self.file.filename} was cancelled")
+            now = self.clock.monotonic()
+            self._requeue_retries(now)
+            self._check_stall(now)
+            self._request_more()
+            try:
+                chunk = self._inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            self._accept(fd, chunk)
+
+    def _requeue_retries(self, now: float) -> None:
+        while self._retries and self._retries[0][0] <= now:
+            _, index = heapq.heappop(self._retries)
+            self._waiting.appendleft(index)
+
+    def _check_stall(self, now: float) -> None:
+        stalled = now - self._last_progress >= self.settings.stall_timeout
+        if not self._inflight or not (stalled or self._nudged.is_set()):
+            return
+        self._nudged.clear()
+        log.warning("transfer.stalled sha256=%s missing=%d", self.sha256[:12], len(self._inflight))
+        for index in sorted(self._inflight):
+            self._retry_later(index, now, f"no reply within {self.settings.stall_timeout:g}s")
+        self._inflight.clear()
+        self._last_progress = now
+
+    def _retry_later(self, index: int, now: float, problem: str) -> None:
+        self._problems[index] = problem
+        delay = min(FIRST_BACKOFF_S * 2 ** (self._attempts[index] - 1), self.settings.stall_timeout)
+        heapq.heappush(self._retries, (now + delay, index))
+
+    def _request_more(self) -> None:
+        batch = []
+        while self._waiting and len(self._inflight) < self.settings.window:
+            index = self._waiting.popleft()
+            if index in self._verified or index in self._inflight:
+                continue
+            self._count_attempt(index)
+            self._inflight.add(index)
+            batch.append(index)
+        for start in range(0, len(batch), wire.MAX_CHUNKS_PER_REQUEST):
+            self._request(batch[start : start + wire.MAX_CHUNKS_PER_REQUEST])
+
+    def _count_attempt(self, index: int) -> None:
+        if self._attempts[index] >= self.settings.max_attempts:
+            problem = self._problems.get(index, "no reply")
+            raise TransferFailed(
+                f"chunk {index} of {self.file.filename} failed {self._attempts[index]} attempts; last: {problem}"
+            )
+        self._attempts[index] += 1
+
+    def _accept(self, fd: int, chunk: wire.Chunk) -> None:
+        if chunk.sha256 != self.sha256:
+            return
+        if chunk.kind is wire.ChunkKind.ERROR:
+            reason = chunk.data.decode("utf-8", errors="replace")
+            raise TransferFailed(f"the plane cannot serve {self.file.filename}: {reason}")
+        if not 0 <= chunk.index < len(self.file.chunks) or chunk.index in self._verified:
+            return
+        self._inflight.discard(chunk.index)
+        if not manifest.chunk_ok(self.file, chunk.index, chunk.data):
+            self._reject(chunk.index)
+            return
+        offset, _ = manifest.chunk_span(chunk.index, self.file.size, self.file.chunk_size)
+        os.pwrite(fd, chunk.data, offset)
+        self._verified.add(chunk.index)
+        self._done_bytes += len(chunk.data)
+        self._save_state_now_and_then()
+        self._last_progress = self.clock.monotonic()
+        self._on_progress(self._done_bytes, self.file.size)
+
+    def _reject(self, index: int) -> None:
+        self.bad_chunks += 1
+        log.warning("transfer.bad_chunk sha256=%s index=%d bad_chunks=%d", self.sha256[:12], index, self.bad_chunks)
+        self._retry_later(index, self.clock.monotonic(), "chunk hash mismatch")
+
+    def _length(self, index: int) -> int:
+        return manifest.chunk_span(index, self.file.size, self.file.chunk_size)[1]
+
+    # --- store --------------------------------------------------------------
+
+    def _store(self) -> Path:
+        actual = manifest.file_sha256(self._part)
+        if actual != self.sha256:
+            self._part.unlink(missing_ok=True)
+            self._state.unlink(missing_ok=True)
+            raise TransferFailed(
+                f"{self.file.filename} hashes to {actual}, not {self.sha256}; fetched chunks are dropped"
+            )
+        target = artifact_path(self.data_dir, self.sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._part, target)
+        fsync_dir(target.parent)
+        self._state.unlink(missing_ok=True)
+        log.info("transfer.stored sha256=%s bytes=%d bad_chunks=%d", self.sha256[:12], self.file.size, self.bad_chunks)
+        return target
+
+
+def _check_manifest(file: wire.FileManifest) -> None:
+    try:
+        manifest.check_manifest(file)
+    except ValueError as exc:
+        raise TransferFailed(str(exc)) from None
