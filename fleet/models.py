@@ -204,7 +204,7 @@ class Heartbeat(models.Model):
         indexes = [models.Index(fields=["device", "-received_at"])]
 
     def __str__(self) -> str:
-        return f"{self.device_id} #{self.seq}"
+        return f"{self.device.device_id} #{self.seq}"
 
 
 class AuditEvent(models.Model):

@@ -101,11 +101,12 @@ def assign_version(
         ]
         AuditEvent.objects.bulk_create(events)
         device_pks = [d.device.pk for d in result.deployments]
-        transaction.on_commit(lambda: _enqueue_publish(device_pks))
+        transaction.on_commit(lambda: enqueue_desired(device_pks))
     return result
 
 
-def _enqueue_publish(device_pks: list[int]) -> None:
+def enqueue_desired(device_pks: list[int]) -> None:
+    """Queue publishing these devices' desired state; call it only after commit."""
     from fleet.tasks import publish_desired
 
     # Keep each task small enough to retry cheaply.

@@ -11,6 +11,7 @@ from agent import wire
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
 from fleet.services.audit import Actor, record
+from fleet.services.deployments import enqueue_desired
 
 
 def record_hello(hello: wire.Hello, *, now: datetime | None = None) -> tuple[Device, bool]:
@@ -38,6 +39,8 @@ def record_hello(hello: wire.Hello, *, now: datetime | None = None) -> tuple[Dev
         device, created = Device.objects.update_or_create(device_id=hello.device_id, defaults=profile)
         if created:
             record(f"device:{hello.device_id}", "device.registered", device, after={"arch": hw.arch, "os": hw.os})
+            # The retained desired message answers the hello: the agent stops repeating it.
+            transaction.on_commit(lambda: enqueue_desired([device.pk]))
     return device, created
 
 

@@ -23,6 +23,11 @@ class RegistryError(Exception):
     """A registry change that the current state does not allow; the text says why."""
 
 
+def _user(actor: Actor):
+    """The user behind an actor, or None for a device or the system."""
+    return actor if not isinstance(actor, str) and actor and actor.is_authenticated else None
+
+
 def create_model(*, name: str, description: str = "", actor: Actor) -> Model:
     with transaction.atomic():
         model = Model(name=name, description=description)
@@ -38,8 +43,7 @@ def create_version(model: Model, *, actor: Actor, parent: ModelVersion | None = 
         # Lock the model row: two concurrent creates would otherwise take the same number.
         Model.objects.select_for_update().get(pk=model.pk)
         highest = model.versions.aggregate(n=Max("number"))["n"] or 0
-        created_by = actor if not isinstance(actor, str) and actor and actor.is_authenticated else None
-        version = ModelVersion(model=model, number=highest + 1, parent=parent, created_by=created_by, **fields)
+        version = ModelVersion(model=model, number=highest + 1, parent=parent, created_by=_user(actor), **fields)
         version.full_clean()
         version.save()
         record(actor, "version.created", version, after={"number": version.number, "parent": parent and parent.pk})
@@ -89,6 +93,7 @@ def add_artifact(
                 hardware_class=hardware_class,
                 size=size,
                 storage_key=key,
+                created_by=_user(actor),
             )
             artifact.full_clean()
             artifact.save()

@@ -10,7 +10,7 @@ from fleet.choices import DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
 from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.mqtt.client import make_client
-from fleet.services import deployments, devices, registry
+from fleet.services import deployments, registry
 from fleet.storage import get_store
 from tests.support import wait_until
 
@@ -249,7 +249,7 @@ class TestChunks:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_path, broker_port):
+def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_path, broker_port, fake_publisher):
     settings.ARTIFACT_ROOT = tmp_path
     broker = wire.parse_broker_url(f"mqtt://127.0.0.1:{broker_port}")
     settings.MQTT_BROKER = broker
@@ -273,6 +273,7 @@ def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_pa
         assert stats["bad_message"] == 3 * len(wire.AGENT_CHANNELS)
         assert stats["unknown_device"] == 1
         assert all(thread.is_alive() for thread in bridge._threads)
+        assert [topic for topic, _, retain in fake_publisher.messages if retain] == ["fleet/dev-9/desired"]
     finally:
         agent.loop_stop()
         agent.disconnect()

@@ -1,0 +1,32 @@
+"""Service errors as HTTP answers: a refused state change is a conflict, not a server error."""
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework import exceptions, status
+from rest_framework.serializers import as_serializer_error
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from fleet.services.deployments import DeploymentError
+from fleet.services.registry import RegistryError
+from fleet.storage import TooLarge
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The current state does not allow this change."
+    default_code = "conflict"
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The upload is too large."
+    default_code = "too_large"
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, RegistryError | DeploymentError):
+        exc = Conflict(str(exc))
+    elif isinstance(exc, TooLarge):
+        exc = PayloadTooLarge(str(exc))
+    elif isinstance(exc, DjangoValidationError):
+        exc = exceptions.ValidationError(as_serializer_error(exc))
+    return drf_exception_handler(exc, context)

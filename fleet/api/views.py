@@ -1,0 +1,189 @@
+"""The REST API: each viewset names its queryset, serializer and filters; actions call one service."""
+
+from django.conf import settings
+from django.db.models import Count, Prefetch
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.response import Response
+
+from fleet import filtersets
+from fleet.api import serializers
+from fleet.api.exceptions import PayloadTooLarge
+from fleet.choices import DeploymentState
+from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion
+from fleet.services import deployments, devices, registry
+
+# Multipart framing around an uploaded file; the store enforces the exact limit.
+_UPLOAD_OVERHEAD_BYTES = 64 * 1024
+
+
+def _client_address(request) -> str | None:
+    return request.META.get("REMOTE_ADDR") or None
+
+
+class RegistryModelViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    queryset = Model.objects.annotate(version_count=Count("versions"))
+    serializer_class = serializers.RegistryModelSerializer
+    filterset_class = filtersets.RegistryModelFilterSet
+    lookup_field = "name"
+    lookup_value_regex = r"[^/]+"
+
+    def perform_create(self, serializer):
+        serializer.instance = registry.create_model(**serializer.validated_data, actor=self.request.user)
+        serializer.instance.version_count = 0
+
+
+class VersionViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = ModelVersion.objects.select_related("model", "created_by").prefetch_related(
+        Prefetch("artifacts", queryset=Artifact.objects.defer("chunk_hashes"))
+    )
+    serializer_class = serializers.VersionSerializer
+    filterset_class = filtersets.VersionFilterSet
+    http_method_names = ["get", "post", "patch", "head", "options"]
+    action_permissions = {
+        "publish": ["fleet.change_modelversion"],
+        "artifacts": ["fleet.change_modelversion"],
+        "assign": ["fleet.add_deployment"],
+    }
+
+    def perform_create(self, serializer):
+        fields = dict(serializer.validated_data)
+        serializer.instance = registry.create_version(fields.pop("model"), actor=self.request.user, **fields)
+
+    def perform_update(self, serializer):
+        notes = serializer.validated_data.get("notes", serializer.instance.notes)
+        serializer.instance = registry.update_version_notes(serializer.instance, notes=notes, actor=self.request.user)
+
+    @extend_schema(request=None, responses=serializers.VersionSerializer)
+    @action(detail=True, methods=["post"])
+    def publish(self, request, pk=None):
+        version = registry.publish_version(self.get_object(), actor=request.user)
+        return Response(self.get_serializer(self.get_queryset().get(pk=version.pk)).data)
+
+    @extend_schema(
+        request={"multipart/form-data": serializers.ArtifactUploadSerializer},
+        responses={201: serializers.ArtifactSerializer},
+        description="Upload one file of a draft version. The artifact is `processing` until its hashes "
+        "are computed; poll its `url` until it is `ready` or `failed`.",
+    )
+    @action(detail=True, methods=["post"], parser_classes=[MultiPartParser, FormParser])
+    def artifacts(self, request, pk=None):
+        # Refuse an oversize upload before Django spools it to disk.
+        if int(request.META.get("CONTENT_LENGTH") or 0) > settings.ARTIFACT_MAX_BYTES + _UPLOAD_OVERHEAD_BYTES:
+            raise PayloadTooLarge(f"the file is over the {settings.ARTIFACT_MAX_BYTES}-byte limit")
+        version = self.get_object()
+        upload = serializers.ArtifactUploadSerializer(data=request.data)
+        upload.is_valid(raise_exception=True)
+        fields = dict(upload.validated_data)
+        file = fields.pop("file")
+        artifact = registry.add_artifact(version, file, filename=file.name, actor=request.user, **fields)
+        # Processing may already have run on commit (eager Celery): show where it got to.
+        artifact.refresh_from_db()
+        data = serializers.ArtifactSerializer(artifact, context=self.get_serializer_context()).data
+        return Response(data, status=status.HTTP_201_CREATED, headers={"Location": data["url"]})
+
+    @extend_schema(request=serializers.AssignSerializer, responses={201: serializers.AssignResultSerializer})
+    @action(detail=True, methods=["post"])
+    def assign(self, request, pk=None):
+        version = self.get_object()
+        selection = serializers.AssignSerializer(data=request.data)
+        selection.is_valid(raise_exception=True)
+        result = deployments.assign_version(
+            version,
+            selection.validated_data["targets"],
+            actor=request.user,
+            reason=selection.validated_data["reason"],
+            source_address=_client_address(request),
+        )
+        skipped = {device_id: "no device has this id" for device_id in selection.validated_data["unknown"]}
+        data = {"deployments": result.deployments, "skipped": {**skipped, **result.skipped}}
+        context = self.get_serializer_context()
+        return Response(serializers.AssignResultSerializer(data, context=context).data, status=status.HTTP_201_CREATED)
+
+
+class ArtifactViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Artifact.objects.select_related("version__model", "created_by")
+    filterset_class = filtersets.ArtifactFilterSet
+
+    def get_serializer_class(self):
+        return serializers.ArtifactSerializer if self.action == "retrieve" else serializers.BriefArtifactSerializer
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        # A 2 GB file has 8192 chunk hashes: lists leave them out.
+        return queryset if self.action == "retrieve" else queryset.defer("chunk_hashes")
+
+
+class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Device.objects.select_related("current_version__model").prefetch_related(
+        "tags",
+        Prefetch(
+            "deployments",
+            queryset=Deployment.objects.exclude(state=DeploymentState.SUPERSEDED)
+            .select_related("version__model")
+            .order_by("-id")[:1],
+            to_attr="current_deployments",
+        ),
+    )
+    serializer_class = serializers.DeviceSerializer
+    filterset_class = filtersets.DeviceFilterSet
+    lookup_field = "device_id"
+    lookup_value_regex = r"[^/]+"
+    action_permissions = {
+        "tags": ["fleet.change_device"],
+        "heartbeats": ["fleet.view_device", "fleet.view_heartbeat"],
+    }
+
+    @extend_schema(request=serializers.TagsSerializer, responses=serializers.DeviceSerializer)
+    @action(detail=True, methods=["put"])
+    def tags(self, request, device_id=None):
+        device = self.get_object()
+        names = serializers.TagsSerializer(data=request.data)
+        names.is_valid(raise_exception=True)
+        devices.set_tags(device, names.validated_data["tags"], actor=request.user)
+        return Response(self.get_serializer(self.get_queryset().get(pk=device.pk)).data)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("limit", OpenApiTypes.INT, description="How many, newest first (at most 1000).")],
+        responses=serializers.HeartbeatSerializer(many=True),
+    )
+    @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
+    def heartbeats(self, request, device_id=None):
+        device = self.get_object()
+        try:
+            limit = min(max(int(request.query_params.get("limit", 50)), 1), 1000)
+        except ValueError:
+            limit = 50
+        beats = device.heartbeats.select_related("device").order_by("-received_at")[:limit]
+        return Response(serializers.HeartbeatSerializer(beats, many=True).data)
+
+
+class DeploymentViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Deployment.objects.select_related("device", "version__model", "artifact", "created_by").defer(
+        "artifact__chunk_hashes"
+    )
+    serializer_class = serializers.DeploymentSerializer
+    filterset_class = filtersets.DeploymentFilterSet
+
+
+class HeartbeatViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Heartbeat.objects.select_related("device")
+    serializer_class = serializers.HeartbeatSerializer
+    filterset_class = filtersets.HeartbeatFilterSet
+
+
+class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = AuditEvent.objects.all()
+    serializer_class = serializers.AuditEventSerializer
+    filterset_class = filtersets.AuditEventFilterSet

@@ -1,0 +1,71 @@
+"""Query filters of the API's list endpoints; devices are always named by their string id."""
+
+import django_filters as filters
+
+from fleet.choices import ArtifactRole, ArtifactStatus, DeploymentState, HardwareClass, VersionStatus
+from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion
+
+
+class RegistryModelFilterSet(filters.FilterSet):
+    name = filters.CharFilter(lookup_expr="icontains")
+
+    class Meta:
+        model = Model
+        fields = ["name"]
+
+
+class VersionFilterSet(filters.FilterSet):
+    model = filters.CharFilter(field_name="model__name")
+    status = filters.ChoiceFilter(choices=VersionStatus.choices)
+
+    class Meta:
+        model = ModelVersion
+        fields = ["model", "status", "number", "parent", "task"]
+
+
+class ArtifactFilterSet(filters.FilterSet):
+    role = filters.ChoiceFilter(choices=ArtifactRole.choices)
+    status = filters.ChoiceFilter(choices=ArtifactStatus.choices)
+    model = filters.CharFilter(field_name="version__model__name")
+
+    class Meta:
+        model = Artifact
+        fields = ["version", "role", "status", "sha256", "precision", "hardware_class", "model"]
+
+
+class DeviceFilterSet(filters.FilterSet):
+    tag = filters.CharFilter(field_name="tags__name", distinct=True)
+    hardware_class = filters.ChoiceFilter(choices=HardwareClass.choices)
+    # What the device runs now, by version id or by model name.
+    current_version = filters.NumberFilter(field_name="current_version")
+    model = filters.CharFilter(field_name="current_version__model__name")
+
+    class Meta:
+        model = Device
+        fields = ["tag", "online", "hardware_class", "arch", "os", "current_version", "model"]
+
+
+class DeploymentFilterSet(filters.FilterSet):
+    device = filters.CharFilter(field_name="device__device_id")
+    state = filters.ChoiceFilter(choices=DeploymentState.choices)
+
+    class Meta:
+        model = Deployment
+        fields = ["device", "state", "version"]
+
+
+class HeartbeatFilterSet(filters.FilterSet):
+    device = filters.CharFilter(field_name="device__device_id")
+    since = filters.IsoDateTimeFilter(field_name="received_at", lookup_expr="gte")
+
+    class Meta:
+        model = Heartbeat
+        fields = ["device", "since"]
+
+
+class AuditEventFilterSet(filters.FilterSet):
+    since = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+
+    class Meta:
+        model = AuditEvent
+        fields = ["action", "object_type", "object_id", "actor_label", "since"]

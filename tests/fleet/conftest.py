@@ -1,0 +1,62 @@
+import pytest
+
+from controlplane.celery import app as celery_app
+from fleet.mqtt import publisher
+from tests.fleet import helpers
+
+
+class FakePublisher:
+    """Records what the plane publishes: (topic, payload, retain)."""
+
+    def __init__(self):
+        self.messages = []
+
+    def publish_many(self, messages, *, timeout=30.0):
+        messages = list(messages)
+        self.messages.extend(messages)
+        return len(messages)
+
+
+@pytest.fixture
+def fake_publisher():
+    fake = FakePublisher()
+    previous = publisher.install(fake)
+    yield fake
+    publisher.install(previous)
+
+
+# --- API and admin tests ------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def eager_celery():
+    """Tasks run inline on commit even when REDIS_URL is set (as `make test` does).
+
+    A test of the real worker opts out by setting task_always_eager=False itself (see test_tasks).
+    """
+    saved = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = saved
+
+
+@pytest.fixture(autouse=True)
+def artifact_root(settings, tmp_path):
+    """Each test stores artifacts under its own directory."""
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    return settings.ARTIFACT_ROOT
+
+
+@pytest.fixture
+def operator(db):
+    return helpers.make_operator()
+
+
+@pytest.fixture
+def viewer(db):
+    return helpers.make_viewer()
+
+
+@pytest.fixture
+def outsider(db):
+    return helpers.make_outsider()
