@@ -38,6 +38,7 @@ services:
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
 	$(VENV)/bin/hadolint docker/Dockerfile.plane docker/Dockerfile.agent

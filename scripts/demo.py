@@ -280,7 +280,8 @@ def infer(agent_port: int) -> None:
         answer = json.loads(response.read())
     vectors = answer["embeddings"]
     cosine = [sum(a * b for a, b in zip(vectors[0], v, strict=True)) for v in vectors[1:]]
-    say(f"the agent answered: {len(vectors)} embeddings of {len(vectors[0])} dimensions in {answer['latency_ms']:.1f} ms")
+    dims, ms = len(vectors[0]), answer["latency_ms"]
+    say(f"the agent answered: {len(vectors)} embeddings of {dims} dimensions in {ms:.1f} ms")
     say(f"  cosine({SENTENCES[0]!r}, {SENTENCES[1]!r}) = {cosine[0]:.3f}")
     say(f"  cosine({SENTENCES[0]!r}, {SENTENCES[2]!r}) = {cosine[1]:.3f}")
     if not cosine[0] > cosine[1]:
@@ -319,6 +320,7 @@ def main() -> int:
     parser.add_argument("--agent-port", type=int, default=8471)
     parser.add_argument("--var-dir", type=Path, default=REPO / "var" / "demo")
     parser.add_argument("--db-name", default="edgefleet_demo", help="PostgreSQL database to use (created if missing)")
+    parser.add_argument("--device-id", default="demo-device", help="the demo agent's device id")
     args = parser.parse_args()
 
     if not (MODEL_DIR / "model.int8.onnx").exists():
@@ -352,7 +354,7 @@ def main() -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        say("stopping the plane, the bridge, the worker and the agent")
+        say(f"stopping {', '.join(procs.procs) or 'nothing'}")
         procs.stop()
         if services.broker:
             services.broker.stop()
@@ -377,7 +379,7 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     if procs.env["REDIS_URL"]:
         procs.start("worker", PYTHON, "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
                     "-l", "info", "-s", str(var / "celerybeat-schedule"))  # fmt: skip
-    device_id = "demo-device"
+    device_id = args.device_id
     config = var / "agent.toml"
     write_agent_config(
         config, device_id=device_id, mqtt_url=procs.env["MQTT_URL"], data_dir=var / "agent", port=args.agent_port
@@ -397,7 +399,7 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     say("")
     say(f"admin:    {base}/admin/   user admin, password {password}")
     say(f"API:      {base}/api/v1/  (Authorization: Token {token})   docs: {base}/api/docs/")
-    say(f"agent:    curl -s -XPOST 127.0.0.1:{args.agent_port}/v1/infer -d '{{\"text\": \"hello edge\"}}'")
+    say(f'agent:    curl -s -XPOST 127.0.0.1:{args.agent_port}/v1/infer -d \'{{"text": "hello edge"}}\'')
     say(f"logs:     {var / 'logs'}")
 
 

@@ -76,3 +76,28 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.1, what: str = 
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
+
+
+@contextmanager
+def celery_on_redis(url: str = REDIS_URL) -> Iterator[object]:
+    """Send this process's Celery tasks to Redis instead of running them inline."""
+    from controlplane.celery import app
+
+    saved = {key: app.conf[key] for key in ("broker_url", "task_always_eager")}
+    app.conf.update(broker_url=url, task_always_eager=False)
+    _reset_producers(app)
+    try:
+        app.control.purge()  # tasks an earlier run left behind would run against this test's database
+        yield app
+    finally:
+        app.conf.update(saved)
+        _reset_producers(app)
+
+
+def _reset_producers(app) -> None:
+    # Producers are pooled per broker URL at first use; an earlier test may have built them.
+    app._pool = None
+    app.amqp._producer_pool = None

@@ -91,7 +91,9 @@ class VersionViewSet(
         # Processing may already have run on commit (eager Celery): show where it got to.
         artifact.refresh_from_db()
         data = serializers.ArtifactSerializer(artifact, context=self.get_serializer_context()).data
-        return Response(data, status=status.HTTP_201_CREATED, headers={"Location": data["url"]})
+        return Response(
+            data, status=status.HTTP_201_CREATED, headers={"Location": str(data["url"])}
+        )  # wsgiref wants a str, not a Hyperlink
 
     @extend_schema(request=serializers.AssignSerializer, responses={201: serializers.AssignResultSerializer})
     @action(detail=True, methods=["post"])

@@ -190,6 +190,9 @@ def record_state(device: Device, report: wire.StateReport) -> Deployment:
         if deployment is None:
             raise StaleReport(f"deployment {report.deployment_id} is not one of {device.device_id}'s")
         before = deployment.state
+        if before == new and new in (DeploymentState.ACTIVE, DeploymentState.FAILED):
+            # The agent confirms again after every reconnect; nothing changes.
+            return deployment
         if new == DeploymentState.ACTIVE and report.sha256 and report.sha256 != deployment.artifact.sha256:
             new, updates["state"] = DeploymentState.FAILED, DeploymentState.FAILED
             updates["error"] = f"device activated sha256 {report.sha256}, expected {deployment.artifact.sha256}"

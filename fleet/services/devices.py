@@ -39,8 +39,9 @@ def record_hello(hello: wire.Hello, *, now: datetime | None = None) -> tuple[Dev
         device, created = Device.objects.update_or_create(device_id=hello.device_id, defaults=profile)
         if created:
             record(f"device:{hello.device_id}", "device.registered", device, after={"arch": hw.arch, "os": hw.os})
-            # The retained desired message answers the hello: the agent stops repeating it.
-            transaction.on_commit(lambda: enqueue_desired([device.pk]))
+        # Answer every hello with the desired state: the agent stops repeating its hello, and a
+        # retained message the broker lost, or kept from another database, is put right.
+        transaction.on_commit(lambda: enqueue_desired([device.pk]))
     return device, created
 
 

@@ -8,7 +8,8 @@ import pkgutil, importlib, sys
 import agent
 for module in pkgutil.walk_packages(agent.__path__, "agent."):
     importlib.import_module(module.name)
-leaked = sorted({name.split(".")[0] for name in sys.modules} & {"django", "rest_framework", "celery", "fleet", "controlplane"})
+plane = {"django", "rest_framework", "celery", "fleet", "controlplane"}
+leaked = sorted({name.split(".")[0] for name in sys.modules} & plane)
 print(",".join(leaked))
 """
 

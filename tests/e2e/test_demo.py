@@ -2,7 +2,9 @@
 
 import subprocess
 import sys
+import uuid
 
+import psycopg
 import pytest
 
 from tests.support import REPO, free_port
@@ -10,16 +12,27 @@ from tests.support import REPO, free_port
 pytestmark = pytest.mark.e2e
 
 
+DB_NAME = "edgefleet_demo_test"
+
+
+def drop_demo_database() -> None:
+    with psycopg.connect("postgresql://postgres:postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
 def run_demo(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    # A device id of its own: the machine's broker keeps retained messages between runs.
+    device_id = f"demo-{uuid.uuid4().hex[:8]}"
     cmd = [
         sys.executable, "scripts/demo.py", "--once",
         "--web-port", str(free_port()), "--agent-port", str(free_port()),
-        "--var-dir", str(tmp_path / "var"), "--db-name", "edgefleet_demo_test", *extra,
+        "--var-dir", str(tmp_path / "var"), "--db-name", DB_NAME, "--device-id", device_id, *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
 
 
 def test_it_runs_the_demo_scenario_on_the_machines_services(tmp_path):
+    drop_demo_database()
     result = run_demo(tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr

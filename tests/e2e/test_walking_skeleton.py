@@ -1,7 +1,7 @@
 """A model version travels from the plane to a real agent over a real Mosquitto, runs, and reports back.
 
-The bridge and the agent run as their own processes, as in production; the test
-process plays the API client (and, with eager Celery, the worker that publishes).
+The bridge, a Celery worker (on the real Redis) and the agent run as their own
+processes, as in production; the test process plays the API client.
 """
 
 import json
@@ -17,17 +17,18 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from agent import wire
 from agent.manifest import file_sha256
 from fleet.choices import DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
-from fleet.mqtt import publisher
-from tests.support import REPO, free_port, wait_for_port, wait_until
+from tests.support import REDIS_URL, REPO, celery_on_redis, free_port, wait_for_port, wait_until
 
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."]
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
 def database_url() -> str:
+    """The test database, for the bridge process; it must be a server both processes reach."""
+    assert connection.vendor == "postgresql", "set DATABASE_URL to PostgreSQL (make test does)"
     db = connection.settings_dict
     return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
@@ -53,23 +54,23 @@ class Process:
 
 @pytest.fixture
 def plane(settings, tmp_path, broker_port):
-    """Settings shared by this process and the bridge: the test database, artifact root, broker."""
+    """The plane's processes, sharing this test's database, artifact root, broker and Redis."""
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
-    settings.MQTT_BROKER = wire.parse_broker_url(f"mqtt://127.0.0.1:{broker_port}")
-    settings.CELERY_TASK_ALWAYS_EAGER = True
-    previous = publisher.install(None)  # a real publisher, connected to this test's broker on first use
     env = {
         **os.environ,
         "DATABASE_URL": database_url(),
         "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
         "MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
-        "REDIS_URL": "",
+        "REDIS_URL": REDIS_URL,
         "BRIDGE_FLUSH_MS": "50",
     }
-    yield env
-    used = publisher.install(previous)
-    if used is not None:
-        used.close()
+    with celery_on_redis():
+        worker = Process("worker", [sys.executable, "-m", "celery", "-A", "controlplane", "worker",
+                                    "--pool", "solo", "-l", "info"], env, tmp_path)  # fmt: skip
+        try:
+            yield env
+        finally:
+            worker.stop()
 
 
 @pytest.fixture
@@ -94,7 +95,11 @@ def release_minilm(api: APIClient, minilm: dict) -> dict:
         with path.open("rb") as f:
             response = api.post(f"/api/v1/versions/{version['id']}/artifacts/", {**fields, "file": f})
         assert response.status_code == 201, response.content
-        assert response.json()["status"] == "ready"
+        wait_until(
+            lambda url=response["Location"]: api.get(url).json()["status"] == "ready",
+            timeout=60,
+            what="the worker hashing the upload",
+        )
     response = api.post(f"/api/v1/versions/{version['id']}/publish/")
     assert response.status_code == 200, response.content
     return version
@@ -134,7 +139,7 @@ def test_it_deploys_a_real_model_to_a_real_agent_and_hears_back(plane, api, mini
         wait_for_port(agent_port)
         request = urllib.request.Request(
             f"http://127.0.0.1:{agent_port}/v1/infer",
-            data=json.dumps({"texts": ["A man is eating food.", "A man is eating bread.", "The movie is awful."]}).encode(),
+            data=json.dumps({"texts": SENTENCES}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=30) as reply:
@@ -152,6 +157,8 @@ def test_it_deploys_a_real_model_to_a_real_agent_and_hears_back(plane, api, mini
     finally:
         agent_code = agent.stop()
         bridge_code = bridge.stop()
+        # Shown by pytest only when the test fails.
+        print(f"--- bridge ---\n{bridge.output()[-5000:]}\n--- agent ---\n{agent.output()[-5000:]}")
     assert agent_code == 0, agent.output()[-3000:]
     assert bridge_code == 0, bridge.output()[-3000:]
     assert "bridge stopped" in bridge.output()

@@ -278,3 +278,16 @@ def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_pa
         agent.loop_stop()
         agent.disconnect()
         bridge.stop()
+
+
+@pytest.mark.django_db
+def test_it_takes_a_repeated_active_report_as_a_confirmation(bridge, deployment):
+    dep, data = deployment
+    report = wire.StateReport(
+        device_id="dev-1", deployment_id=dep.pk, state="active", sha256=hashlib.sha256(data).hexdigest(), sent_at=1.0
+    )
+    bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+    bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+
+    assert Deployment.objects.get(pk=dep.pk).state == DeploymentState.ACTIVE
+    assert "stale_report" not in bridge.stats.snapshot()

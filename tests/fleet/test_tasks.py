@@ -7,30 +7,16 @@ import os
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from controlplane.celery import app
 from fleet.choices import ArtifactStatus
 from fleet.models import Artifact
 from fleet.services import registry
-from tests.support import wait_until
-
-REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
-
-
-def reset_producers():
-    # An earlier test may have built the producer pool against another broker URL.
-    app._pool = None
-    app.amqp._producer_pool = None
+from tests.support import celery_on_redis, wait_until
 
 
 @pytest.fixture
 def redis_worker():
-    saved = {key: app.conf[key] for key in ("broker_url", "task_always_eager")}
-    app.conf.update(broker_url=REDIS_URL, task_always_eager=False)
-    reset_producers()
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with celery_on_redis() as app, start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         yield
-    app.conf.update(saved)
-    reset_producers()
 
 
 @pytest.mark.django_db(transaction=True)

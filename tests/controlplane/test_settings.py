@@ -1,0 +1,58 @@
+"""Settings come from the environment; a bad value stops start-up with the variable's name."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+PROBE = "import django; django.setup(); from django.conf import settings; print(settings.MQTT_BROKER.port)"
+
+
+def start_plane(**env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MQTT_URL", "DEBUG", "SECRET_KEY")}
+    return subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=REPO,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "controlplane.settings", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_it_starts_on_development_defaults():
+    result = start_plane()
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1883"
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"DEBUG": "maybe"}, "DEBUG='maybe' is not a boolean"),
+        ({"BRIDGE_BATCH_SIZE": "lots"}, "BRIDGE_BATCH_SIZE='lots' is not a whole number"),
+        ({"BRIDGE_BATCH_SIZE": "0"}, "BRIDGE_BATCH_SIZE=0 must be at least 1"),
+        ({"MQTT_URL": "http://broker"}, "MQTT_URL: broker URL 'http://broker' must start with mqtt://"),
+        ({"DATABASE_URL": "nonsense://x"}, "DATABASE_URL"),
+        ({"DEBUG": "false"}, "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false"),
+        ({"SECRET_KEY_FILE": "/nonexistent/key"}, "SECRET_KEY_FILE='/nonexistent/key' cannot be read"),
+    ],
+)
+def test_it_names_the_variable_that_is_wrong(env, named):
+    result = start_plane(**env)
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert named in result.stderr
+
+
+def test_it_reads_a_secret_from_a_file(tmp_path):
+    key = tmp_path / "secret"
+    key.write_text("from-a-file\n")
+
+    result = start_plane(DEBUG="false", SECRET_KEY_FILE=str(key))
+
+    assert result.returncode == 0, result.stderr
