@@ -93,7 +93,9 @@ def plane_subscriptions(*, shared: bool = True) -> list[str]:
 
 # --- Messages -----------------------------------------------------------------
 
-DeploymentStateName = Literal["pending", "downloading", "verifying", "active", "failed"]
+# ineligible: the device cannot take it (disk, RAM, execution provider); it downloaded nothing.
+# rolled_back: it was active, and the device went back to its previous model on its own.
+DeploymentStateName = Literal["pending", "downloading", "verifying", "active", "failed", "ineligible", "rolled_back"]
 
 
 class Message(msgspec.Struct, kw_only=True):

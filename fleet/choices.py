@@ -39,6 +39,10 @@ class DeploymentState(models.TextChoices):
     VERIFYING = "verifying"
     ACTIVE = "active"
     FAILED = "failed"
+    # The device cannot take it (too little disk or RAM, no execution provider); not a failure.
+    INELIGIBLE = "ineligible"
+    # It was active, and the device went back to its previous model on its own.
+    ROLLED_BACK = "rolled_back"
     # A newer assignment replaced this one before or after it finished.
     SUPERSEDED = "superseded"
 

@@ -164,8 +164,10 @@ class StaleReport(Exception):
 
 
 def _allowed_from(state: str) -> list[str]:
-    if state == DeploymentState.FAILED:
+    if state in (DeploymentState.FAILED, DeploymentState.INELIGIBLE):
         return list(OPEN_DEPLOYMENT_STATES)
+    if state == DeploymentState.ROLLED_BACK:
+        return [DeploymentState.ACTIVE]
     rank = DEPLOYMENT_PROGRESS[DeploymentState(state)]
     # A report may skip states (a cached file goes straight to active) but never goes back;
     # repeating downloading carries progress.
@@ -184,20 +186,27 @@ def record_state(device: Device, report: wire.StateReport) -> Deployment:
         "bytes_done": report.bytes_done,
         "bytes_total": report.bytes_total,
     }
-    stamp = {"downloading": "downloading_at", "verifying": "verifying_at", "active": "active_at", "failed": "failed_at"}
+    stamp = {
+        "downloading": "downloading_at",
+        "verifying": "verifying_at",
+        "active": "active_at",
+        "failed": "failed_at",
+        "ineligible": "failed_at",
+        "rolled_back": "failed_at",
+    }
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().filter(pk=report.deployment_id, device=device).first()
         if deployment is None:
             raise StaleReport(f"deployment {report.deployment_id} is not one of {device.device_id}'s")
         before = deployment.state
-        if before == new and new in (DeploymentState.ACTIVE, DeploymentState.FAILED):
+        if before == new and new not in OPEN_DEPLOYMENT_STATES:
             # The agent confirms again after every reconnect; nothing changes.
             return deployment
         if new == DeploymentState.ACTIVE and report.sha256 and report.sha256 != deployment.artifact.sha256:
             new, updates["state"] = DeploymentState.FAILED, DeploymentState.FAILED
             updates["error"] = f"device activated sha256 {report.sha256}, expected {deployment.artifact.sha256}"
-        if new == DeploymentState.FAILED:
-            updates.setdefault("error", report.error or "the device reported a failure without a reason")
+        if new in (DeploymentState.FAILED, DeploymentState.INELIGIBLE, DeploymentState.ROLLED_BACK):
+            updates.setdefault("error", report.error or f"the device reported {new} without a reason")
         if before != new:
             updates[stamp[new]] = now
         changed = Deployment.objects.filter(pk=deployment.pk, state__in=_allowed_from(new)).update(**updates)
@@ -215,7 +224,20 @@ def record_state(device: Device, report: wire.StateReport) -> Deployment:
             )
         if new == DeploymentState.ACTIVE:
             _make_current(device, deployment)
+        elif new == DeploymentState.ROLLED_BACK:
+            _restore_previous(device, deployment)
     return deployment
+
+
+def _restore_previous(device: Device, deployment: Deployment) -> None:
+    """The device runs what it ran before this deployment, or nothing if it ran nothing."""
+    previous = (
+        device.deployments.exclude(pk=deployment.pk).filter(active_at__isnull=False).order_by("-active_at").first()
+    )
+    Device.objects.filter(pk=device.pk).update(
+        current_version=previous.version if previous else None,
+        current_artifact=previous.artifact if previous else None,
+    )
 
 
 def _make_current(device: Device, deployment: Deployment) -> None:

@@ -291,3 +291,31 @@ def test_it_takes_a_repeated_active_report_as_a_confirmation(bridge, deployment)
 
     assert Deployment.objects.get(pk=dep.pk).state == DeploymentState.ACTIVE
     assert "stale_report" not in bridge.stats.snapshot()
+
+
+@pytest.mark.django_db
+def test_it_records_an_ineligible_device_without_calling_it_a_failure(bridge, deployment):
+    dep, _ = deployment
+    report = wire.StateReport(
+        device_id="dev-1", deployment_id=dep.pk, state="ineligible", error="needs 2 GB of disk", sent_at=1.0
+    )
+    bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+
+    dep.refresh_from_db()
+    assert dep.state == DeploymentState.INELIGIBLE
+    assert dep.error == "needs 2 GB of disk"
+
+
+@pytest.mark.django_db
+def test_it_records_a_local_rollback_and_what_the_device_runs_again(bridge, deployment):
+    dep, data = deployment
+    sha = hashlib.sha256(data).hexdigest()
+    for state in ("active", "rolled_back"):
+        report = wire.StateReport(
+            device_id="dev-1", deployment_id=dep.pk, state=state, sha256=sha, error="error rate 40%", sent_at=1.0
+        )
+        bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+
+    dep.refresh_from_db()
+    assert dep.state == DeploymentState.ROLLED_BACK
+    assert Device.objects.get(device_id="dev-1").current_version is None
