@@ -2,6 +2,10 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+admin.site.site_header = "Edgefleet control plane"
+admin.site.site_title = "Edgefleet"
+admin.site.index_title = "Models, devices and deployments"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("fleet.api.urls")),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL, Redis and Mosquitto answer on 127.0.0.1: install what is
-# missing (Debian, apt-get), start what is installed but stopped.
+# missing (Debian, apt-get), start what is installed but stopped. Chromium comes
+# along for the admin's browser tests.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -17,6 +18,7 @@ missing=()
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v mosquitto >/dev/null || missing+=(mosquitto)
+command -v chromium >/dev/null || missing+=(chromium)
 installed_pg=no
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
