@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -42,7 +43,12 @@ def broker_config(port: int, data_dir: Path) -> str:
         elif line.startswith("persistence_location "):
             line = f"persistence_location {data_dir}/"
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + _run_as_me()
+
+
+def _run_as_me() -> str:
+    # Started as root, Mosquitto drops to user "mosquitto", which cannot read a test's private tmp dir.
+    return f"\nuser {getpass.getuser()}\n"
 
 
 @contextmanager
@@ -101,3 +107,159 @@ def _reset_producers(app) -> None:
     # Producers are pooled per broker URL at first use; an earlier test may have built them.
     app._pool = None
     app.amqp._producer_pool = None
+
+
+DYNSEC_PLUGIN = Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+
+
+def secure_broker_config(port: int, data_dir: Path) -> str:
+    """docker/mosquitto/secure.conf for this machine and this test run."""
+    replacements = {
+        "listener ": f"listener {port} 127.0.0.1",
+        "plugin ": f"plugin {DYNSEC_PLUGIN}",
+        "plugin_opt_config_file ": f"plugin_opt_config_file {data_dir}/dynamic-security.json",
+        "persistence_location ": f"persistence_location {data_dir}/",
+    }
+    lines = []
+    for line in (REPO / "docker" / "mosquitto" / "secure.conf").read_text().splitlines():
+        for prefix, replacement in replacements.items():
+            if line.startswith(prefix):
+                line = replacement
+        lines.append(line)
+    return "\n".join(lines) + _run_as_me()
+
+
+@contextmanager
+def secure_mosquitto(tmp: Path, admin_password: str) -> Iterator[int]:
+    """A Mosquitto with the dynamic-security plugin, anonymous access off, and an ``admin`` login."""
+    subprocess.run(
+        ["mosquitto_ctrl", "dynsec", "init", str(tmp / "dynamic-security.json"), "admin", admin_password],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    conf = tmp / "secure.conf"
+    conf.write_text(secure_broker_config(port, tmp))
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class Broker:
+    """A Mosquitto of a test's own that it can stop and start again on the same port (same persistence)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = tmp / "mosquitto.conf"
+        self.conf.write_text(broker_config(self.port, tmp))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+
+@contextmanager
+def broker(tmp: Path) -> Iterator[Broker]:
+    running = Broker(tmp)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; ``cut`` drops every connection and refuses new ones until ``mend``.
+
+    A network outage for one client (the agent) while others (a watcher) stay connected.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.port = free_port()
+        self._up = threading.Event()
+        self._up.set()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.1)
+        self._closing = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def cut(self) -> None:
+        self._up.clear()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def mend(self) -> None:
+        self._up.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self.cut()
+        self._thread.join(2)
+        self._server.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._up.is_set():
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while block := source.recv(65536):
+                sink.sendall(block)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
