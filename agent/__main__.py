@@ -1,6 +1,10 @@
-"""``python -m agent --config agent.toml`` (or ``edgefleet-agent``): run the device agent.
+"""``edgefleet-agent [run|status] --config agent.toml`` (or ``python -m agent``).
 
-Exit codes: 0 after a clean stop, 2 for a bad config file or command line.
+``run`` (the default) runs the device agent; ``status`` prints what a running agent
+is doing: slot versions, a download's progress, the outbox's depth.
+
+Exit codes: 0 after a clean stop (or a status shown), 1 when the agent cannot
+start or has never written a status, 2 for a bad config file or command line.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent import wire
+import msgspec
+
+from agent import status, wire
 from agent.clock import SystemClock
 from agent.config import Config, ConfigError, load_config
 from agent.core import Agent
@@ -31,6 +37,14 @@ EXIT_BAD_CONFIG = 2
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="edgefleet-agent", description="Run the Edgefleet device agent.")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=["run", "status"],
+        help="run the agent (default), or show what the running agent is doing",
+    )
+    parser.add_argument("--json", action="store_true", help="status: print the raw status.json")
     parser.add_argument("--config", required=True, type=Path, help="path to the agent's TOML config file")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
@@ -58,7 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.error("agent.bad_config error=%r", f"data_dir: cannot create {exc.filename}: {exc.strerror}")
         return EXIT_BAD_CONFIG
+    if args.command == "status":
+        return show_status(config, as_json=args.json)
     return run(config)
+
+
+def show_status(config: Config, *, as_json: bool) -> int:
+    try:
+        snapshot = status.load(config.data_path)
+    except OSError:
+        print(f"no status in {config.data_path}: the agent has not run with this config yet", file=sys.stderr)
+        return EXIT_FAILED
+    except msgspec.DecodeError as exc:
+        print(f"{config.data_path / status.FILENAME} is damaged ({exc}); it is rewritten every second", file=sys.stderr)
+        return EXIT_FAILED
+    print(msgspec.json.encode(snapshot).decode() if as_json else status.describe(snapshot))
+    return EXIT_OK
 
 
 def run(config: Config) -> int:

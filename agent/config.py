@@ -36,6 +36,39 @@ class TransferConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
 
 
+class AdmissionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a device must have free before it downloads a version; short of it, it reports ineligible."""
+
+    # Free disk in data_dir, as a multiple of the bytes still to fetch: the part file plus room to spare.
+    disk_factor: Annotated[float, msgspec.Meta(ge=1.0, le=100.0)] = 2.0
+    # Available RAM, as a multiple of the model file's size, plus ram_margin_mb: onnxruntime
+    # holds the file's bytes and its own copy of the weights while it builds the session.
+    ram_factor: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 2.0
+    ram_margin_mb: Annotated[int, msgspec.Meta(ge=0)] = 64
+
+
+class ActivationConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Probation after a switch: when the agent rolls back to the previous slot on its own."""
+
+    probation: Seconds = 300.0
+    # Roll back when, within probation, at least min_requests local inferences ran and
+    # this share of them failed inside the model (HTTP 500; a caller's bad input does not count).
+    max_error_rate: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
+    min_requests: Annotated[int, msgspec.Meta(ge=1)] = 20
+    # Roll back at start-up when the agent has died this many times with the new model
+    # before it lived through its probation: a crash loop.
+    max_crashes: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
+
+
+class TelemetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The on-disk queue of heartbeats and state reports waiting for the broker."""
+
+    # Past this many queued messages the oldest heartbeats are dropped (state reports last), and counted.
+    max_queued: Annotated[int, msgspec.Meta(ge=10, le=10_000_000)] = 20_000
+    # Messages handed to the MQTT client and not yet acknowledged, at most.
+    window: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 50
+
+
 class TlsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Files for mqtts:// brokers; empty means the system's CAs and no client certificate."""
 
@@ -54,6 +87,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: Seconds = 30.0
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
+    admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
+    activation: ActivationConfig = msgspec.field(default_factory=ActivationConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
     @property

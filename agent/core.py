@@ -4,28 +4,38 @@ Built from what it is given (``Agent(config, mqtt, runner, clock)``) and connect
 nothing until ``start``. paho's thread only queues messages; the agent's own
 pump thread decodes and routes them, and one bad message is logged and counted,
 never fatal.
+
+It owns the two model slots (agent.slots): a deployment job hands it a loaded,
+self-tested model, the agent makes it current and watches its probation, and
+rolls back to the previous slot on its own when the model fails or keeps
+killing the agent at start-up. Heartbeats and state reports go through the
+on-disk outbox (agent.outbox), so none is lost while the broker is away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, NamedTuple
 
 import msgspec
 
-from agent import wire
-from agent.active import ActiveDeployment, load_active, save_active
+from agent import admission, outbox, status, wire
+from agent.active import ActiveDeployment
 from agent.clock import Clock
 from agent.config import Config
 from agent.deployment import DeploymentJob
 from agent.files import write_atomic
 from agent.hardware import detect_profile
 from agent.mqtt import Inbound, Link, LinkError
-from agent.runtime import ModelLoadError, Runner
+from agent.runtime import LoadedModel, ModelLoadError, Runner, load_model
 from agent.server import InferenceServer
+from agent.slots import Slots, load_slots, save_slots
 from agent.telemetry import HeartbeatBuilder, LatencyRecorder
 from agent.transfer import find_artifact
 
@@ -36,6 +46,16 @@ FIRST_HEARTBEAT_MAX_S: Final = 2.0
 HELLO_RETRY_S: Final = (5.0, 300.0)
 PUMP_POLL_S: Final = 0.2
 JOIN_TIMEOUT_S: Final = 5.0
+PROBATION_POLL_S: Final = 0.2
+STATUS_EVERY_S: Final = 1.0
+
+
+class Probation(NamedTuple):
+    """When the current slot's probation began, and the request counters then."""
+
+    started: float
+    requests: int
+    faults: int
 
 
 class Agent:
@@ -53,6 +73,15 @@ class Agent:
         self.malformed = 0
         self.server: InferenceServer | None = None
         self.active: ActiveDeployment | None = None
+        self.slots = Slots()
+        self.probation: Probation | None = None
+        self.outbox = outbox.Outbox(
+            self.data_dir / outbox.FILENAME,
+            mqtt,
+            max_queued=config.telemetry.max_queued,
+            window=config.telemetry.window,
+        )
+        self.measure: admission.Measure = admission.measure  # what the device has free; tests replace it
         self._job: DeploymentJob | None = None
         self._lock = threading.Lock()  # guards _job and active: the pump and jobs both touch them
         self._stopping = threading.Event()
@@ -69,13 +98,17 @@ class Agent:
     def start(self) -> None:
         for sub in ("artifacts", "downloads"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._restore_active()
+        self.outbox.open()
+        self._restore_slots()
         self._start_server()
         self.mqtt.on_connected = self._on_connected
         self.mqtt.connect()
+        self.outbox.start()
         self._spawn(self._pump, "agent-pump")
         self._spawn(self._beat, "agent-heartbeat")
         self._spawn(self._greet, "agent-hello")
+        self._spawn(self._watch, "agent-probation")
+        self._spawn(self._write_status, "agent-status")
         log.info("agent.started device_id=%s data_dir=%s", self.device_id, self.data_dir)
 
     def stop(self, reason: str = "shutdown") -> None:
@@ -87,6 +120,8 @@ class Agent:
             job = self._job
         if job is not None:
             job.cancel()
+        self._stopped_cleanly()
+        self.outbox.stop()
         goodbye = wire.Presence(device_id=self.device_id, online=False, reason=reason)
         self.mqtt.close(farewell=Inbound(self.topic(wire.Channel.PRESENCE), wire.encode(goodbye)))
         if self.server is not None:
@@ -109,25 +144,118 @@ class Agent:
         # With port 0 the kernel picks; whoever starts us reads the real one here.
         write_atomic(self.data_dir / "http.port", f"{self.server.port}\n".encode())
 
-    def _restore_active(self) -> None:
-        """Load the model this device ran before it restarted, from disk alone."""
-        active = load_active(self.data_dir)
-        if active is None:
-            return
+    # --- slots ------------------------------------------------------------------
+
+    def _restore_slots(self) -> None:
+        """Load the model this device ran before it restarted, from disk alone; leave a crash loop."""
+        slots = load_slots(self.data_dir)
+        if slots.active is not None and not slots.healthy:
+            slots = msgspec.structs.replace(slots, starts=slots.starts + 1)
+            save_slots(self.data_dir, slots)  # before loading: if the load kills us, the start still counts
+        with self._lock:
+            self.slots = slots
+            crashes = slots.starts - 1
+            looping = not slots.healthy and crashes >= self.config.activation.max_crashes
+            if looping and self._roll_back(
+                f"the agent died {crashes} times with this version before it passed its "
+                f"{self.config.activation.probation:g}s probation (crash loop)"
+            ):
+                return
+            if slots.active is not None:
+                self._restore_current(slots.active)
+
+    def _restore_current(self, active: ActiveDeployment) -> None:
         try:
-            self._load_stored(active)
+            self.runner.install(self._load_stored(active))
         except (ModelLoadError, FileNotFoundError) as exc:
             log.error("agent.restore_failed deployment_id=%d error=%r", active.deployment_id, str(exc))
+            if not self.slots.healthy:
+                self._roll_back(f"cannot load it at start-up: {exc}")
             return
         self.active = active
+        if not self.slots.healthy:
+            self._begin_probation()
         log.info("agent.restored deployment_id=%d sha256=%s", active.deployment_id, active.sha256[:12])
 
-    def _load_stored(self, active: ActiveDeployment) -> None:
+    def _load_stored(self, active: ActiveDeployment) -> LoadedModel:
         model = find_artifact(self.data_dir, active.sha256)
         tokenizer = find_artifact(self.data_dir, active.tokenizer_sha256) if active.tokenizer_sha256 else None
         if model is None or (active.tokenizer_sha256 and tokenizer is None):
             raise FileNotFoundError(f"artifacts of deployment {active.deployment_id} are missing or damaged")
-        self.runner.load(model, spec=active.inference, info=active.info, tokenizer_path=tokenizer)
+        return load_model(model, spec=active.inference, info=active.info, tokenizer_path=tokenizer)
+
+    def _activate(self, loaded: LoadedModel, active: ActiveDeployment) -> None:
+        """Called by a deployment job with a model that passed its self-test: swap it in, start probation."""
+        with self._lock:
+            self.runner.install(loaded)  # one reference swap: requests in flight finish on the old model
+            self.slots = self.slots.activated(active)
+            save_slots(self.data_dir, self.slots)
+            self.active = active
+            self._begin_probation()
+
+    def _begin_probation(self) -> None:
+        self.probation = Probation(self.clock.monotonic(), *self.recorder.totals())
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(PROBATION_POLL_S):
+            self.check_probation()
+
+    def check_probation(self) -> None:
+        """Roll back if the current model fails too often; mark it healthy once its probation is over."""
+        rules = self.config.activation
+        with self._lock:
+            probation = self.probation
+            if probation is None:
+                return
+            total, faulted = self.recorder.totals()
+            requests, faults = total - probation.requests, faulted - probation.faults
+            if requests >= rules.min_requests and faults >= requests * rules.max_error_rate:
+                self._roll_back(
+                    f"{faults} of {requests} local inferences failed within probation "
+                    f"({faults / requests:.0%}; the limit is {rules.max_error_rate:.0%})"
+                )
+            elif self.clock.monotonic() - probation.started >= rules.probation:
+                self._pass_probation()
+
+    def _pass_probation(self) -> None:
+        self.probation = None
+        self.slots = msgspec.structs.replace(self.slots, healthy=True, starts=0)
+        save_slots(self.data_dir, self.slots)
+        active = self.slots.active
+        log.info("agent.healthy deployment_id=%s", active.deployment_id if active else None)
+
+    def _roll_back(self, reason: str) -> bool:
+        """Go back to the previous slot; False if there is none to go to. Caller holds ``_lock``."""
+        self.probation = None
+        bad, previous = self.slots.active, self.slots.previous
+        assert bad is not None
+        if previous is None:
+            log.error("agent.cannot_roll_back deployment_id=%d reason=%r no previous model", bad.deployment_id, reason)
+            return False
+        try:
+            self.runner.install(self._load_stored(previous))
+        except (ModelLoadError, FileNotFoundError) as exc:
+            log.error("agent.cannot_roll_back deployment_id=%d error=%r", bad.deployment_id, str(exc))
+            return False
+        self.slots = self.slots.rolled_back()
+        save_slots(self.data_dir, self.slots)
+        self.active = previous
+        log.warning(
+            "agent.rolled_back deployment_id=%d to_deployment_id=%d reason=%r",
+            bad.deployment_id,
+            previous.deployment_id,
+            reason,
+        )
+        self.report(bad.deployment_id, "rolled_back", sha256=bad.sha256, error=reason)
+        return True
+
+    def _stopped_cleanly(self) -> None:
+        # A clean stop during probation is no crash: take back the start it counted.
+        with self._lock:
+            if self.slots.active is None or self.slots.healthy or self.slots.starts <= 0:
+                return
+            self.slots = msgspec.structs.replace(self.slots, starts=self.slots.starts - 1)
+            save_slots(self.data_dir, self.slots)
 
     # --- connection -------------------------------------------------------------
 
@@ -215,12 +343,26 @@ class Agent:
             job = self._job
             if job is not None and job.running and job.deployment_id == desired.deployment_id:
                 return  # the same deployment again, e.g. redelivered on reconnect
+            if desired.deployment_id in self.slots.rejected:
+                self._refuse_rejected(desired)
+                return
             if self.active is not None and self.active.runs_same_model(desired):
                 if job is not None:
                     job.cancel()  # the plane wants back what already runs: stop fetching anything else
                 self._confirm_active(desired)
                 return
             self._start_job(desired)
+
+    def _refuse_rejected(self, desired: wire.Desired) -> None:
+        assert desired.deployment_id is not None
+        log.info("agent.still_rolled_back deployment_id=%d", desired.deployment_id)
+        files = {f.role: f.sha256 for f in desired.files}
+        self.report(
+            desired.deployment_id,
+            "rolled_back",
+            sha256=files.get("model"),
+            error="this device rolled the deployment back earlier and will not take it again",
+        )
 
     def _cancel_job(self) -> None:
         with self._lock:
@@ -241,7 +383,8 @@ class Agent:
             self.active, deployment_id=desired.deployment_id, model=desired.model, version=desired.version
         )
         self.runner.relabel(active.info)
-        save_active(self.data_dir, active)
+        self.slots = self.slots.relabelled(active)
+        save_slots(self.data_dir, self.slots)
         self.active = active
 
     def _start_job(self, desired: wire.Desired) -> None:
@@ -253,10 +396,11 @@ class Agent:
             data_dir=self.data_dir,
             settings=self.config.transfer,
             clock=self.clock,
-            runner=self.runner,
             report=self.report,
             request_chunks=self._request_chunks,
-            on_active=self._set_active,
+            activate=self._activate,
+            rules=self.config.admission,
+            measure=self.measure,
             after=previous,
         )
         log.info(
@@ -266,10 +410,6 @@ class Agent:
             desired.version,
         )
         self._job.start()
-
-    def _set_active(self, active: ActiveDeployment) -> None:
-        with self._lock:
-            self.active = active
 
     # --- outbound -------------------------------------------------------------------
 
@@ -294,7 +434,13 @@ class Agent:
             sent_at=self.clock.time(),
         )
         log.info("agent.state deployment_id=%d state=%s bytes=%d/%d", deployment_id, state, bytes_done, bytes_total)
-        self._publish(wire.Channel.STATE, report)
+        self._enqueue(wire.Channel.STATE, report)
+
+    def _enqueue(self, channel: wire.Channel, message: wire.Message) -> None:
+        try:
+            self.outbox.put(channel, self.topic(channel), wire.encode(message))
+        except (LinkError, sqlite3.Error) as exc:
+            log.error("agent.enqueue_failed channel=%s error=%r", channel, str(exc))
 
     def _request_chunks(self, deployment_id: int, sha256: str, indexes: list[int]) -> None:
         request = wire.ChunkRequest(
@@ -327,7 +473,38 @@ class Agent:
             delay = min(delay * 2, most)
 
     def send_heartbeat(self) -> None:
-        if not self.mqtt.connected:
-            return  # a heartbeat is about now; queueing it for later would only mislead
-        heartbeat = self.heartbeats.build(self.config.heartbeat_interval, self._active_model())
-        self._publish(wire.Channel.HEARTBEAT, heartbeat)
+        # Queued even while offline: each carries its own sent_at, and the plane wants the gap filled.
+        heartbeat = self.heartbeats.build(self.config.heartbeat_interval, self._active_model(), self.outbox.dropped)
+        self._enqueue(wire.Channel.HEARTBEAT, heartbeat)
+
+    # --- status -----------------------------------------------------------------------
+
+    def status(self) -> status.Status:
+        with self._lock:
+            job, slots, probation = self._job, self.slots, self.probation
+        left = None
+        if probation is not None:
+            left = max(0.0, self.config.activation.probation - (self.clock.monotonic() - probation.started))
+        return status.Status(
+            device_id=self.device_id,
+            pid=os.getpid(),
+            updated_at=time.time(),  # the host's clock, as the status command reads it; not a fleet timestamp
+            connected=self.mqtt.connected,
+            http_port=self.server.port if self.server else None,
+            current=status.slot_info(slots.current, slots.active),
+            previous=status.slot_info(slots.idle, slots.previous),
+            healthy=slots.healthy,
+            probation_left_s=left,
+            download=status.download_info(job) if job is not None and job.running else None,
+            outbox_depth=self.outbox.depth,
+            outbox_dropped=self.outbox.dropped,
+        )
+
+    def _write_status(self) -> None:
+        while True:
+            try:
+                status.save(self.data_dir, self.status())
+            except OSError as exc:
+                log.warning("agent.status_failed error=%r", str(exc))
+            if self._stopping.wait(STATUS_EVERY_S):
+                return

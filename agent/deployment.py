@@ -1,4 +1,4 @@
-"""Carrying one desired deployment to active: download, verify, load, report.
+"""Carrying one desired deployment to active: admit, download, verify, load, self-test, report.
 
 A job runs in its own thread, never on paho's. A newer desired deployment cancels
 the running job and starts only once that job has stopped, so two jobs never
@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from agent import hardware, manifest, wire
-from agent.active import ActiveDeployment, active_from, save_active
+from agent import admission, manifest, wire
+from agent.active import ActiveDeployment, active_from
 from agent.clock import Clock
-from agent.config import TransferConfig
-from agent.runtime import ModelLoadError, Runner, load_model
-from agent.transfer import Transfer, TransferCancelled, TransferFailed, artifact_path
+from agent.config import AdmissionConfig, TransferConfig
+from agent.runtime import LoadedModel, ModelLoadError, load_model
+from agent.selftest import SelfTestFailed, run_selftest
+from agent.transfer import Transfer, TransferCancelled, TransferFailed
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ MAX_ERROR_CHARS: Final = 2000
 
 class DeploymentError(Exception):
     """The desired deployment cannot be carried out as given. The text says why."""
+
+
+class Ineligible(Exception):
+    """The device cannot take this version (disk, RAM, execution provider). The text says why."""
 
 
 class Reporter(Protocol):
@@ -45,6 +50,8 @@ class Reporter(Protocol):
 
 
 RequestChunks = Callable[[int, str, list[int]], None]
+# Makes a loaded, self-tested model the current one; the agent owns the slots.
+Activate = Callable[[LoadedModel, ActiveDeployment], None]
 
 
 class DeploymentJob:
@@ -57,10 +64,11 @@ class DeploymentJob:
         data_dir: Path,
         settings: TransferConfig,
         clock: Clock,
-        runner: Runner,
         report: Reporter,
         request_chunks: RequestChunks,
-        on_active: Callable[[ActiveDeployment], None],
+        activate: Activate,
+        rules: AdmissionConfig | None = None,
+        measure: admission.Measure = admission.measure,
         after: DeploymentJob | None = None,
     ) -> None:
         assert desired.deployment_id is not None
@@ -69,10 +77,12 @@ class DeploymentJob:
         self.data_dir = data_dir
         self.settings = settings
         self.clock = clock
-        self.runner = runner
+        self.rules = rules or AdmissionConfig()
+        self.bytes_done = 0
+        self._measure = measure
         self._report = report
         self._request_chunks = request_chunks
-        self._on_active = on_active
+        self._activate = activate
         self._after = after
         self._cancelled = threading.Event()
         self._transfer: Transfer | None = None
@@ -110,6 +120,11 @@ class DeploymentJob:
             self._deploy()
         except TransferCancelled:
             log.info("deployment.cancelled deployment_id=%d", self.deployment_id)
+        except Ineligible as exc:
+            log.warning("deployment.ineligible deployment_id=%d reason=%r", self.deployment_id, str(exc))
+            self._report(self.deployment_id, "ineligible", error=str(exc)[:MAX_ERROR_CHARS])
+        except SelfTestFailed as exc:
+            self._fail(f"self-test failed, the model was not activated: {exc}")
         except (DeploymentError, TransferFailed, ModelLoadError) as exc:
             self._fail(str(exc))
         except Exception as exc:
@@ -122,10 +137,10 @@ class DeploymentJob:
 
     def _deploy(self) -> None:
         files = self._files_by_role()
-        self._check_disk()
+        self._admit()
         self._progress(0)  # even when every file is already stored, the plane sees the download start
         paths = self._download(files)
-        self._report(self.deployment_id, "verifying", bytes_done=self._total, bytes_total=self._total)
+        self._report(self.deployment_id, "verifying", bytes_done=self.bytes_total, bytes_total=self.bytes_total)
         self._verify(files, paths)
         self._load(paths)
 
@@ -142,14 +157,13 @@ class DeploymentJob:
         return files
 
     @property
-    def _total(self) -> int:
+    def bytes_total(self) -> int:
         return sum(f.size for f in self.desired.files)
 
-    def _check_disk(self) -> None:
-        needed = sum(f.size for f in self.desired.files if not artifact_path(self.data_dir, f.sha256).exists())
-        free = hardware.disk_free_bytes(self.data_dir)
-        if free and needed > free:
-            raise DeploymentError(f"needs {needed} bytes of disk for its files; {free} free in {self.data_dir}")
+    def _admit(self) -> None:
+        reason = admission.refusal(self.desired, self.data_dir, self._measure(self.data_dir), self.rules)
+        if reason is not None:
+            raise Ineligible(reason)
 
     def _download(self, files: dict[str, wire.FileManifest]) -> dict[str, Path]:
         paths: dict[str, Path] = {}
@@ -175,11 +189,12 @@ class DeploymentJob:
             self._transfer = None
 
     def _progress(self, done: int) -> None:
+        self.bytes_done = done
         now = self.clock.monotonic()
         if now - self._reported_at < PROGRESS_EVERY_S:
             return
         self._reported_at = now
-        self._report(self.deployment_id, "downloading", bytes_done=done, bytes_total=self._total)
+        self._report(self.deployment_id, "downloading", bytes_done=done, bytes_total=self.bytes_total)
 
     def _verify(self, files: dict[str, wire.FileManifest], paths: dict[str, Path]) -> None:
         # The transfer checked each file as it stored it; this catches a disk that changed it since.
@@ -191,14 +206,18 @@ class DeploymentJob:
 
     def _load(self, paths: dict[str, Path]) -> None:
         active = active_from(self.desired)
+        # Into the idle slot: the current model serves on until this one has passed its self-test.
         loaded = load_model(
             paths["model"], spec=active.inference, info=active.info, tokenizer_path=paths.get("tokenizer")
         )
+        run_selftest(loaded, self.desired.selftest)
         if self._cancelled.is_set():
             raise TransferCancelled("a newer deployment arrived while this one was loading")
-        self.runner.install(loaded)
-        save_active(self.data_dir, active)
-        self._on_active(active)
+        self._activate(loaded, active)
         self._report(
-            self.deployment_id, "active", sha256=active.sha256, bytes_done=self._total, bytes_total=self._total
+            self.deployment_id,
+            "active",
+            sha256=active.sha256,
+            bytes_done=self.bytes_total,
+            bytes_total=self.bytes_total,
         )

@@ -6,19 +6,22 @@ rather than failing the agent: the plane can still place a model without it.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Final
 
-import onnxruntime
 import psutil
 
 from agent import __version__, wire
 
 MAX_CPU_FLAGS: Final = 256
 _CPUINFO: Final = Path("/proc/cpuinfo")
+_ASK_PROVIDERS: Final = "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
 
 
 def detect_profile(data_dir: Path) -> wire.HardwareProfile:
@@ -31,9 +34,32 @@ def detect_profile(data_dir: Path) -> wire.HardwareProfile:
         cpu_flags=cpu_flags(),
         ram_bytes=psutil.virtual_memory().total,
         disk_free_bytes=disk_free_bytes(data_dir),
-        providers=onnxruntime.get_available_providers()[:32],
+        providers=available_providers()[:32],
         agent_version=__version__,
     )
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers, e.g. CPUExecutionProvider, CoreMLExecutionProvider."""
+    if "onnxruntime" in sys.modules:  # a model is loaded: asking costs nothing
+        providers: list[str] = sys.modules["onnxruntime"].get_available_providers()
+        return providers
+    return list(_providers_of_a_child())
+
+
+@functools.cache
+def _providers_of_a_child() -> tuple[str, ...]:
+    # Importing onnxruntime adds ~25 MB to an agent that may idle for days without a
+    # model; a child process asks instead, once, and exits.
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _ASK_PROVIDERS], capture_output=True, text=True, timeout=60, check=True
+        )
+        return tuple(json.loads(result.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        import onnxruntime
+
+        return tuple(onnxruntime.get_available_providers())
 
 
 def cpu_model() -> str:

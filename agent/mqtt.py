@@ -60,6 +60,10 @@ class Link(Protocol):
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
 
+    def deliver(self, topic: str, payload: bytes, on_acked: Callable[[], None]) -> None:
+        """Publish with QoS 1; call ``on_acked`` (on any thread) once the broker has acknowledged it."""
+        ...
+
     def close(self, farewell: Inbound | None = None, timeout: float = 2.0) -> None: ...
 
 
@@ -86,6 +90,11 @@ class MqttLink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
         self._client.on_socket_open = _no_delay
+        self._client.on_publish = self._handle_publish
+        self._acks: dict[int, Callable[[], None]] = {}
+        self._early_acks: set[int] = set()
+        self._delivering = 0
+        self._acks_lock = threading.Lock()
 
     @property
     def connected(self) -> bool:
@@ -117,6 +126,51 @@ class MqttLink:
             raise LinkError(f"cannot publish on {topic}: {exc}") from exc
         if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN or qos == 0:
             _check(info.rc, f"publish on {topic}")
+
+    def deliver(self, topic: str, payload: bytes, on_acked: Callable[[], None]) -> None:
+        """Publish with QoS 1 and call ``on_acked`` on the PUBACK.
+
+        While the broker is away paho keeps the message and sends it again on
+        reconnect, so the callback may come much later; never twice.
+        """
+        with self._acks_lock:
+            self._delivering += 1
+        try:
+            info = self._publish_qos1(topic, payload)
+            with self._acks_lock:
+                acked_already = info.mid in self._early_acks
+                if acked_already:
+                    self._early_acks.discard(info.mid)
+                else:
+                    self._acks[info.mid] = on_acked
+        finally:
+            with self._acks_lock:
+                self._delivering -= 1
+                if not self._delivering:
+                    self._early_acks.clear()  # acks of plain publishes, which nobody waits for
+        if acked_already:
+            on_acked()
+
+    def _publish_qos1(self, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+        try:
+            info = self._client.publish(topic, payload, qos=1)
+        except ValueError as exc:
+            raise LinkError(f"cannot publish on {topic}: {exc}") from exc
+        if info.rc != MQTTErrorCode.MQTT_ERR_NO_CONN:
+            _check(info.rc, f"publish on {topic}")
+        return info
+
+    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # paho calls this holding its own lock, possibly before deliver() has seen the mid.
+        with self._acks_lock:
+            callback = self._acks.pop(mid, None)
+            if callback is None and self._delivering:
+                self._early_acks.add(mid)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("mqtt.on_acked_failed mid=%d", mid)
 
     def close(self, farewell: Inbound | None = None, timeout: float = 2.0) -> None:
         """Say goodbye if connected, then disconnect cleanly so the broker drops the last-will."""

@@ -8,13 +8,14 @@ heartbeat drains.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, cast
+
+import msgspec
 
 from agent.runtime import BadInput, LoadedModel, NoActiveModel, Runner
 from agent.telemetry import LatencyRecorder
@@ -27,6 +28,8 @@ MAX_TEXTS: Final = 256
 DISCARD_LIMIT_BYTES: Final = 16 * MAX_BODY_BYTES
 INFER_PATH: Final = "/v1/infer"
 HEALTH_PATH: Final = "/v1/health"
+_decode: Final = msgspec.json.Decoder().decode
+_encode: Final = msgspec.json.Encoder().encode
 
 
 class RequestError(Exception):
@@ -80,6 +83,9 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgefleet-agent"
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle on, the body waits for the
+    # client's delayed ACK, which added ~40 ms to every kept-alive request.
+    disable_nagle_algorithm = True
 
     @property
     def runner(self) -> Runner:
@@ -103,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         status, body = self._infer()
         latency_ms = (time.perf_counter() - started) * 1000
-        self.recorder.record(latency_ms, ok=status == HTTPStatus.OK)
+        self.recorder.record(latency_ms, ok=status == HTTPStatus.OK, fault=status == HTTPStatus.INTERNAL_SERVER_ERROR)
         if status == HTTPStatus.OK:
             body["latency_ms"] = round(latency_ms, 3)
         self._send(status, body)
@@ -132,8 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.BAD_REQUEST, f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit"
             )
         try:
-            return json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError):
+            return _decode(self.rfile.read(length))
+        except (msgspec.DecodeError, UnicodeDecodeError):
             raise RequestError(HTTPStatus.BAD_REQUEST, "body is not valid JSON") from None
 
     def _content_length(self) -> int:
@@ -162,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
             length -= len(block)
 
     def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        data = _encode(body)  # msgspec: a 384-float embedding encodes ~10x faster than with json
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

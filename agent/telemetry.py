@@ -24,14 +24,24 @@ class LatencyRecorder:
         self._latencies: list[float] = []
         self._requests = 0
         self._errors = 0
+        self._total_requests = 0
+        self._total_faults = 0
 
-    def record(self, latency_ms: float, ok: bool) -> None:
+    def record(self, latency_ms: float, ok: bool, fault: bool = False) -> None:
+        """``fault``: the model itself failed (HTTP 500), not the caller's input; probation counts these."""
         with self._lock:
             self._requests += 1
+            self._total_requests += 1
+            self._total_faults += fault
             if ok:
                 self._latencies.append(latency_ms)
             else:
                 self._errors += 1
+
+    def totals(self) -> tuple[int, int]:
+        """Requests and model faults since start, never drained: probation compares two readings."""
+        with self._lock:
+            return self._total_requests, self._total_faults
 
     def drain(self) -> tuple[int, int, wire.LatencyStats | None]:
         """Requests, errors and latency of successful requests since the last drain."""
@@ -66,7 +76,7 @@ class HeartbeatBuilder:
         self._process = psutil.Process()
         self._process.cpu_percent(None)  # the first reading is always 0.0; start the window now
 
-    def build(self, interval_s: float, active: wire.ActiveModel | None) -> wire.Heartbeat:
+    def build(self, interval_s: float, active: wire.ActiveModel | None, dropped: int = 0) -> wire.Heartbeat:
         requests, errors, latency = self.recorder.drain()
         self.seq += 1
         return wire.Heartbeat(
@@ -82,4 +92,5 @@ class HeartbeatBuilder:
             requests=requests,
             errors=errors,
             latency=latency,
+            dropped=dropped,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -148,6 +148,8 @@ class Heartbeat(Message, kw_only=True):
     requests: Count = 0
     errors: Count = 0
     latency: LatencyStats | None = None
+    # Telemetry messages this device's on-disk queue has dropped to stay in its bound, in total.
+    dropped: Count = 0
 
 
 class StateReport(Message, kw_only=True):
@@ -196,6 +198,27 @@ class InferenceSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_length: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 256
 
 
+Cosine = Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)]
+MAX_SELFTEST_CASES: Final = 16
+
+
+class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
+    """The version's evaluation inputs and what the model must answer, checked before activation.
+
+    Embedding models: ``texts`` and the ``embeddings`` expected for them, each within
+    ``min_cosine``. Tensor models: ``inputs`` (one feed of named nested lists per case)
+    and ``outputs`` (per case, output name to expected nested lists; outputs not named
+    are not checked), each element within ``max_abs_error``.
+    """
+
+    texts: Annotated[list[str], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
+    embeddings: Annotated[list[list[float]], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
+    inputs: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
+    outputs: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
+    min_cosine: Cosine = 0.99
+    max_abs_error: NonNegative = 1e-3
+
+
 class Desired(Message, kw_only=True):
     """What the device should run. Retained; ``deployment_id`` None means nothing."""
 
@@ -205,6 +228,11 @@ class Desired(Message, kw_only=True):
     files: list[FileManifest] = []
     inference: InferenceSpec = InferenceSpec()
     issued_at: NonNegative
+    # Execution providers the version needs, every one (e.g. "CoreMLExecutionProvider");
+    # a device without them reports ineligible. Empty: any device will do.
+    providers: Annotated[list[ShortText], msgspec.Meta(max_length=8)] = []
+    # None: the agent only checks that a smoke inference returns finite values of the right shape.
+    selftest: SelfTest | None = None
 
 
 AgentMessage = Hello | Heartbeat | StateReport | Presence | ChunkRequest

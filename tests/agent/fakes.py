@@ -31,6 +31,7 @@ class FakeLink:
         self.closed = False
         self.on_publish: Callable[[str, bytes], None] | None = None
         self._connected = False
+        self._held: list[tuple[str, bytes, Callable[[], None]]] = []
         self._lock = threading.Lock()
 
     @property
@@ -42,6 +43,9 @@ class FakeLink:
 
     def reconnect(self) -> None:
         self._connected = True
+        held, self._held = self._held, []
+        for topic, payload, on_acked in held:
+            self.deliver(topic, payload, on_acked)
         if self.on_connected is not None:
             self.on_connected()
 
@@ -56,6 +60,14 @@ class FakeLink:
             self.published.append(Published(topic, payload, qos, retain))
         if self.on_publish is not None:
             self.on_publish(topic, payload)
+
+    def deliver(self, topic: str, payload: bytes, on_acked: Callable[[], None]) -> None:
+        """Like publish with QoS 1; acknowledged at once while connected, else held until reconnect."""
+        if not self._connected:
+            self._held.append((topic, payload, on_acked))
+            return
+        self.publish(topic, payload, qos=1)
+        on_acked()
 
     def close(self, farewell: Inbound | None = None, timeout: float = 2.0) -> None:
         self.farewell = farewell

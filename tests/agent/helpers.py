@@ -57,7 +57,7 @@ def desired(deployment_id: int | None, files: list[wire.FileManifest], **fields:
 
 
 def send_desired(link: FakeLink, message: wire.Desired) -> None:
-    link.inject(wire.topic(DEVICE, wire.Channel.DESIRED), wire.encode(message))
+    link.inject(wire.topic(message.device_id, wire.Channel.DESIRED), wire.encode(message))
 
 
 def states(link: FakeLink, deployment_id: int) -> list[str]:
@@ -67,9 +67,9 @@ def states(link: FakeLink, deployment_id: int) -> list[str]:
 def final_state(link: FakeLink, deployment_id: int, timeout: float = 10.0) -> wire.StateReport:
     def done() -> wire.StateReport | None:
         reports = [r for r in link.sent(wire.Channel.STATE) if r.deployment_id == deployment_id]
-        return next((r for r in reports if r.state in ("active", "failed")), None)
+        return next((r for r in reports if r.state in ("active", "failed", "ineligible", "rolled_back")), None)
 
-    return wait_for(done, timeout, what=f"deployment {deployment_id} active or failed")
+    return wait_for(done, timeout, what=f"deployment {deployment_id} to settle")
 
 
 __all__ = ["FakePlane"]

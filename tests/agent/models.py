@@ -87,3 +87,28 @@ def minilm_files() -> tuple[Path, Path]:
         if model.is_file() and tokenizer.is_file():
             return model, tokenizer
     pytest.skip(f"MiniLM is not cached (looked for {candidates[0][0]} and {candidates[1][0]}): run `make models`")
+
+
+def write_batch_of_one_model(path: Path) -> Path:
+    """Takes x float [batch, 4] but reshapes it to [1, 4]: passes a smoke test, fails (in the model) for batch 2."""
+    shape = numpy_helper.from_array(np.array([1, 4], dtype=np.int64), name="shape")
+    one = numpy_helper.from_array(np.ones([1, 4], dtype=np.float32), name="one")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Add", ["r", "one"], ["y"])],
+        "batch_of_one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[shape, one],
+    )
+    return _save(graph, path)
+
+
+def write_log_model(path: Path) -> Path:
+    """y = Log(x): a smoke inference on zeros gives -inf."""
+    graph = helper.make_graph(
+        [helper.make_node("Log", ["x"], ["y"])],
+        "log",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    return _save(graph, path)

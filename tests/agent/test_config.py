@@ -58,3 +58,36 @@ def test_it_exits_2_on_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_it_exits_2_on_a_missing_config(tmp_path: Path) -> None:
     assert main(["--config", str(tmp_path / "absent.toml")]) == EXIT_BAD_CONFIG
+
+
+def test_it_documents_every_option_in_the_example() -> None:
+    import msgspec
+
+    from agent.config import Config
+
+    text = EXAMPLE.read_text()
+
+    def keys(struct: type, prefix: str = "") -> list[str]:
+        found = []
+        for field in msgspec.structs.fields(struct):
+            kind = field.type
+            if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+                assert f"[{field.name}]" in text, f"[{field.name}] is not in agent.example.toml"
+                found += keys(kind, f"{field.name}.")
+            else:
+                found.append(prefix + field.name)
+        return found
+
+    undocumented = [key for key in keys(Config) if f"\n{key.rpartition('.')[2]} = " not in text]
+    assert undocumented == []
+
+
+def test_it_ships_service_files_that_run_the_agent() -> None:
+    import plistlib
+
+    packaging = EXAMPLE.parents[1] / "packaging"
+    unit = (packaging / "systemd" / "edgefleet-agent.service").read_text()
+    assert "ExecStart=/opt/edgefleet-agent/bin/edgefleet-agent run --config /etc/edgefleet/agent.toml" in unit
+    plist = plistlib.loads((packaging / "launchd" / "io.edgefleet.agent.plist").read_bytes())
+    assert plist["Label"] == "io.edgefleet.agent"
+    assert plist["ProgramArguments"][1:3] == ["run", "--config"]

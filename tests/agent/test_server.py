@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,25 @@ def test_it_keeps_a_connection_alive_across_requests(server: InferenceServer, em
             response.read()
     finally:
         connection.close()
+
+
+def test_it_answers_concurrent_requests_and_records_each(
+    server: InferenceServer, embedding: Runner, recorder: LatencyRecorder
+) -> None:
+    statuses: list[int] = []
+    texts = ["a man is eating food", "the movie is awful", "bread"]
+
+    def client(n: int) -> None:
+        for i in range(25):
+            status, body = post(server, {"text": texts[(n + i) % 3]})
+            statuses.append(status)
+            assert len(body["embeddings"][0]) == 4
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 200
+    requests, errors, latency = recorder.drain()
+    assert (requests, errors) == (200, 0) and latency is not None and latency.count == 200

@@ -100,6 +100,41 @@ class TestMessages:
         assert desired.deployment_id is None and desired.files == []
 
 
+class TestIssue5Additions:
+    """Optional fields added for the agent on the edge: old payloads decode with their defaults."""
+
+    def test_it_decodes_a_desired_from_before_providers_and_selftest(self):
+        payload = b'{"v": 1, "device_id": "dev-1", "deployment_id": 4, "issued_at": 1.0}'
+
+        desired = wire.decode(wire.Channel.DESIRED, payload)
+
+        assert (desired.providers, desired.selftest) == ([], None)
+
+    def test_it_decodes_a_heartbeat_from_before_dropped(self):
+        payload = (
+            b'{"v": 1, "device_id": "dev-1", "seq": 1, "sent_at": 1.0, "interval_s": 30, "uptime_s": 1,'
+            b' "cpu_percent": 0, "mem_rss_bytes": 1, "mem_available_bytes": 1}'
+        )
+
+        assert wire.decode(wire.Channel.HEARTBEAT, payload).dropped == 0
+
+    def test_it_round_trips_a_selftest_with_its_tolerances(self):
+        selftest = wire.SelfTest(
+            texts=["a man"], embeddings=[[0.6, 0.8]], inputs=[{"x": [[1.0]]}], outputs=[{"y": [[2.0]]}], min_cosine=0.98
+        )
+        desired = wire.Desired(
+            device_id="dev-1", deployment_id=4, issued_at=1.0, providers=["CPUExecutionProvider"], selftest=selftest
+        )
+
+        assert wire.decode(wire.Channel.DESIRED, wire.encode(desired)) == desired
+
+    def test_it_refuses_a_cosine_outside_minus_one_to_one(self):
+        payload = b'{"v": 1, "device_id": "dev-1", "deployment_id": 4, "issued_at": 1, "selftest": {"min_cosine": 2}}'
+
+        with pytest.raises(wire.WireError, match="min_cosine"):
+            wire.decode(wire.Channel.DESIRED, payload)
+
+
 class TestChunkFrames:
     def test_it_round_trips_a_data_frame(self):
         frame = wire.encode_chunk("ab" * 32, 7, b"\x00\x01payload")

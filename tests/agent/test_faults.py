@@ -1,0 +1,213 @@
+"""Fault tests against a real Mosquitto: kill -9 mid-download, a broker restart, a chunk corrupted in transit,
+and an agent that keeps dying with its new model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from agent import manifest, status, wire
+from agent.clock import SystemClock
+from agent.config import ActivationConfig, TransferConfig
+from agent.core import Agent
+from agent.mqtt import MqttLink, Will
+from agent.runtime import Runner
+from agent.transfer import ResumeState, artifact_path
+from tests import support
+from tests.agent.chunkserver import ChunkServer
+from tests.agent.fakes import FakeLink, FakePlane
+from tests.agent.helpers import desired, final_state, make_agent, make_config, send_desired, wait_for
+from tests.agent.models import write_tensor_model
+
+REPO = Path(__file__).resolve().parents[2]
+CHUNK = 16 * 1024
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def unique_device() -> str:
+    return f"fault-{uuid.uuid4().hex[:10]}"
+
+
+def write_config(path: Path, device_id: str, broker: wire.BrokerUrl, data_dir: Path, extra: str = "") -> Path:
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        f'broker_url = "mqtt://{broker.host}:{broker.port}"\n'
+        f'data_dir = "{data_dir}"\n'
+        "[http]\nport = 0\n"
+        "[transfer]\nwindow = 8\nstall_timeout = 10.0\n" + extra
+    )
+    return path
+
+
+def start_agent(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as stream:
+        return subprocess.Popen([sys.executable, "-m", "agent", "--config", str(config)], cwd=REPO, stderr=stream)
+
+
+def real_link(broker: wire.BrokerUrl, device_id: str) -> MqttLink:
+    return MqttLink(broker, client_id=device_id, will=Will(wire.topic(device_id, wire.Channel.PRESENCE), b""))
+
+
+def new_desired(device_id: str, deployment_id: int, files: list[wire.FileManifest]) -> wire.Desired:
+    return wire.Desired(device_id=device_id, deployment_id=deployment_id, files=files, issued_at=time.time())
+
+
+@pytest.fixture
+def big_model(tmp_path: Path) -> Path:
+    return write_tensor_model(tmp_path / "big.onnx", ballast_bytes=2 * 1024 * 1024)
+
+
+@pytest.fixture
+def server(broker: wire.BrokerUrl) -> Iterator[ChunkServer]:
+    server = ChunkServer(broker, delay=0.01).start()
+    yield server
+    server.stop()
+
+
+def test_it_resumes_after_kill_9_without_fetching_a_verified_chunk_again(
+    tmp_path: Path, broker: wire.BrokerUrl, server: ChunkServer, big_model: Path
+) -> None:
+    device_id = unique_device()
+    file = server.add(big_model, chunk_size=CHUNK)
+    server.publish_desired(new_desired(device_id, 42, [file]))
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "agent.toml", device_id, broker, data_dir)
+    log = tmp_path / "agent.log"
+
+    agent = start_agent(config, log)
+    try:
+        wait_for(lambda: len(server.served) >= len(file.chunks) // 2, timeout=30, what="half the chunks served")
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+    finally:
+        agent.kill()
+    server.wait_idle()  # replies to requests the dead agent left behind still go out; count them as its own
+    state = msgspec.json.decode((data_dir / "downloads" / f"{file.sha256}.state").read_bytes(), type=ResumeState)
+    verified = set(state.verified)
+    assert 0 < len(verified) < len(file.chunks)
+    first_run = len(server.served)
+    assert not artifact_path(data_dir, file.sha256).exists()
+
+    agent = start_agent(config, log)
+    try:
+        wait_for(lambda: server.state_of(42) == "active", timeout=60, what="the restarted agent to reach active")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(10)
+    second_run = server.served[first_run:]
+    fetched_again = {index for _, index in second_run} & verified
+    assert fetched_again == set(), f"verified chunks fetched twice: {sorted(fetched_again)}"
+    verified_bytes = sum(manifest.chunk_span(i, file.size, file.chunk_size)[1] for i in verified)
+    second_bytes = sum(manifest.chunk_span(i, file.size, file.chunk_size)[1] for _, i in second_run)
+    assert second_bytes == file.size - verified_bytes
+    assert manifest.file_sha256(artifact_path(data_dir, file.sha256)) == file.sha256
+
+
+def test_it_completes_a_transfer_across_a_broker_restart(tmp_path: Path, big_model: Path) -> None:
+    with support.broker(tmp_path / "broker") as mosquitto:
+        url = wire.BrokerUrl(host="127.0.0.1", port=mosquitto.port)
+        server = ChunkServer(url, delay=0.01).start()
+        device_id = unique_device()
+        file = server.add(big_model, chunk_size=CHUNK)
+        config = make_config(
+            tmp_path / "data", device_id=device_id, transfer=TransferConfig(window=8, stall_timeout=5.0)
+        )
+        agent = Agent(config, real_link(url, device_id), Runner(), SystemClock())
+        agent.start()
+        try:
+            agent.on_desired(new_desired(device_id, 7, [file]))
+            wait_for(lambda: len(server.served) >= len(file.chunks) // 3, timeout=30, what="a third served")
+            mosquitto.restart(down_for=0.5)
+            assert len(server.served) < len(file.chunks)
+            wait_for(lambda: agent.active is not None, timeout=60, what="the model to become active")
+            wait_for(lambda: server.state_of(7) == "active", timeout=30, what="the active report to reach the plane")
+        finally:
+            agent.stop()
+            server.stop()
+    assert agent.active is not None and agent.active.sha256 == file.sha256
+    assert manifest.file_sha256(artifact_path(tmp_path / "data", file.sha256)) == file.sha256
+
+
+def test_it_fetches_again_a_chunk_corrupted_in_transit_over_a_real_broker(
+    tmp_path: Path, broker: wire.BrokerUrl, big_model: Path
+) -> None:
+    server = ChunkServer(broker).start()
+    device_id = unique_device()
+    file = server.add(big_model, chunk_size=CHUNK)
+    server.corrupt = {(file.sha256, 5)}
+    agent = Agent(
+        make_config(tmp_path / "data", device_id=device_id), real_link(broker, device_id), Runner(), SystemClock()
+    )
+    agent.start()
+    try:
+        agent.on_desired(new_desired(device_id, 9, [file]))
+        wait_for(lambda: agent.active is not None, timeout=30, what="the model to become active")
+    finally:
+        agent.stop()
+        server.stop()
+    assert server.indexes(file.sha256).count(5) == 2
+    assert manifest.file_sha256(artifact_path(tmp_path / "data", file.sha256)) == file.sha256
+
+
+def test_it_rolls_back_at_start_up_after_a_crash_loop_with_the_new_model(
+    tmp_path: Path, broker: wire.BrokerUrl
+) -> None:
+    device_id = unique_device()
+    data_dir = tmp_path / "data"
+    activation = ActivationConfig(probation=300.0, max_crashes=2)
+    link = FakeLink()
+    plane = FakePlane(link)
+    setup = make_agent(data_dir, link, device_id=device_id, activation=activation)
+    setup.start()
+    try:
+        old = plane.add(write_tensor_model(tmp_path / "old.onnx"), "model")
+        new = plane.add(write_tensor_model(tmp_path / "new.onnx"), "model")
+        send_desired(link, msgspec.structs.replace(desired(1, [old], version="1"), device_id=device_id))
+        assert final_state(link, 1).state == "active"
+        send_desired(link, msgspec.structs.replace(desired(2, [new], version="2"), device_id=device_id))
+        assert final_state(link, 2).state == "active"
+    finally:
+        setup.stop()  # a clean stop: the new model is on probation, but this start does not count as a crash
+
+    watcher = ChunkServer(broker).start()  # only to collect the state reports
+    config = write_config(
+        tmp_path / "agent.toml", device_id, broker, data_dir, "[activation]\nprobation = 300.0\nmax_crashes = 2\n"
+    )
+    log = tmp_path / "agent.log"
+    try:
+        for _ in range(2):
+            agent = start_agent(config, log)
+            wait_for(lambda pid=agent.pid: _serving(data_dir, pid), timeout=30, what="the agent up with a model")
+            assert status.load(data_dir).current.deployment_id == 2  # type: ignore[union-attr]
+            os.kill(agent.pid, signal.SIGKILL)
+            agent.wait(10)
+        agent = start_agent(config, log)
+        try:
+            wait_for(lambda: _serving(data_dir, agent.pid), timeout=30, what="the agent up after the crash loop")
+            assert status.load(data_dir).current.deployment_id == 1  # type: ignore[union-attr]
+            wait_for(lambda: watcher.state_of(2) == "rolled_back", timeout=30, what="the rolled_back report")
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(10)
+    finally:
+        watcher.stop()
+    report = next(r for r in watcher.states if r.deployment_id == 2 and r.state == "rolled_back")
+    assert "died 2 times with this version" in report.error and "crash loop" in report.error
+
+
+def _serving(data_dir: Path, pid: int) -> bool:
+    try:
+        snapshot = status.load(data_dir)
+    except (OSError, msgspec.DecodeError):
+        return False
+    return snapshot.pid == pid and snapshot.current is not None
