@@ -13,12 +13,13 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 	DATABASE_CONN_MAX_AGE=0 \
 	DJANGO_SETTINGS_MODULE=controlplane.settings
 
-.PHONY: help venv models services test lint demo clean
+.PHONY: help venv models services test lint demo clean bench bench-quick
 
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
 	@echo "make lint   ruff and the migrations check"
+	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: install python3.11 (or set PYTHON=...)"; exit 1; }
@@ -52,3 +53,13 @@ demo: venv models
 
 clean:
 	rm -rf var .pytest_cache
+
+# Benchmarks: their own database, broker and Redis index; figures go to docs/benchmarks.md.
+BENCH_ENV := BENCH_ADMIN_DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres \
+	BENCH_REDIS_URL=redis://127.0.0.1:6379/14
+
+bench: venv models services
+	$(BENCH_ENV) $(PY) -m bench.run
+
+bench-quick: venv models services
+	$(BENCH_ENV) $(PY) -m bench.run --quick

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import uuid
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from django.conf import settings
@@ -18,10 +19,49 @@ def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> N
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class BufferedClient(mqtt.Client):
+    """paho's client, reading its socket 64 KiB at a time.
+
+    Stock paho 2.2 reads a packet with three recv calls (command byte, length
+    bytes, body) and one select per packet; at thousands of heartbeats a second
+    those syscalls are most of the bridge's receive cost (docs/benchmarks.md).
+    This overrides paho's private ``_sock_recv`` (pinned in requirements/agent.txt)
+    to serve those reads from a buffer, and drains the buffer on each readable event.
+    """
+
+    _READ_BYTES = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            # Raises BlockingIOError when there is nothing, as paho expects.
+            self._rbuf, self._rpos = super()._sock_recv(self._READ_BYTES), 0
+            if not self._rbuf:
+                return b""
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start : self._rpos]
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+        super()._sock_close()
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # Bytes already buffered never make the socket readable again: handle them now.
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) and self._sock is not None:
+            rc = super().loop_read(max_packets)
+        return rc
+
+
 def make_client(role: str, *, broker: BrokerUrl | None = None) -> mqtt.Client:
     """A paho client with a unique id, credentials, TLS and TCP_NODELAY; not yet connected."""
     broker = broker or settings.MQTT_BROKER
-    client = mqtt.Client(
+    client = BufferedClient(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"{settings.MQTT_CLIENT_PREFIX}-{role}-{uuid.uuid4().hex[:8]}",
         protocol=mqtt.MQTTv5 if broker.mqtt_v5 else mqtt.MQTTv311,

@@ -1,0 +1,105 @@
+"""What a benchmark run hands each benchmark: sizes, the broker, the database, the plane's env."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.harness import Broker
+
+
+@dataclass
+class Sizes:
+    """How big each benchmark runs; ``make bench`` and ``make bench-quick`` differ only here."""
+
+    ingest_seconds: float = 60.0
+    ingest_devices: int = 2000
+    ingest_rate: float = 15_000.0
+    ingest_bridges: tuple[int, ...] = (1, 2)
+    hold_devices: int = 10_000
+    hold_seconds: float = 75.0
+    fanout_devices: tuple[int, ...] = (1_000, 10_000)
+    transfer_devices: tuple[int, ...] = (1, 20)
+    api_devices: int = 10_000
+    api_clients: int = 20
+    api_requests: int = 4_000
+
+
+QUICK = Sizes(
+    ingest_seconds=10.0,
+    ingest_devices=500,
+    ingest_rate=15_000.0,
+    ingest_bridges=(1,),
+    hold_devices=500,
+    hold_seconds=35.0,
+    fanout_devices=(500,),
+    transfer_devices=(1, 5),
+    api_devices=1_000,
+    api_clients=20,
+    api_requests=1_000,
+)
+
+# For the CI smoke test: checks that everything runs, not how fast.
+TINY = Sizes(
+    ingest_seconds=3.0,
+    ingest_devices=50,
+    ingest_rate=2_000.0,
+    ingest_bridges=(1,),
+    hold_devices=50,
+    hold_seconds=4.0,
+    fanout_devices=(50,),
+    transfer_devices=(1,),
+    api_devices=100,
+    api_clients=4,
+    api_requests=100,
+)
+
+
+@dataclass
+class Context:
+    workdir: Path
+    broker: Broker
+    database_url: str
+    env: dict[str, str]
+    sizes: Sizes
+    log: Callable[[str], None] = print
+    artifact_root: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.artifact_root = self.workdir / "artifacts"
+        self.env = {**self.env, "ARTIFACT_ROOT": str(self.artifact_root)}
+
+
+class Sampler:
+    """Calls ``read()`` every ``every`` seconds in a thread and keeps (time, value) pairs."""
+
+    def __init__(self, read: Callable[[], float], every: float = 0.5) -> None:
+        self.read = read
+        self.every = every
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), self.read()))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def rate(self, start: float, end: float) -> float:
+        """The value's growth per second between the samples nearest ``start`` and ``end``."""
+        inside = [(t, v) for t, v in self.samples if start <= t <= end]
+        if len(inside) < 2:
+            return 0.0
+        (t0, v0), (t1, v1) = inside[0], inside[-1]
+        return (v1 - v0) / (t1 - t0) if t1 > t0 else 0.0

@@ -1,0 +1,35 @@
+"""The benchmarks run: a smoke test at the smallest sizes. It checks that they finish, never how fast."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import report
+from tests.support import REPO
+
+pytestmark = pytest.mark.bench
+
+
+def test_it_runs_the_benchmarks_and_writes_their_section(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Agent\n\nkept as it is\n")
+    env = {
+        **os.environ,
+        "BENCH_ADMIN_DATABASE_URL": os.environ.get(
+            "BENCH_ADMIN_DATABASE_URL", "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+        ),
+        "BENCH_REDIS_URL": "redis://127.0.0.1:6379/13",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tiny", "--out", str(out), "--database", "edgefleet_bench_smoke"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = out.read_text()
+    assert "## Agent\n\nkept as it is" in text
+    assert report.BEGIN in text and report.END in text
+    assert "### Telemetry ingestion" in text and "### Artifact transfer" in text
+    assert "did not complete" not in text
