@@ -122,6 +122,8 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "mark-offline-devices": {"task": "fleet.mark_offline_devices", "schedule": 30.0},
+    # Soak times end and rate-limited stages fill up without any device report.
+    "evaluate-rollouts": {"task": "fleet.evaluate_rollouts", "schedule": 15.0},
 }
 
 # --- API -------------------------------------------------------------------------
@@ -150,6 +152,8 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "VersionStatus": "fleet.choices.VersionStatus",
         "ArtifactStatus": "fleet.choices.ArtifactStatus",
+        "DeploymentState": "fleet.choices.DeploymentState",
+        "RolloutState": "fleet.choices.RolloutState",
     },
 }
 

@@ -11,6 +11,8 @@ from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from fleet.choices import VersionStatus
 from fleet.models import (
@@ -21,12 +23,19 @@ from fleet.models import (
     Heartbeat,
     Model,
     ModelVersion,
+    Pipeline,
+    PipelineStep,
+    Rollout,
+    RolloutStage,
     Tag,
+    VariantEvaluation,
+    VariantPin,
     slug_validator,
 )
-from fleet.services import deployments, devices, registry
+from fleet.services import deployments, devices, pipeline, registry, rollouts
 from fleet.services.deployments import DeploymentError
-from fleet.services.registry import RegistryError
+from fleet.services.registry import ArtifactRejected, RegistryError
+from fleet.services.rollouts import RolloutError
 from fleet.storage import TooLarge
 
 RECENT_ROWS = 10
@@ -45,7 +54,7 @@ class ServiceErrorsMixin:
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
             return super().changeform_view(request, object_id, form_url, extra_context)
-        except (RegistryError, DeploymentError, TooLarge) as exc:
+        except (RegistryError, DeploymentError, TooLarge, ArtifactRejected) as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
 
@@ -119,7 +128,8 @@ class RegistryModelAdmin(admin.ModelAdmin):
 
 class ArtifactInline(ReadOnlyInline):
     model = Artifact
-    fields = ["filename", "role", "precision", "hardware_class", "status", "size", "sha256", "error"]
+    fk_name = "version"
+    fields = ["filename", "role", "precision", "hardware_class", "status", "quality", "size", "sha256", "error"]
     readonly_fields = fields
 
     def get_queryset(self, request):
@@ -137,7 +147,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
     autocomplete_fields = ["model"]
     raw_id_fields = ["parent"]
     inlines = [ArtifactInline]
-    actions = ["publish"]
+    actions = ["publish", "optimize"]
     add_fields = ["model", "parent", "notes", "task", "pooling", "normalize", "max_length"]
     change_fields = [
         "model",
@@ -149,6 +159,8 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
         "pooling",
         "normalize",
         "max_length",
+        "quality_threshold",
+        "breaking",
         "created_by",
         "created_at",
         "published_at",
@@ -200,6 +212,16 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
             else:
                 self.message_user(request, f"Published {version.label}.", messages.SUCCESS)
 
+    @admin.action(description="Build int8, int4 and fp16 variants and evaluate them", permissions=["change"])
+    def optimize(self, request, queryset):
+        for version in queryset.select_related("model"):
+            try:
+                started = pipeline.start_pipeline(version, actor=request.user)
+            except RegistryError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Queued pipeline {started.pk} for {version.label}.", messages.SUCCESS)
+
 
 class ArtifactUploadForm(forms.ModelForm):
     """A new file for a draft version; the registry stores it and computes its hashes."""
@@ -224,12 +246,45 @@ class ArtifactUploadForm(forms.ModelForm):
         return file
 
 
+class VariantEvaluationInline(ReadOnlyInline):
+    """How the variant compares with fp32 on the version's evaluation set."""
+
+    model = VariantEvaluation
+    fk_name = "artifact"
+    show_change_link = False
+    fields = [
+        "accepted",
+        "mean_cosine",
+        "min_cosine",
+        "max_abs_error",
+        "threshold",
+        "latency_median_ms",
+        "latency_p95_ms",
+        "peak_memory_bytes",
+        "samples",
+        "evaluation_set",
+        "created_at",
+    ]
+    readonly_fields = fields
+
+
 @admin.register(Artifact)
 class ArtifactAdmin(ServiceErrorsMixin, admin.ModelAdmin):
     """Files are uploaded here and never edited: a changed file is a new artifact."""
 
-    list_display = ["__str__", "version", "role", "precision", "hardware_class", "status", "size_display", "sha256"]
-    list_filter = ["status", "role", "precision", "hardware_class"]
+    list_display = [
+        "__str__",
+        "version",
+        "role",
+        "precision",
+        "hardware_class",
+        "status",
+        "quality",
+        "size_display",
+        "sha256",
+    ]
+    list_filter = ["status", "quality", "role", "precision", "hardware_class"]
+    inlines = [VariantEvaluationInline]
     search_fields = ["sha256", "filename", "version__model__name"]
     list_select_related = ["version__model"]
     add_form = ArtifactUploadForm
@@ -246,6 +301,9 @@ class ArtifactAdmin(ServiceErrorsMixin, admin.ModelAdmin):
 
     def get_fields(self, request, obj=None):
         return self.add_fields if obj is None else super().get_fields(request, obj)
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else []
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -489,3 +547,186 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_filter = ["action", "object_type"]
     search_fields = ["actor_label", "object_id", "object_repr", "reason"]
     date_hierarchy = "created_at"
+
+
+# --- Model pipeline --------------------------------------------------------------------
+
+
+class PipelineStepInline(ReadOnlyInline):
+    model = PipelineStep
+    show_change_link = False
+    fields = ["kind", "state", "artifact", "error", "started_at", "finished_at"]
+    readonly_fields = fields
+
+
+@admin.register(Pipeline)
+class PipelineAdmin(ReadOnlyAdmin):
+    """Optimization runs, started from a draft version's actions; their steps show progress."""
+
+    list_display = ["__str__", "version", "state", "created_by", "created_at", "finished_at"]
+    list_filter = ["state"]
+    list_select_related = ["version__model", "created_by"]
+    inlines = [PipelineStepInline]
+    fields = ["version", "source", "state", "options", "error", "created_by", "created_at", "started_at", "finished_at"]
+    readonly_fields = fields
+
+
+@admin.register(VariantPin)
+class VariantPinAdmin(ServiceErrorsMixin, admin.ModelAdmin):
+    """An operator's choice of variant for one device or a tag; added and removed, never edited."""
+
+    list_display = ["__str__", "version", "artifact", "device", "tag", "created_by", "created_at"]
+    list_select_related = ["version__model", "artifact", "device", "tag", "created_by"]
+    raw_id_fields = ["artifact", "device"]
+    fields = ["artifact", "device", "tag", "reason"]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return obj is None and super().has_change_permission(request, obj)
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        pin = registry.pin_variant(
+            data["artifact"], device=data["device"], tag=data["tag"], reason=data["reason"], actor=request.user
+        )
+        _adopt(obj, pin)
+
+    def delete_model(self, request, obj):
+        registry.unpin_variant(obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for pin in queryset:
+            registry.unpin_variant(pin, actor=request.user)
+
+
+# --- Rollouts ----------------------------------------------------------------------
+
+
+class RolloutStageInline(ReadOnlyInline):
+    model = RolloutStage
+    show_change_link = False
+    fields = [
+        "index",
+        "name",
+        "size_label",
+        "min_soak_seconds",
+        "success_percent",
+        "failure_percent",
+        "failure_min_finished",
+        "health_p95_ratio",
+        "health_error_points",
+        "health_min_samples",
+        "started_at",
+        "passed_at",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="size (cumulative)")
+    def size_label(self, stage: RolloutStage) -> str:
+        return stage.size_label
+
+
+@admin.register(Rollout)
+class RolloutAdmin(ReadOnlyAdmin):
+    """Rollouts are created through the API; here operators watch them and, with the release permission, act."""
+
+    list_display = ["__str__", "version", "state", "stage_display", "started_at", "finished_at", "created_by"]
+    list_filter = ["state", ("version__model", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["name", "version__model__name", "reason"]
+    list_select_related = ["version__model", "created_by"]
+    inlines = [RolloutStageInline]
+    actions = ["start", "pause", "resume", "promote", "abort", "rollback"]
+    fields = [
+        "name",
+        "version",
+        "state",
+        "reason",
+        "selector",
+        "baseline",
+        "max_per_minute",
+        "current_stage",
+        "stage_started_at",
+        "soak_skipped",
+        "progress",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(stage_count=Count("stages"))
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        # The change page is read-only, but it must open to show the progress.
+        return False
+
+    def has_release_permission(self, request) -> bool:
+        return request.user.has_perm("fleet.release_rollout")
+
+    @admin.display(description="stage")
+    def stage_display(self, rollout: Rollout) -> str:
+        return f"{rollout.current_stage + 1} of {rollout.stage_count}"
+
+    @admin.display(description="selector")
+    def selector(self, rollout: Rollout) -> str:
+        parts = []
+        if rollout.selector_tags:
+            parts.append(f"tags: {', '.join(rollout.selector_tags)}")
+        if rollout.selector_device_ids:
+            parts.append(f"devices: {', '.join(rollout.selector_device_ids)}")
+        if rollout.selector_hardware_class:
+            parts.append(f"hardware class: {rollout.selector_hardware_class}")
+        return "; ".join(parts)
+
+    @admin.display(description="progress and gates")
+    def progress(self, rollout: Rollout) -> str:
+        report = rollouts.rollout_progress(rollout)
+        columns = ["targeted", "pending", "downloading", "verifying", "active", "failed", "rolled_back", "ineligible"]
+        rows = []
+        for item in report["stages"]:
+            counts = item["progress"].counts
+            gates = format_html_join(
+                mark_safe("<br>"),
+                "{}: <b>{}</b> ({} vs {}) — {}",
+                ((g.gate, g.verdict, g.value, g.threshold, g.detail) for g in item["progress"].gates),
+            )
+            cells = format_html_join("", "<td>{}</td>", ((getattr(counts, c),) for c in columns))
+            rows.append(
+                format_html("<tr><td>{} ({})</td>{}<td>{}</td></tr>", item["stage"], item["status"], cells, gates)
+            )
+        header = format_html_join("", "<th>{}</th>", ((c.replace("_", " "),) for c in ["stage", *columns, "gates"]))
+        return format_html("<table><tr>{}</tr>{}</table>", header, mark_safe("".join(rows)))
+
+    def _act(self, request, queryset, service, done: str) -> None:
+        for rollout in queryset:
+            try:
+                service(rollout, actor=request.user)
+            except RolloutError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"{done} {rollout}.", messages.SUCCESS)
+
+    @admin.action(description="Start the selected drafts", permissions=["release"])
+    def start(self, request, queryset):
+        self._act(request, queryset, rollouts.start_rollout, "Started")
+
+    @admin.action(description="Pause the selected rollouts", permissions=["release"])
+    def pause(self, request, queryset):
+        self._act(request, queryset, rollouts.pause_rollout, "Paused")
+
+    @admin.action(description="Resume the selected rollouts", permissions=["release"])
+    def resume(self, request, queryset):
+        self._act(request, queryset, rollouts.resume_rollout, "Resumed")
+
+    @admin.action(description="Promote: skip the rest of the current stage's soak", permissions=["release"])
+    def promote(self, request, queryset):
+        self._act(request, queryset, rollouts.promote_rollout, "Promoted")
+
+    @admin.action(description="Abort the selected rollouts", permissions=["release"])
+    def abort(self, request, queryset):
+        self._act(request, queryset, rollouts.abort_rollout, "Aborted")
+
+    @admin.action(description="Roll back: devices go back to their previous version", permissions=["release"])
+    def rollback(self, request, queryset):
+        self._act(request, queryset, rollouts.rollback_rollout, "Rolled back")

@@ -20,6 +20,8 @@ class HardwareClass(models.TextChoices):
 class ArtifactRole(models.TextChoices):
     MODEL = "model"
     TOKENIZER = "tokenizer"
+    # Inputs and fp32 reference outputs the plane checks variants against; never sent to devices.
+    EVALUATION = "evaluation"
 
 
 class ArtifactStatus(models.TextChoices):
@@ -66,3 +68,69 @@ class Pooling(models.TextChoices):
     MEAN = "mean"
     CLS = "cls"
     NONE = "none"
+
+
+class RolloutState(models.TextChoices):
+    DRAFT = "draft"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    ROLLED_BACK = "rolled_back"
+
+
+# Deployment states that settle a device's part in a rollout stage: reports of them wake the evaluator.
+SETTLED_DEPLOYMENT_STATES = (
+    DeploymentState.ACTIVE,
+    DeploymentState.FAILED,
+    DeploymentState.INELIGIBLE,
+    DeploymentState.ROLLED_BACK,
+)
+# A device in one of these rollouts belongs to it: another rollout may not take it.
+ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+class RolloutBaseline(models.TextChoices):
+    # The stage's own devices, on the version they ran before the rollout reached them.
+    PREVIOUS_VERSION = "previous_version", "Same devices on their previous version"
+    # Selected devices of the same hardware classes that the rollout has not reached yet.
+    CONTROL = "control", "Control devices of the same hardware class"
+
+
+class VariantQuality(models.TextChoices):
+    """What the plane's evaluation says of a model artifact; only rejected and pending ones stay off devices."""
+
+    UNEVALUATED = "unevaluated"
+    # The fp32 artifact the variants are compared against.
+    REFERENCE = "reference"
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+# A device is never offered a variant in one of these.
+UNOFFERED_QUALITIES = (VariantQuality.PENDING, VariantQuality.REJECTED)
+
+
+class PipelineState(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+OPEN_PIPELINE_STATES = (PipelineState.QUEUED, PipelineState.RUNNING)
+
+
+class PipelineStepKind(models.TextChoices):
+    EVALUATION_SET = "evaluation_set", "Evaluation set and fp32 reference"
+    INT8 = "int8", "int8 dynamic"
+    INT4 = "int4", "int4 weight-only"
+    FP16 = "fp16", "fp16"
+
+
+class PipelineStepState(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"

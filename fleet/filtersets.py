@@ -2,8 +2,8 @@
 
 import django_filters as filters
 
-from fleet.choices import ArtifactRole, ArtifactStatus, DeploymentState, HardwareClass, VersionStatus
-from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion
+from fleet.choices import ArtifactRole, ArtifactStatus, DeploymentState, HardwareClass, RolloutState, VersionStatus
+from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion, Rollout
 
 
 class RegistryModelFilterSet(filters.FilterSet):
@@ -69,3 +69,12 @@ class AuditEventFilterSet(filters.FilterSet):
     class Meta:
         model = AuditEvent
         fields = ["action", "object_type", "object_id", "actor_label", "since"]
+
+
+class RolloutFilterSet(filters.FilterSet):
+    state = filters.ChoiceFilter(choices=RolloutState.choices)
+    model = filters.CharFilter(field_name="version__model__name")
+
+    class Meta:
+        model = Rollout
+        fields = ["state", "version", "model"]

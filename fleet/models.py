@@ -9,8 +9,14 @@ from fleet.choices import (
     DeploymentState,
     HardwareClass,
     InferenceTask,
+    PipelineState,
+    PipelineStepKind,
+    PipelineStepState,
     Pooling,
     Precision,
+    RolloutBaseline,
+    RolloutState,
+    VariantQuality,
     VersionStatus,
 )
 
@@ -52,6 +58,10 @@ class ModelVersion(models.Model):
     pooling = models.CharField(max_length=8, choices=Pooling.choices, default=Pooling.NONE)
     normalize = models.BooleanField(default=False)
     max_length = models.PositiveIntegerField(default=256)
+    # A variant whose mean cosine to fp32 on the evaluation set is below this is rejected.
+    quality_threshold = models.FloatField(default=0.99)
+    # Its model signature differs from its parent's: clients of the parent may break.
+    breaking = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["model__name", "-number"]
@@ -75,6 +85,8 @@ class ModelVersion(models.Model):
             raise ValidationError({"parent": "The parent must be a version of the same model."})
         if self.pooling != Pooling.NONE and self.task != InferenceTask.EMBEDDING:
             raise ValidationError({"pooling": "Pooling applies to embedding models only."})
+        if not 0 < self.quality_threshold <= 1:
+            raise ValidationError({"quality_threshold": "A cosine similarity: more than 0, at most 1."})
 
 
 class Artifact(models.Model):
@@ -94,6 +106,12 @@ class Artifact(models.Model):
     storage_key = models.CharField(max_length=300)
     chunk_size = models.PositiveIntegerField(default=0)
     chunk_hashes = models.JSONField(default=list, blank=True)
+    # Lineage: the artifact this variant was built from, and how (tool, version, parameters).
+    derived_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="variants")
+    recipe = models.JSONField(default=dict, blank=True)
+    # Input and output names, dtypes and shapes, read from the ONNX file; opsets it imports.
+    signature = models.JSONField(default=dict, blank=True)
+    quality = models.CharField(max_length=16, choices=VariantQuality.choices, default=VariantQuality.UNEVALUATED)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -228,3 +246,228 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_label} {self.action} {self.object_type}:{self.object_id}"
+
+
+class Rollout(models.Model):
+    """A staged release of one version to a selection of devices, gated stage by stage."""
+
+    name = models.CharField(max_length=200, blank=True)
+    # The target is a version. Aliases (issue 3) will resolve to a version when the rollout
+    # is created: add the alias field here and resolve it in services.rollouts.create_rollout.
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="rollouts")
+    state = models.CharField(max_length=16, choices=RolloutState.choices, default=RolloutState.DRAFT)
+    # The selector: devices carrying any of the tags (tags stand for device groups), or named by
+    # id; narrowed to one hardware class when set. Empty tags and ids select nothing.
+    selector_tags = models.JSONField(default=list, blank=True)
+    selector_device_ids = models.JSONField(default=list, blank=True)
+    selector_hardware_class = models.CharField(max_length=32, choices=HardwareClass.choices, blank=True)
+    baseline = models.CharField(
+        max_length=16, choices=RolloutBaseline.choices, default=RolloutBaseline.PREVIOUS_VERSION
+    )
+    # Like AWS IoT Jobs' maximumPerMinute: new assignments in any 60 seconds.
+    max_per_minute = models.PositiveIntegerField(default=1000)
+    current_stage = models.PositiveIntegerField(default=0)
+    stage_started_at = models.DateTimeField(null=True, blank=True)
+    # Promote: the current stage need not soak any longer; its gates still apply.
+    soak_skipped = models.BooleanField(default=False)
+    # Why the rollout ended as it did, and the gate values at that moment.
+    reason = models.TextField(blank=True)
+    gates = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        permissions = [("release_rollout", "Can start, pause, resume, promote, abort and roll back rollouts")]
+
+    def __str__(self) -> str:
+        return self.name or f"rollout {self.pk} of {self.version.label}"
+
+    def clean(self) -> None:
+        if not self.selector_tags and not self.selector_device_ids:
+            raise ValidationError("Select devices by tag, by id, or both.")
+        if self.max_per_minute < 1:
+            raise ValidationError({"max_per_minute": "At least one assignment a minute."})
+
+
+class RolloutStage(models.Model):
+    """One step of a rollout: how far it reaches, how long it soaks, and the gates it must pass."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="stages")
+    index = models.PositiveIntegerField()
+    name = models.CharField(max_length=64, blank=True)
+    # How many selected devices run the new version once this stage is reached: cumulative.
+    percent = models.DecimalField(max_digits=5, decimal_places=2, null=True, blank=True)
+    device_count = models.PositiveIntegerField(null=True, blank=True)
+    min_soak_seconds = models.PositiveIntegerField(default=0)
+    # Success: at least this share of the stage's eligible devices are active.
+    success_percent = models.DecimalField(max_digits=5, decimal_places=2, default=100)
+    # Failure: more than this share of the finished devices failed or rolled back, judged
+    # once at least failure_min_finished devices of the stage have finished.
+    failure_percent = models.DecimalField(max_digits=5, decimal_places=2, default=0)
+    failure_min_finished = models.PositiveIntegerField(default=1)
+    # Health, off when health_p95_ratio is null: p95 ≤ ratio × baseline and error rate ≤
+    # baseline + points, over at least health_min_samples inference calls on each side.
+    health_p95_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
+    health_error_points = models.DecimalField(max_digits=5, decimal_places=2, default=1)
+    health_min_samples = models.PositiveIntegerField(default=100)
+    started_at = models.DateTimeField(null=True, blank=True)
+    passed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["rollout", "index"]
+        constraints = [models.UniqueConstraint(fields=["rollout", "index"], name="unique_rollout_stage")]
+
+    def __str__(self) -> str:
+        return self.name or f"stage {self.index + 1}"
+
+    @property
+    def size_label(self) -> str:
+        return f"{self.percent.normalize():f}%" if self.percent is not None else f"{self.device_count} device(s)"
+
+    def clean(self) -> None:
+        if (self.percent is None) == (self.device_count is None):
+            raise ValidationError("Give a stage a percentage or a device count, not both.")
+        if self.percent is not None and not 0 < self.percent <= 100:
+            raise ValidationError({"percent": "More than 0 and at most 100."})
+        if self.device_count is not None and self.device_count < 1:
+            raise ValidationError({"device_count": "At least one device."})
+        for name in ("success_percent", "failure_percent"):
+            if not 0 <= getattr(self, name) <= 100:
+                raise ValidationError({name: "Between 0 and 100."})
+        if self.health_p95_ratio is not None and self.health_p95_ratio <= 0:
+            raise ValidationError({"health_p95_ratio": "More than 0."})
+        if self.health_error_points < 0:
+            raise ValidationError({"health_error_points": "At least 0."})
+
+
+class RolloutDevice(models.Model):
+    """A device's place in a rollout: its stage for good, and what it ran before."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="members")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="rollout_memberships")
+    stage_index = models.PositiveIntegerField()
+    # The rollout's deployment of its version; null when the device could not take it.
+    deployment = models.OneToOneField(
+        Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="rollout_member"
+    )
+    ineligible_reason = models.TextField(blank=True)
+    previous_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    rollback_deployment = models.ForeignKey(
+        Deployment, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    assigned_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["rollout", "stage_index", "device"]
+        constraints = [models.UniqueConstraint(fields=["rollout", "device"], name="unique_rollout_device")]
+        indexes = [models.Index(fields=["rollout", "assigned_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.device} in {self.rollout} (stage {self.stage_index + 1})"
+
+
+# --- Model pipeline: variants, their evaluation, and pins -------------------------------
+
+
+class Pipeline(models.Model):
+    """One run of the optimization pipeline: variants built from a version's fp32 artifact."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="pipelines")
+    source = models.ForeignKey(Artifact, on_delete=models.PROTECT, related_name="pipelines")
+    state = models.CharField(max_length=16, choices=PipelineState.choices, default=PipelineState.QUEUED)
+    # Which variants, and their parameters (e.g. {"variants": ["int8"], "int4_block_size": 32}).
+    options = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"pipeline {self.pk} of {self.version.label} ({self.state})"
+
+
+class PipelineStep(models.Model):
+    """One task of a pipeline: the evaluation set, or one variant built and evaluated."""
+
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.CASCADE, related_name="steps")
+    kind = models.CharField(max_length=16, choices=PipelineStepKind.choices)
+    state = models.CharField(max_length=16, choices=PipelineStepState.choices, default=PipelineStepState.PENDING)
+    artifact = models.ForeignKey(Artifact, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["pipeline", "id"]
+        constraints = [models.UniqueConstraint(fields=["pipeline", "kind"], name="unique_pipeline_step")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.state})"
+
+
+class VariantEvaluation(models.Model):
+    """A model artifact measured against its version's fp32 reference on the evaluation set."""
+
+    artifact = models.OneToOneField(Artifact, on_delete=models.CASCADE, related_name="evaluation")
+    evaluation_set = models.ForeignKey(Artifact, on_delete=models.PROTECT, related_name="+")
+    samples = models.PositiveIntegerField()
+    mean_cosine = models.FloatField()
+    min_cosine = models.FloatField()
+    max_abs_error = models.FloatField()
+    # On the plane's CPU, one sample per run, in a fresh process.
+    latency_median_ms = models.FloatField()
+    latency_p95_ms = models.FloatField()
+    # RSS high-water mark over the process's baseline while loading and running the model.
+    peak_memory_bytes = models.PositiveBigIntegerField()
+    threshold = models.FloatField()
+    accepted = models.BooleanField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["artifact"]
+
+    def __str__(self) -> str:
+        return f"evaluation of artifact {self.artifact_id}: cosine {self.mean_cosine:.4f}"
+
+
+class VariantPin(models.Model):
+    """An operator's choice of variant for a device or for every device with a tag."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="pins")
+    artifact = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="pins")
+    device = models.ForeignKey(Device, null=True, blank=True, on_delete=models.CASCADE, related_name="variant_pins")
+    tag = models.ForeignKey(Tag, null=True, blank=True, on_delete=models.CASCADE, related_name="variant_pins")
+    reason = models.TextField(blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["version", "-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(device__isnull=True) ^ models.Q(tag__isnull=True), name="pin_device_xor_tag"
+            ),
+            models.UniqueConstraint(fields=["version", "device"], name="unique_device_pin"),
+            models.UniqueConstraint(fields=["version", "tag"], name="unique_tag_pin"),
+        ]
+
+    def __str__(self) -> str:
+        target = self.device or f"tag {self.tag}"
+        return f"{self.version.label} on {target}: artifact {self.artifact_id}"
+
+    def clean(self) -> None:
+        if (self.device_id is None) == (self.tag_id is None):
+            raise ValidationError("Pin a variant for one device or one tag.")
+        if self.artifact_id and self.version_id and self.artifact.version_id != self.version_id:
+            raise ValidationError({"artifact": "The variant must be an artifact of the pinned version."})
+        if self.artifact_id and self.artifact.role != ArtifactRole.MODEL:
+            raise ValidationError({"artifact": "Only a model artifact can be pinned."})

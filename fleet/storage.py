@@ -6,17 +6,26 @@ filesystem one without touching them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 from django.conf import settings
 
 
+class Incoming(NamedTuple):
+    """A file saved under ``incoming/``, hashed while it was written."""
+
+    key: str
+    size: int
+    sha256: str
+
+
 class ArtifactStore(Protocol):
-    def save_incoming(self, stream: BinaryIO, *, max_bytes: int) -> tuple[str, int]: ...
+    def save_incoming(self, stream: BinaryIO, *, max_bytes: int) -> Incoming: ...
     def path(self, key: str) -> Path: ...
     def promote(self, incoming_key: str, sha256: str) -> str: ...
     def delete(self, key: str) -> None: ...
@@ -42,22 +51,25 @@ class FilesystemStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def save_incoming(self, stream: BinaryIO, *, max_bytes: int) -> tuple[str, int]:
+    def save_incoming(self, stream: BinaryIO, *, max_bytes: int) -> Incoming:
         key = f"incoming/{uuid.uuid4().hex}"
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         size = 0
+        # Hashed on the way in, so a duplicate is refused before any row exists.
+        digest = hashlib.sha256()
         try:
             with target.open("wb") as out:
                 while block := stream.read(1024 * 1024):
                     size += len(block)
                     if size > max_bytes:
                         raise TooLarge(f"the file is over the {max_bytes}-byte limit (ARTIFACT_MAX_BYTES)")
+                    digest.update(block)
                     out.write(block)
         except BaseException:
             target.unlink(missing_ok=True)
             raise
-        return key, size
+        return Incoming(key, size, digest.hexdigest())
 
     def promote(self, incoming_key: str, sha256: str) -> str:
         """Move a processed file to its content address; an identical file already there wins."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from celery import shared_task
 from django.conf import settings
@@ -10,7 +11,7 @@ from django.conf import settings
 from agent import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
-from fleet.services import devices, registry
+from fleet.services import devices, registry, rollouts
 from fleet.services.deployments import desired_message
 
 
@@ -33,3 +34,61 @@ def publish_desired(device_pks: list[int]) -> int:
 @shared_task(name="fleet.mark_offline_devices")
 def mark_offline_devices() -> int:
     return devices.mark_offline_devices(older_than=timedelta(seconds=settings.DEVICE_OFFLINE_AFTER))
+
+
+@shared_task(name="fleet.evaluate_rollout")
+def evaluate_rollout(rollout_id: int) -> str | None:
+    """Judge one rollout's gates now; a rollout that is not running is left alone."""
+    rollout = rollouts.evaluate_rollout(rollout_id)
+    return rollout.state if rollout else None
+
+
+@shared_task(name="fleet.evaluate_rollouts")
+def evaluate_rollouts() -> int:
+    """The beat: every running rollout, so soak times end and rate-limited stages fill up."""
+    ids = rollouts.running_rollout_ids()
+    for rollout_id in ids:
+        rollouts.evaluate_rollout(rollout_id)
+    return len(ids)
+
+
+@shared_task(name="fleet.evaluate_rollouts_of_deployments")
+def evaluate_rollouts_of_deployments(deployment_ids: list[int]) -> int:
+    """Devices reported on these deployments: judge the running rollouts they belong to."""
+    ids = rollouts.rollout_ids_for_deployments(deployment_ids)
+    for rollout_id in ids:
+        rollouts.evaluate_rollout(rollout_id)
+    return len(ids)
+
+
+# --- Model pipeline ---------------------------------------------------------------------
+
+
+@shared_task(name="fleet.import_hf_model")
+def import_hf_model(directory: str, model_name: str, optimize: bool = False) -> int:
+    """Import a BERT-family checkpoint directory into a new draft; optionally start its pipeline.
+
+    Not idempotent by nature (each run is a new version): it is never retried automatically.
+    """
+    from fleet.services import pipeline
+
+    version = pipeline.import_hf_checkpoint(Path(directory), model_name=model_name, actor="system")
+    if optimize:
+        pipeline.start_pipeline(version, actor="system")
+    return version.pk
+
+
+@shared_task(name="fleet.run_pipeline")
+def run_pipeline(pipeline_id: int) -> str | None:
+    from fleet.services import pipeline
+
+    result = pipeline.run_pipeline(pipeline_id)
+    return result.state if result else None
+
+
+@shared_task(name="fleet.build_variant")
+def build_variant(step_id: int) -> str | None:
+    from fleet.services import pipeline
+
+    step = pipeline.build_variant(step_id)
+    return step.state if step else None

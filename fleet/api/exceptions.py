@@ -6,7 +6,8 @@ from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from fleet.services.deployments import DeploymentError
-from fleet.services.registry import RegistryError
+from fleet.services.registry import ArtifactRejected, RegistryError
+from fleet.services.rollouts import RolloutError
 from fleet.storage import TooLarge
 
 
@@ -23,10 +24,12 @@ class PayloadTooLarge(exceptions.APIException):
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, RegistryError | DeploymentError):
+    if isinstance(exc, RegistryError | DeploymentError | RolloutError):
         exc = Conflict(str(exc))
     elif isinstance(exc, TooLarge):
         exc = PayloadTooLarge(str(exc))
+    elif isinstance(exc, ArtifactRejected):
+        exc = exceptions.ValidationError({"file": [str(exc)]})
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(as_serializer_error(exc))
     return drf_exception_handler(exc, context)

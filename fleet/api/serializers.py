@@ -5,7 +5,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agent.manifest import chunk_count
-from fleet.choices import ArtifactRole, HardwareClass, Precision
+from fleet.choices import ArtifactRole, HardwareClass, Precision, VersionStatus
 from fleet.models import (
     Artifact,
     AuditEvent,
@@ -14,6 +14,13 @@ from fleet.models import (
     Heartbeat,
     Model,
     ModelVersion,
+    Pipeline,
+    PipelineStep,
+    Rollout,
+    RolloutStage,
+    Tag,
+    VariantEvaluation,
+    VariantPin,
     slug_validator,
 )
 
@@ -59,6 +66,8 @@ class BriefArtifactSerializer(serializers.ModelSerializer):
             "sha256",
             "chunk_size",
             "chunk_count",
+            "quality",
+            "derived_from",
             "created_at",
         ]
 
@@ -66,14 +75,48 @@ class BriefArtifactSerializer(serializers.ModelSerializer):
         return chunk_count(artifact.size, artifact.chunk_size) if artifact.chunk_size else 0
 
 
+class VariantEvaluationSerializer(serializers.ModelSerializer):
+    evaluation_set = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = VariantEvaluation
+        fields = [
+            "evaluation_set",
+            "samples",
+            "mean_cosine",
+            "min_cosine",
+            "max_abs_error",
+            "latency_median_ms",
+            "latency_p95_ms",
+            "peak_memory_bytes",
+            "threshold",
+            "accepted",
+            "created_at",
+        ]
+
+
 class ArtifactSerializer(BriefArtifactSerializer):
     """The whole artifact, with the chunk hashes an agent checks each chunk against."""
 
     version_label = serializers.CharField(source="version.label", read_only=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    evaluation = serializers.SerializerMethodField()
 
     class Meta(BriefArtifactSerializer.Meta):
-        fields = [*BriefArtifactSerializer.Meta.fields, "version_label", "chunk_hashes", "created_by"]
+        fields = [
+            *BriefArtifactSerializer.Meta.fields,
+            "version_label",
+            "recipe",
+            "signature",
+            "evaluation",
+            "chunk_hashes",
+            "created_by",
+        ]
+
+    @extend_schema_field(VariantEvaluationSerializer(allow_null=True))
+    def get_evaluation(self, artifact: Artifact) -> dict | None:
+        evaluation = getattr(artifact, "evaluation", None)
+        return VariantEvaluationSerializer(evaluation).data if evaluation else None
 
 
 class VersionSerializer(serializers.ModelSerializer):
@@ -98,12 +141,14 @@ class VersionSerializer(serializers.ModelSerializer):
             "pooling",
             "normalize",
             "max_length",
+            "quality_threshold",
+            "breaking",
             "artifacts",
             "created_by",
             "created_at",
             "published_at",
         ]
-        read_only_fields = ["number", "status", "published_at"]
+        read_only_fields = ["number", "status", "published_at", "breaking"]
 
     def validate(self, attrs: dict) -> dict:
         if self.instance is not None and set(attrs) - {"notes"}:
@@ -294,3 +339,241 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "reason",
             "source_address",
         ]
+
+
+# --- Rollouts ----------------------------------------------------------------------
+
+
+class RolloutStageSerializer(serializers.ModelSerializer):
+    """A stage's size is cumulative: how many selected devices run the version once it is reached."""
+
+    percent = serializers.DecimalField(
+        max_digits=5, decimal_places=2, required=False, allow_null=True, help_text="Share of the selected fleet."
+    )
+    devices = serializers.IntegerField(
+        source="device_count", required=False, allow_null=True, min_value=1, help_text="Or a count of devices."
+    )
+
+    class Meta:
+        model = RolloutStage
+        fields = [
+            "index",
+            "name",
+            "percent",
+            "devices",
+            "min_soak_seconds",
+            "success_percent",
+            "failure_percent",
+            "failure_min_finished",
+            "health_p95_ratio",
+            "health_error_points",
+            "health_min_samples",
+            "started_at",
+            "passed_at",
+        ]
+        read_only_fields = ["index", "started_at", "passed_at"]
+        extra_kwargs = {
+            "health_p95_ratio": {"help_text": "Health gate on when set: p95 at most this × the baseline's."}
+        }
+
+    def validate(self, attrs: dict) -> dict:
+        if (attrs.get("percent") is None) == (attrs.get("device_count") is None):
+            raise serializers.ValidationError("Give each stage a 'percent' or a 'devices' count, not both.")
+        return attrs
+
+
+class RolloutSelectorSerializer(serializers.Serializer):
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list, help_text="Tags act as device groups."
+    )
+    devices = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+    hardware_class = serializers.ChoiceField(
+        choices=HardwareClass.choices, required=False, allow_blank=True, default=""
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        if not attrs["tags"] and not attrs["devices"]:
+            raise serializers.ValidationError("Select devices by 'tags', by 'devices' (ids), or both.")
+        return attrs
+
+
+class RolloutSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="api:rollout-detail")
+    progress_url = serializers.HyperlinkedIdentityField(view_name="api:rollout-progress")
+    version = serializers.PrimaryKeyRelatedField(
+        queryset=ModelVersion.objects.filter(status=VersionStatus.PUBLISHED),
+        help_text="A published version. (Aliases will be accepted here once they exist.)",
+    )
+    version_label = serializers.CharField(source="version.label", read_only=True)
+    selector = serializers.SerializerMethodField()
+    stages = RolloutStageSerializer(many=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Rollout
+        fields = [
+            "id",
+            "url",
+            "progress_url",
+            "name",
+            "version",
+            "version_label",
+            "state",
+            "selector",
+            "baseline",
+            "max_per_minute",
+            "current_stage",
+            "stage_started_at",
+            "soak_skipped",
+            "stages",
+            "reason",
+            "gates",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = [
+            "state",
+            "current_stage",
+            "stage_started_at",
+            "soak_skipped",
+            "reason",
+            "gates",
+            "started_at",
+            "finished_at",
+        ]
+
+    @extend_schema_field(RolloutSelectorSerializer)
+    def get_selector(self, rollout: Rollout) -> dict:
+        return {
+            "tags": rollout.selector_tags,
+            "devices": rollout.selector_device_ids,
+            "hardware_class": rollout.selector_hardware_class,
+        }
+
+
+class RolloutCreateSerializer(RolloutSerializer):
+    selector = RolloutSelectorSerializer()
+
+    def to_representation(self, rollout: Rollout) -> dict:
+        return RolloutSerializer(rollout, context=self.context).data
+
+    def validate_stages(self, stages: list) -> list:
+        if not stages:
+            raise serializers.ValidationError("A rollout needs at least one stage.")
+        if len(stages) > 20:
+            raise serializers.ValidationError("At most 20 stages.")
+        return stages
+
+
+class RolloutActionSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class RolloutStartSerializer(RolloutActionSerializer):
+    supersede = serializers.BooleanField(
+        default=False, help_text="Abort any running or paused rollout that has some of the selected devices."
+    )
+
+
+class StageCountsSerializer(serializers.Serializer):
+    targeted = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    downloading = serializers.IntegerField()
+    verifying = serializers.IntegerField()
+    active = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    rolled_back = serializers.IntegerField()
+    ineligible = serializers.IntegerField()
+
+
+class GateSerializer(serializers.Serializer):
+    gate = serializers.CharField()
+    verdict = serializers.ChoiceField(choices=["pass", "fail", "inconclusive", "waiting"])
+    value = serializers.FloatField(allow_null=True)
+    threshold = serializers.FloatField(allow_null=True)
+    detail = serializers.CharField()
+
+
+class StageProgressSerializer(serializers.Serializer):
+    index = serializers.IntegerField(source="stage.index")
+    name = serializers.CharField(source="stage.__str__")
+    size = serializers.CharField(source="stage.size_label")
+    planned = serializers.IntegerField(help_text="Devices this stage adds, for the fleet selected now.")
+    status = serializers.CharField()
+    started_at = serializers.DateTimeField(source="stage.started_at", allow_null=True)
+    passed_at = serializers.DateTimeField(source="stage.passed_at", allow_null=True)
+    soak_remaining_s = serializers.FloatField(source="progress.soak_remaining_s", allow_null=True)
+    counts = StageCountsSerializer(source="progress.counts")
+    gates = GateSerializer(source="progress.gates", many=True)
+
+
+class RolloutProgressSerializer(serializers.Serializer):
+    id = serializers.IntegerField(source="rollout.pk")
+    state = serializers.CharField(source="rollout.state")
+    done = serializers.BooleanField(help_text="True once the rollout is completed, aborted or rolled back.")
+    current_stage = serializers.IntegerField(source="rollout.current_stage")
+    fleet = serializers.IntegerField(help_text="Devices selected (or reached) by the rollout.")
+    reason = serializers.CharField(source="rollout.reason")
+    stages = StageProgressSerializer(many=True)
+
+
+# --- Model pipeline --------------------------------------------------------------------
+
+
+class OptimizeSerializer(serializers.Serializer):
+    variants = serializers.ListField(
+        child=serializers.ChoiceField(choices=["int8", "int4", "fp16"]),
+        default=["int8", "int4", "fp16"],
+        allow_empty=False,
+        help_text="Which variants to build from the version's fp32 artifact.",
+    )
+    int4_block_size = serializers.ChoiceField(choices=[16, 32, 64, 128, 256], default=32)
+
+
+class PipelineStepSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = PipelineStep
+        fields = ["id", "kind", "state", "artifact", "error", "started_at", "finished_at"]
+
+
+class PipelineSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="api:pipeline-detail")
+    version = BriefVersionSerializer(read_only=True)
+    steps = PipelineStepSerializer(many=True, read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = Pipeline
+        fields = [
+            "id",
+            "url",
+            "version",
+            "source",
+            "state",
+            "options",
+            "error",
+            "steps",
+            "created_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+
+class VariantPinSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="api:variantpin-detail")
+    device = serializers.SlugRelatedField(
+        slug_field="device_id", queryset=Device.objects.all(), required=False, allow_null=True
+    )
+    tag = serializers.SlugRelatedField(slug_field="name", queryset=Tag.objects.all(), required=False, allow_null=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = VariantPin
+        fields = ["id", "url", "version", "artifact", "device", "tag", "reason", "created_by", "created_at"]
+        # The model's constraints are checked by the service's full_clean; DRF's own unique-together
+        # validators would make device and tag both required.
+        validators: list = []
+        read_only_fields = ["version"]

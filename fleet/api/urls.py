@@ -16,6 +16,9 @@ router.register("devices", views.DeviceViewSet, basename="device")
 router.register("deployments", views.DeploymentViewSet, basename="deployment")
 router.register("heartbeats", views.HeartbeatViewSet, basename="heartbeat")
 router.register("audit", views.AuditEventViewSet, basename="auditevent")
+router.register("pipelines", views.PipelineViewSet, basename="pipeline")
+router.register("pins", views.VariantPinViewSet, basename="variantpin")
+router.register("rollouts", views.RolloutViewSet, basename="rollout")
 
 urlpatterns = [
     path("auth/token/", obtain_auth_token, name="token"),

@@ -13,8 +13,19 @@ from fleet import filtersets
 from fleet.api import serializers
 from fleet.api.exceptions import PayloadTooLarge
 from fleet.choices import DeploymentState
-from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion
-from fleet.services import deployments, devices, registry
+from fleet.models import (
+    Artifact,
+    AuditEvent,
+    Deployment,
+    Device,
+    Heartbeat,
+    Model,
+    ModelVersion,
+    Pipeline,
+    Rollout,
+    VariantPin,
+)
+from fleet.services import deployments, devices, pipeline, registry, rollouts
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -54,6 +65,7 @@ class VersionViewSet(
     action_permissions = {
         "publish": ["fleet.change_modelversion"],
         "artifacts": ["fleet.change_modelversion"],
+        "optimize": ["fleet.change_modelversion"],
         "assign": ["fleet.add_deployment"],
     }
 
@@ -95,6 +107,23 @@ class VersionViewSet(
             data, status=status.HTTP_201_CREATED, headers={"Location": str(data["url"])}
         )  # wsgiref wants a str, not a Hyperlink
 
+    @extend_schema(
+        request=serializers.OptimizeSerializer,
+        responses={202: serializers.PipelineSerializer},
+        description="Build variants (int8, int4, fp16) of the draft's fp32 artifact, evaluate each against "
+        "fp32 on the version's evaluation set and reject those below its quality threshold. Poll the "
+        "pipeline's `url` for progress.",
+    )
+    @action(detail=True, methods=["post"])
+    def optimize(self, request, pk=None):
+        options = serializers.OptimizeSerializer(data=request.data)
+        options.is_valid(raise_exception=True)
+        started = pipeline.start_pipeline(self.get_object(), actor=request.user, **options.validated_data)
+        data = serializers.PipelineSerializer(
+            Pipeline.objects.get(pk=started.pk), context=self.get_serializer_context()
+        ).data
+        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": str(data["url"])})
+
     @extend_schema(request=serializers.AssignSerializer, responses={201: serializers.AssignResultSerializer})
     @action(detail=True, methods=["post"])
     def assign(self, request, pk=None):
@@ -115,7 +144,7 @@ class VersionViewSet(
 
 
 class ArtifactViewSet(viewsets.ReadOnlyModelViewSet):
-    queryset = Artifact.objects.select_related("version__model", "created_by")
+    queryset = Artifact.objects.select_related("version__model", "created_by", "evaluation")
     filterset_class = filtersets.ArtifactFilterSet
 
     def get_serializer_class(self):
@@ -189,3 +218,113 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = AuditEvent.objects.all()
     serializer_class = serializers.AuditEventSerializer
     filterset_class = filtersets.AuditEventFilterSet
+
+
+class RolloutViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    queryset = Rollout.objects.select_related("version__model", "created_by").prefetch_related("stages")
+    filterset_class = filtersets.RolloutFilterSet
+    action_permissions = {
+        action: ["fleet.release_rollout"] for action in ("start", "pause", "resume", "promote", "abort", "rollback")
+    }
+
+    def get_serializer_class(self):
+        return serializers.RolloutCreateSerializer if self.action == "create" else serializers.RolloutSerializer
+
+    def perform_create(self, serializer):
+        fields = dict(serializer.validated_data)
+        selector = fields.pop("selector")
+        serializer.instance = rollouts.create_rollout(
+            fields.pop("version"),
+            stages=[dict(stage) for stage in fields.pop("stages")],
+            tags=selector["tags"],
+            device_ids=selector["devices"],
+            hardware_class=selector["hardware_class"],
+            actor=self.request.user,
+            **fields,
+        )
+
+    def _act(self, request, service, body=serializers.RolloutActionSerializer):
+        data = body(data=request.data)
+        data.is_valid(raise_exception=True)
+        rollout = service(self.get_object(), actor=request.user, **data.validated_data)
+        return Response(serializers.RolloutSerializer(rollout, context=self.get_serializer_context()).data)
+
+    @extend_schema(request=serializers.RolloutStartSerializer, responses=serializers.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request, pk=None):
+        return self._act(request, rollouts.start_rollout, serializers.RolloutStartSerializer)
+
+    @extend_schema(request=serializers.RolloutActionSerializer, responses=serializers.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def pause(self, request, pk=None):
+        return self._act(request, rollouts.pause_rollout)
+
+    @extend_schema(request=serializers.RolloutActionSerializer, responses=serializers.RolloutSerializer)
+    @action(detail=True, methods=["post"])
+    def resume(self, request, pk=None):
+        return self._act(request, rollouts.resume_rollout)
+
+    @extend_schema(
+        request=serializers.RolloutActionSerializer,
+        responses=serializers.RolloutSerializer,
+        description="Skip the rest of the current stage's soak time; the stage's gates must still pass.",
+    )
+    @action(detail=True, methods=["post"])
+    def promote(self, request, pk=None):
+        return self._act(request, rollouts.promote_rollout)
+
+    @extend_schema(
+        request=serializers.RolloutActionSerializer,
+        responses=serializers.RolloutSerializer,
+        description="Stop for good: no more assignments; devices keep what they run. `rollback` undoes it.",
+    )
+    @action(detail=True, methods=["post"])
+    def abort(self, request, pk=None):
+        return self._act(request, rollouts.abort_rollout)
+
+    @extend_schema(
+        request=serializers.RolloutActionSerializer,
+        responses=serializers.RolloutSerializer,
+        description="Send every device the rollout reached back to the version it ran before.",
+    )
+    @action(detail=True, methods=["post"])
+    def rollback(self, request, pk=None):
+        return self._act(request, rollouts.rollback_rollout)
+
+    @extend_schema(
+        responses=serializers.RolloutProgressSerializer,
+        description="Per stage: where its devices are, and each gate's value against its threshold. "
+        "Poll it until `done`.",
+    )
+    @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
+    def progress(self, request, pk=None):
+        progress = rollouts.rollout_progress(self.get_object())
+        return Response(serializers.RolloutProgressSerializer(progress).data)
+
+
+class PipelineViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Pipeline.objects.select_related("version__model", "created_by").prefetch_related("steps")
+    serializer_class = serializers.PipelineSerializer
+    filterset_fields = ["version", "state"]
+
+
+class VariantPinViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = VariantPin.objects.select_related("version", "device", "tag", "created_by")
+    serializer_class = serializers.VariantPinSerializer
+    filterset_fields = ["version", "device", "tag"]
+
+    def perform_create(self, serializer):
+        fields = dict(serializer.validated_data)
+        fields.pop("version", None)
+        serializer.instance = registry.pin_variant(fields.pop("artifact"), actor=self.request.user, **fields)
+
+    def perform_destroy(self, instance):
+        registry.unpin_variant(instance, actor=self.request.user)

@@ -26,7 +26,8 @@ from django.db import close_old_connections, connection
 
 from agent import wire
 from agent.manifest import chunk_span
-from fleet.choices import ArtifactRole, ArtifactStatus
+from fleet import tasks
+from fleet.choices import SETTLED_DEPLOYMENT_STATES, ArtifactRole, ArtifactStatus
 from fleet.models import Artifact, Deployment, Device
 from fleet.mqtt.client import connect
 from fleet.services import deployments, devices, telemetry
@@ -95,6 +96,8 @@ class Bridge:
         self._unknown_until: dict[str, float] = {}
         # (device_id, deployment_id, sha256) -> (path, chunk size): what each device may read.
         self._chunk_grants: dict[tuple[str, int, str], tuple[str, int]] = {}
+        # Deployments that settled since the last flush: their rollouts are judged once a flush.
+        self._settled_deployments: set[int] = set()
         self._threads: list[threading.Thread] = []
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -192,6 +195,8 @@ class Bridge:
         self.flush()
         deployment = deployments.record_state(Device(pk=pk, device_id=device_id), report)
         self.stats.add(f"state_{deployment.state}")
+        if deployment.state in SETTLED_DEPLOYMENT_STATES:
+            self._settled_deployments.add(deployment.pk)
 
     def flush(self) -> None:
         """Store the pending heartbeats in one transaction; on failure keep them and retry later."""
@@ -208,6 +213,17 @@ class Bridge:
         self._heartbeats = []
         self.stats.add("heartbeats_stored", stored)
 
+    def _enqueue_rollout_evaluations(self) -> None:
+        """One task for every deployment that settled since the last flush; its report is committed."""
+        if not self._settled_deployments:
+            return
+        settled, self._settled_deployments = sorted(self._settled_deployments), set()
+        try:
+            tasks.evaluate_rollouts_of_deployments.delay(settled)
+        except Exception:
+            self.stats.add("enqueue_failures")
+            log.exception("queueing the rollout evaluation of %d deployment(s) failed", len(settled))
+
     def _refuse(self, reason: str, where: str, detail: str) -> None:
         self.stats.add(reason)
         log.warning("refused (%s) on %s: %s", reason, where, detail)
@@ -220,7 +236,10 @@ class Bridge:
                 pass
             if time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.flush()
+                # Once a flush interval, not per report: a fan-out to thousands stays one task a tick.
+                self._enqueue_rollout_evaluations()
         self.flush()
+        self._enqueue_rollout_evaluations()
         connection.close()
 
     # --- chunk serving ----------------------------------------------------------------

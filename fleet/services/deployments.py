@@ -13,18 +13,18 @@ from agent import wire
 from fleet.choices import (
     DEPLOYMENT_PROGRESS,
     OPEN_DEPLOYMENT_STATES,
+    UNOFFERED_QUALITIES,
     ArtifactRole,
     ArtifactStatus,
     DeploymentState,
     HardwareClass,
+    VariantQuality,
 )
-from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion
+from fleet.lib import variants
+from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion, VariantPin
 from fleet.services.audit import Actor, audit_event, record
 
 log = logging.getLogger(__name__)
-
-# Among artifacts for the same hardware, the smallest that runs everywhere first.
-_PRECISION_PREFERENCE = ["int8", "fp16", "fp32", "int4"]
 
 
 class DeploymentError(Exception):
@@ -41,19 +41,59 @@ class AssignmentResult:
 def select_artifact(
     version: ModelVersion, device: Device, artifacts: Sequence[Artifact] | None = None
 ) -> Artifact | None:
-    """The model artifact of ``version`` for this device's hardware, or one built for any."""
+    """The variant of ``version`` this device should run (see fleet.lib.variants for the chain).
+
+    Rejected variants and those still being evaluated are never offered.
+    """
     if artifacts is None:
         artifacts = [a for a in version.artifacts.all() if a.role == ArtifactRole.MODEL]
-    ready = [a for a in artifacts if a.status == ArtifactStatus.READY and a.role == ArtifactRole.MODEL]
-    for hw in (device.hardware_class, HardwareClass.ANY):
-        matching = [a for a in ready if hw and a.hardware_class == hw]
-        if matching:
-            return min(matching, key=lambda a: _rank(a.precision))
-    return None
+    offered = {
+        a.pk: a
+        for a in artifacts
+        if a.status == ArtifactStatus.READY and a.role == ArtifactRole.MODEL and a.quality not in UNOFFERED_QUALITIES
+    }
+    candidates = [
+        variants.Candidate(
+            id=a.pk,
+            precision=a.precision,
+            hardware_class=a.hardware_class,
+            size=a.size,
+            peak_memory_bytes=_peak_memory(a),
+            recipe=a.recipe,
+        )
+        for a in offered.values()
+    ]
+    chosen = variants.choose_variant(_profile(device), candidates, pinned=_pinned(version, device))
+    return offered[chosen.id] if chosen else None
 
 
-def _rank(precision: str) -> int:
-    return _PRECISION_PREFERENCE.index(precision) if precision in _PRECISION_PREFERENCE else len(_PRECISION_PREFERENCE)
+def _peak_memory(artifact: Artifact) -> int | None:
+    evaluation = getattr(artifact, "evaluation", None) if artifact.quality != VariantQuality.UNEVALUATED else None
+    return evaluation.peak_memory_bytes if evaluation else None
+
+
+def _profile(device: Device) -> variants.DeviceProfile:
+    return variants.DeviceProfile(
+        arch=device.arch,
+        os=device.os,
+        hardware_class=device.hardware_class or HardwareClass.ANY,
+        ram_bytes=device.ram_bytes,
+        providers=tuple(device.providers or ()),
+        cpu_flags=frozenset(device.cpu_flags or ()),
+    )
+
+
+def _pinned(version: ModelVersion, device: Device) -> list[int]:
+    """Pinned artifact ids for the device: its own pin first, then its tags' (oldest pin first)."""
+    # Cached on the version: assigning one version to many devices reads its pins once.
+    if not hasattr(version, "_pins"):
+        version._pins = list(VariantPin.objects.filter(version=version).order_by("created_at", "id"))
+    pins = version._pins
+    if not pins:
+        return []
+    own = [p.artifact_id for p in pins if p.device_id == device.pk]
+    tags = {t.pk for t in device.tags.all()} if any(p.tag_id for p in pins) else set()
+    return own + [p.artifact_id for p in pins if p.tag_id in tags]
 
 
 def assign_version(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import BinaryIO
 
 from django.conf import settings
@@ -11,8 +12,16 @@ from django.db.models import Max
 from django.utils import timezone
 
 from agent.manifest import build_manifest
-from fleet.choices import ArtifactRole, ArtifactStatus, HardwareClass, VersionStatus
-from fleet.models import Artifact, Model, ModelVersion
+from fleet.choices import (
+    OPEN_PIPELINE_STATES,
+    ArtifactRole,
+    ArtifactStatus,
+    HardwareClass,
+    VariantQuality,
+    VersionStatus,
+)
+from fleet.lib.onnx_check import InvalidModel, inspect_onnx
+from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin
 from fleet.services.audit import Actor, record
 from fleet.storage import get_store
 
@@ -21,6 +30,14 @@ log = logging.getLogger(__name__)
 
 class RegistryError(Exception):
     """A registry change that the current state does not allow; the text says why."""
+
+
+class DuplicateArtifact(RegistryError):
+    """The same file (same sha256) is already an artifact of the version."""
+
+
+class ArtifactRejected(ValueError):
+    """An uploaded file that is not what it claims to be: not ONNX, truncated, an unloadable opset."""
 
 
 def _user(actor: Actor):
@@ -75,15 +92,21 @@ def add_artifact(
     hardware_class: str = HardwareClass.ANY,
     format: str = "onnx",
 ) -> Artifact:
-    """Store an uploaded file and queue its hashing; the version must still be a draft."""
+    """Store an uploaded file and queue its chunk manifest; the version must still be a draft.
+
+    The file is hashed as it streams in and an ONNX model is checked before any row is
+    written: a refused upload leaves no file and no row behind.
+    """
     store = get_store()
-    key, size = store.save_incoming(stream, max_bytes=settings.ARTIFACT_MAX_BYTES)
+    incoming = store.save_incoming(stream, max_bytes=settings.ARTIFACT_MAX_BYTES)
     try:
+        signature = _check_model_file(store.path(incoming.key)) if _is_onnx_model(role, format) else {}
         with transaction.atomic():
-            # Lock the version: publishing it concurrently must not let a file in afterwards.
+            # Lock the version: publishing it concurrently must not let a file in afterwards,
+            # and two uploads of one file must not both pass the duplicate check.
             locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
-            if locked.is_published:
-                raise RegistryError(f"{locked.label} is published and cannot change; create a new version instead.")
+            _check_draft(locked)
+            _check_not_duplicate(locked, incoming.sha256)
             artifact = Artifact(
                 version=locked,
                 role=role,
@@ -91,17 +114,148 @@ def add_artifact(
                 format=format,
                 precision=precision,
                 hardware_class=hardware_class,
-                size=size,
-                storage_key=key,
+                size=incoming.size,
+                sha256=incoming.sha256,
+                signature=signature,
+                storage_key=incoming.key,
                 created_by=_user(actor),
             )
             artifact.full_clean()
             artifact.save()
-            record(actor, "artifact.uploaded", artifact, after={"filename": filename, "size": size})
+            record(actor, "artifact.uploaded", artifact, after={"filename": filename, "size": incoming.size})
+            if signature:
+                _update_breaking(locked)
             transaction.on_commit(lambda: _enqueue_processing(artifact.pk))
     except BaseException:
-        store.delete(key)
+        store.delete(incoming.key)
         raise
+    return artifact
+
+
+def _is_onnx_model(role: str, format: str) -> bool:
+    return role == ArtifactRole.MODEL and format == "onnx"
+
+
+def _check_model_file(path: Path) -> dict:
+    try:
+        info = inspect_onnx(path)
+    except InvalidModel as exc:
+        raise ArtifactRejected(str(exc)) from None
+    return {**info.signature, "opset": info.opset}
+
+
+def _check_draft(version: ModelVersion) -> None:
+    if version.is_published:
+        raise RegistryError(f"{version.label} is published and cannot change; create a new version instead.")
+
+
+def _check_not_duplicate(version: ModelVersion, sha256: str) -> None:
+    duplicate = version.artifacts.filter(sha256=sha256).first()
+    if duplicate is not None:
+        raise DuplicateArtifact(
+            f"the same file (sha256 {sha256}) is already artifact {duplicate.pk} of {version.label}"
+        )
+
+
+def _io(signature: dict) -> tuple:
+    return signature.get("inputs"), signature.get("outputs")
+
+
+def reference_signature(version: ModelVersion) -> dict:
+    """The signature of the version's first model artifact that is not a variant of another."""
+    artifact = (
+        version.artifacts.filter(role=ArtifactRole.MODEL, derived_from__isnull=True)
+        .exclude(signature={})
+        .order_by("id")
+        .first()
+    )
+    return artifact.signature if artifact else {}
+
+
+def _update_breaking(version: ModelVersion) -> None:
+    """Flag the version when its model signature differs from its parent's."""
+    if version.parent_id is None:
+        return
+    mine, parents = reference_signature(version), reference_signature(version.parent)
+    breaking = bool(mine and parents and _io(mine) != _io(parents))
+    if breaking != version.breaking:
+        ModelVersion.objects.filter(pk=version.pk).update(breaking=breaking)
+        version.breaking = breaking
+        record("system", "version.breaking_changed", version, after={"breaking": breaking})
+
+
+def add_generated_artifact(
+    version: ModelVersion,
+    path: Path,
+    *,
+    filename: str,
+    actor: Actor,
+    role: str = ArtifactRole.MODEL,
+    precision: str = "",
+    hardware_class: str = HardwareClass.ANY,
+    format: str = "onnx",
+    derived_from: Artifact | None = None,
+    recipe: dict | None = None,
+    quality: str = VariantQuality.UNEVALUATED,
+) -> Artifact:
+    """A file the plane made itself (an import, a variant, an evaluation set): stored ready at once."""
+    signature = _check_model_file(path) if _is_onnx_model(role, format) else {}
+    manifest = build_manifest(path, role=role, chunk_size=settings.ARTIFACT_CHUNK_SIZE)  # type: ignore[arg-type]  # evaluation sets never reach the wire
+    store = get_store()
+    key = store.promote(store.copy_in(path), manifest.sha256)
+    try:
+        artifact = _create_generated(
+            version,
+            key,
+            manifest,
+            actor=actor,
+            role=role,
+            filename=filename,
+            format=format,
+            precision=precision,
+            hardware_class=hardware_class,
+            derived_from=derived_from,
+            recipe=recipe,
+            signature=signature,
+            quality=quality,
+        )
+    except BaseException:
+        # Content-addressed: the file may be another artifact's too, and then it stays.
+        if not Artifact.objects.filter(storage_key=key).exists():
+            store.delete(key)
+        raise
+    return artifact
+
+
+def _create_generated(
+    version: ModelVersion, key: str, manifest, *, actor: Actor, derived_from, recipe, signature, **fields
+) -> Artifact:
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        _check_draft(locked)
+        _check_not_duplicate(locked, manifest.sha256)
+        artifact = Artifact.objects.create(
+            version=locked,
+            **fields,
+            status=ArtifactStatus.READY,
+            size=manifest.size,
+            sha256=manifest.sha256,
+            storage_key=key,
+            chunk_size=manifest.chunk_size,
+            chunk_hashes=manifest.chunks,
+            derived_from=derived_from,
+            recipe=recipe or {},
+            signature=signature,
+            created_by=_user(actor),
+        )
+        record(
+            actor,
+            "artifact.generated",
+            artifact,
+            after={"sha256": manifest.sha256, "size": manifest.size, "derived_from": derived_from and derived_from.pk},
+        )
+        if signature and derived_from is None:
+            _update_breaking(locked)
     return artifact
 
 
@@ -163,6 +317,8 @@ def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
         artifacts = list(locked.artifacts.all())
+        if locked.pipelines.filter(state__in=OPEN_PIPELINE_STATES).exists():
+            raise RegistryError(f"{locked.label} has an optimization pipeline running; publish when it is done.")
         if any(a.status == ArtifactStatus.PROCESSING for a in artifacts):
             raise RegistryError(f"{locked.label} still has artifacts being processed; publish when they are ready.")
         if not any(a.role == ArtifactRole.MODEL and a.status == ArtifactStatus.READY for a in artifacts):
@@ -175,3 +331,23 @@ def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:
         locked.refresh_from_db()
         record(actor, "version.published", locked, before={"status": "draft"}, after={"status": "published"})
     return locked
+
+
+def pin_variant(
+    artifact: Artifact, *, actor: Actor, device: Device | None = None, tag: Tag | None = None, reason: str = ""
+) -> VariantPin:
+    """Make ``artifact`` the variant its version gives this device, or every device with this tag."""
+    with transaction.atomic():
+        pin = VariantPin(
+            version=artifact.version, artifact=artifact, device=device, tag=tag, reason=reason, created_by=_user(actor)
+        )
+        pin.full_clean()
+        pin.save()
+        record(actor, "variant.pinned", pin, after={"artifact": artifact.pk}, reason=reason)
+    return pin
+
+
+def unpin_variant(pin: VariantPin, *, actor: Actor) -> None:
+    with transaction.atomic():
+        record(actor, "variant.unpinned", pin, before={"artifact": pin.artifact_id})
+        pin.delete()

@@ -1,5 +1,6 @@
 """Models, versions and artifacts through the API: every change goes through the registry."""
 
+import onnx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
@@ -259,18 +260,78 @@ def test_it_answers_processing_with_a_url_to_poll_until_the_worker_ran(operator,
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_fails_a_second_upload_of_the_same_file_in_a_version(operator):
+def test_it_refuses_a_second_upload_of_the_same_file_in_a_version(operator, artifact_root):
     version = make_version()
     client = token_client(operator)
     first = upload(client, version, onnx_bytes()).json()
 
     response = upload(client, version, onnx_bytes(), precision="fp16")
 
-    assert response.status_code == 201
-    body = response.json()
-    assert body["status"] == "failed"
-    assert f"is already artifact {first['id']}" in body["error"]
-    assert AuditEvent.objects.filter(action="artifact.failed", object_id=str(body["id"])).exists()
+    assert response.status_code == 409
+    assert f"is already artifact {first['id']}" in response.json()["detail"]
+    assert version.artifacts.count() == 1
+    assert incoming_files(artifact_root) == []
+
+
+def truncated_onnx() -> bytes:
+    data = onnx_bytes(weights=1000)
+    return data[: len(data) // 2]
+
+
+def onnx_at_opset(opset: int) -> bytes:
+    model = onnx.load_from_string(onnx_bytes())
+    model.opset_import[0].version = opset
+    return model.SerializeToString()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"PK\x03\x04 a zip file, not a model", "not an ONNX model"),
+        (truncated_onnx(), "truncated"),
+        (onnx_at_opset(99), "uses opset 99; this plane's onnxruntime loads opsets 7 to"),
+        (onnx_at_opset(3), "uses opset 3"),
+    ],
+    ids=["not-onnx", "truncated", "opset-too-new", "opset-too-old"],
+)
+def test_it_refuses_a_model_file_onnxruntime_cannot_load_and_keeps_nothing(operator, artifact_root, data, expected):
+    version = make_version()
+
+    response = upload(token_client(operator), version, data)
+
+    assert response.status_code == 400
+    assert expected in response.json()["file"][0]
+    assert not Artifact.objects.exists()
+    assert not [p for p in artifact_root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.django_db
+def test_it_reads_the_signature_at_upload(operator):
+    version = make_version()
+
+    body = upload(token_client(operator), version, onnx_bytes(weights=8)).json()
+
+    artifact = Artifact.objects.get(pk=body["id"])
+    assert artifact.signature == {
+        "inputs": [{"name": "x", "dtype": "float", "shape": [1, 8]}],
+        "outputs": [{"name": "y", "dtype": "float", "shape": [1, 8]}],
+        "opset": 17,
+    }
+
+
+@pytest.mark.django_db
+def test_it_flags_a_version_whose_signature_differs_from_its_parent(operator):
+    parent = make_published_version()
+    same = make_version(parent.model, parent=parent)
+    changed = make_version(parent.model, parent=parent)
+    client = token_client(operator)
+
+    upload(client, same, onnx_bytes("same-signature"))
+    upload(client, changed, onnx_bytes(weights=32))
+
+    assert client.get(f"/api/v1/versions/{same.pk}/").json()["breaking"] is False
+    assert client.get(f"/api/v1/versions/{changed.pk}/").json()["breaking"] is True
 
 
 @pytest.mark.django_db

@@ -12,6 +12,7 @@ from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.mqtt.client import make_client
 from fleet.services import deployments, registry
 from fleet.storage import get_store
+from tests.fleet.helpers import onnx_bytes
 from tests.support import wait_until
 
 
@@ -66,11 +67,11 @@ def bridge(settings, tmp_path):
 
 @pytest.fixture
 def deployment(bridge, django_capture_on_commit_callbacks, fake_publisher):
-    """dev-1 assigned a published version whose model file is 700 KB of known bytes."""
+    """dev-1 assigned a published version whose model file is a 700 KB ONNX graph."""
     bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
     model = registry.create_model(name="tiny", actor="system")
     version = registry.create_version(model, actor="system")
-    data = bytes(range(256)) * 2800
+    data = onnx_bytes(weights=175_000)
     with django_capture_on_commit_callbacks(execute=True):
         registry.add_artifact(version, io.BytesIO(data), filename="tiny.onnx", precision="fp32", actor="system")
     version = registry.publish_version(version, actor="system")

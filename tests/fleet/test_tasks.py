@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import os
 
 import pytest
 from celery.contrib.testing.worker import start_worker
@@ -10,6 +9,7 @@ from celery.contrib.testing.worker import start_worker
 from fleet.choices import ArtifactStatus
 from fleet.models import Artifact
 from fleet.services import registry
+from tests.fleet.helpers import onnx_bytes
 from tests.support import celery_on_redis, wait_until
 
 
@@ -24,7 +24,7 @@ def test_it_hashes_an_upload_in_a_real_worker(settings, tmp_path, redis_worker):
     settings.ARTIFACT_ROOT = tmp_path
     settings.ARTIFACT_CHUNK_SIZE = 4096
     version = registry.create_version(registry.create_model(name="m", actor="system"), actor="system")
-    data = os.urandom(10_000)
+    data = onnx_bytes(weights=2_400)  # about 9.7 KB: three 4 KB chunks
 
     artifact = registry.add_artifact(version, io.BytesIO(data), filename="m.onnx", precision="fp32", actor="system")
     assert artifact.status == ArtifactStatus.PROCESSING
@@ -45,9 +45,9 @@ def test_it_leaves_a_processed_artifact_alone(settings, tmp_path, django_capture
     settings.ARTIFACT_ROOT = tmp_path
     version = registry.create_version(registry.create_model(name="m", actor="system"), actor="system")
     with django_capture_on_commit_callbacks(execute=True):
-        artifact = registry.add_artifact(version, io.BytesIO(b"x" * 100), filename="m", precision="fp32", actor="s")
+        artifact = registry.add_artifact(version, io.BytesIO(onnx_bytes()), filename="m", precision="fp32", actor="s")
 
     again = registry.process_artifact(artifact.pk)
 
     assert again.status == ArtifactStatus.READY
-    assert Artifact.objects.get(pk=artifact.pk).sha256 == hashlib.sha256(b"x" * 100).hexdigest()
+    assert Artifact.objects.get(pk=artifact.pk).sha256 == hashlib.sha256(onnx_bytes()).hexdigest()

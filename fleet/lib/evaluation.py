@@ -1,0 +1,216 @@
+"""A variant measured against its fp32 reference: quality, latency and memory. No Django here.
+
+An evaluation set is one ``.npz``: the model's inputs (``input:<name>``) and the fp32
+reference outputs (``output:<name>``). Text models get real sentences, tokenized.
+Latency and memory are measured in a fresh subprocess (``python -m fleet.lib.evaluation``),
+so onnxruntime's native allocations show in its RSS and nothing else of the caller's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+SENTENCES_PATH = Path(__file__).parent / "data" / "sentences.txt"
+_INPUT, _OUTPUT = "input:", "output:"
+
+
+def default_sentences() -> list[str]:
+    """The ~32 varied English sentences shipped for text models."""
+    return [s for s in SENTENCES_PATH.read_text().splitlines() if s.strip()]
+
+
+def text_inputs(tokenizer_json: Path, sentences: list[str], *, max_length: int) -> dict[str, np.ndarray]:
+    """Tokenized, padded sentences as the int64 inputs a BERT-family graph takes."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_padding()
+    encodings = tokenizer.encode_batch(sentences)
+    return {
+        "input_ids": np.array([e.ids for e in encodings], np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], np.int64),
+    }
+
+
+def run_model(model: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feeds = {i.name: inputs[i.name] for i in session.get_inputs()}
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def dump_set(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    arrays = {f"{_INPUT}{k}": v for k, v in inputs.items()} | {f"{_OUTPUT}{k}": v for k, v in outputs.items()}
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def load_set(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as data:
+        inputs = {k.removeprefix(_INPUT): data[k] for k in data.files if k.startswith(_INPUT)}
+        outputs = {k.removeprefix(_OUTPUT): data[k] for k in data.files if k.startswith(_OUTPUT)}
+    return inputs, outputs
+
+
+def _per_sample(output: np.ndarray, mask: np.ndarray | None, pooling: str) -> np.ndarray:
+    """One vector per sample: the pooled embedding for an embedding model, else the flat output."""
+    output = output.astype(np.float64)
+    if pooling == "mean" and mask is not None and output.ndim == 3:
+        m = mask[..., None].astype(np.float64)
+        return (output * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    if pooling == "cls" and output.ndim == 3:
+        return output[:, 0]
+    return output.reshape(output.shape[0], -1)
+
+
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    dot = (reference * candidate).sum(-1)
+    norms = np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1)
+    return dot / np.clip(norms, 1e-12, None)
+
+
+@dataclass(frozen=True)
+class Quality:
+    mean_cosine: float
+    min_cosine: float
+    max_abs_error: float
+    samples: int
+
+
+def compare(
+    reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], inputs: dict[str, np.ndarray], pooling: str
+) -> Quality:
+    """Cosine per sample (pooled for embedding models) and the largest absolute difference."""
+    mask = inputs.get("attention_mask")
+    all_cosines, max_error = [], 0.0
+    for name, ref in reference.items():
+        got = candidate[name]
+        all_cosines.append(cosines(_per_sample(ref, mask, pooling), _per_sample(got, mask, pooling)))
+        max_error = max(max_error, float(np.abs(ref.astype(np.float64) - got.astype(np.float64)).max()))
+    joined = np.concatenate(all_cosines)
+    return Quality(float(joined.mean()), float(joined.min()), max_error, int(joined.size))
+
+
+@dataclass(frozen=True)
+class Performance:
+    latency_median_ms: float
+    latency_p95_ms: float
+    peak_memory_bytes: int
+    runs: int
+
+
+def _single_samples(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each sample alone, without its padding: what one request on a device looks like."""
+    mask = inputs.get("attention_mask")
+    samples = []
+    for i in range(next(iter(inputs.values())).shape[0]):
+        length = int(mask[i].sum()) if mask is not None else None
+        samples.append(
+            {k: v[i : i + 1, :length] if length and v.ndim == 2 else v[i : i + 1] for k, v in inputs.items()}
+        )
+    return samples
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark.
+
+    On Linux VmHWM, which starts afresh at exec; ru_maxrss would carry over the parent's
+    peak (a Celery worker's) into this subprocess.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def measure_here(model: Path, evaluation_set: Path, *, repeats: int = 3, threads: int = 1) -> dict:
+    """Load and run ``model`` in this process; call it in a fresh one (see ``measure``)."""
+    import onnxruntime as ort
+
+    inputs, _ = load_set(evaluation_set)
+    samples = _single_samples(inputs)
+    baseline = _rss()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    for sample in samples:  # warm-up: one pass over the set
+        session.run(None, {k: v for k, v in sample.items() if k in names})
+    # Peak after loading and one pass: later repeats only grow the allocator's caches.
+    peak = _peak_rss()
+    latencies = []
+    for _ in range(repeats):
+        for sample in samples:
+            started = time.perf_counter()
+            session.run(None, {k: v for k, v in sample.items() if k in names})
+            latencies.append((time.perf_counter() - started) * 1000)
+    return asdict(
+        Performance(
+            latency_median_ms=float(np.median(latencies)),
+            latency_p95_ms=float(np.percentile(latencies, 95)),
+            peak_memory_bytes=max(int(peak - baseline), 0),
+            runs=len(latencies),
+        )
+    )
+
+
+def measure(
+    model: Path, evaluation_set: Path, *, repeats: int = 3, threads: int = 1, timeout: float = 600
+) -> Performance:
+    """Latency (one sample per run) and peak memory over the baseline, in a fresh subprocess.
+
+    One intra-op thread by default: the plane's CPU is shared, and ratios between variants
+    stay comparable when other work runs beside the measurement.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "fleet.lib.evaluation",
+        str(model),
+        str(evaluation_set),
+        f"--repeats={repeats}",
+        f"--threads={threads}",
+    ]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {model.name} failed: {done.stderr.strip()[-2000:]}")
+    return Performance(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure one ONNX model's latency and memory on this CPU.")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("evaluation_set", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure_here(args.model, args.evaluation_set, repeats=args.repeats, threads=args.threads)))
+
+
+if __name__ == "__main__":
+    main()

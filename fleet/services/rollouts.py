@@ -1,0 +1,574 @@
+"""Rollouts: a version released stage by stage, each stage gated on install outcomes and on-device health.
+
+Every transition is a compare-and-swap on the rollout's state with an audit record.
+Assignments go through deployments.assign_version, so devices hear of them only after
+commit. The evaluator (``evaluate_rollout``) is the one place where a running rollout
+moves on its own: it assigns a stage's devices, judges the stage's gates, and passes,
+holds, completes or rolls back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, RolloutBaseline, RolloutState
+from fleet.lib import gates
+from fleet.models import Deployment, Device, Heartbeat, ModelVersion, Rollout, RolloutDevice, RolloutStage
+from fleet.services import deployments
+from fleet.services.audit import Actor, record
+
+log = logging.getLogger(__name__)
+
+# How far back the previous-version baseline reaches before a device took the new version.
+BASELINE_WINDOW = timedelta(hours=1)
+RATE_WINDOW = timedelta(minutes=1)
+FINISHED_STATES = (RolloutState.COMPLETED, RolloutState.ABORTED, RolloutState.ROLLED_BACK)
+
+
+class RolloutError(Exception):
+    """A rollout change the current state does not allow; the text says why."""
+
+
+class RolloutConflict(RolloutError):
+    """Devices this rollout selects already belong to another running or paused rollout."""
+
+
+# action -> (states it may start from, state it leads to)
+_TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "start": ((RolloutState.DRAFT,), RolloutState.RUNNING),
+    "pause": ((RolloutState.RUNNING,), RolloutState.PAUSED),
+    "resume": ((RolloutState.PAUSED,), RolloutState.RUNNING),
+    "complete": ((RolloutState.RUNNING,), RolloutState.COMPLETED),
+    "abort": ((RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED), RolloutState.ABORTED),
+    "rollback": ((RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTED), RolloutState.ROLLED_BACK),
+}
+
+
+# --- Creating ------------------------------------------------------------------------
+
+
+def create_rollout(
+    version: ModelVersion,
+    *,
+    stages: list[dict],
+    actor: Actor,
+    name: str = "",
+    tags: Iterable[str] = (),
+    device_ids: Iterable[str] = (),
+    hardware_class: str = "",
+    baseline: str = RolloutBaseline.PREVIOUS_VERSION,
+    max_per_minute: int = 1000,
+) -> Rollout:
+    """A draft rollout; nothing reaches a device before it starts. ``stages`` hold RolloutStage fields."""
+    if not version.is_published:
+        raise RolloutError(f"{version.label} is a draft; publish it before rolling it out.")
+    if not stages:
+        raise RolloutError("A rollout needs at least one stage.")
+    user = actor if not isinstance(actor, str) and actor and actor.is_authenticated else None
+    with transaction.atomic():
+        rollout = Rollout(
+            name=name,
+            version=version,
+            selector_tags=sorted(set(tags)),
+            selector_device_ids=sorted(set(device_ids)),
+            selector_hardware_class=hardware_class,
+            baseline=baseline,
+            max_per_minute=max_per_minute,
+            created_by=user,
+        )
+        rollout.full_clean()
+        rollout.save()
+        rows = [RolloutStage(rollout=rollout, index=i, **fields) for i, fields in enumerate(stages)]
+        for row in rows:
+            row.full_clean()
+        _check_sizes_grow(rows)
+        RolloutStage.objects.bulk_create(rows)
+        record(actor, "rollout.created", rollout, after={"version": version.label, "stages": len(rows)})
+    return rollout
+
+
+def _check_sizes_grow(stages: list[RolloutStage]) -> None:
+    """Sizes are cumulative, so each stage of a kind reaches at least as far as the one before."""
+    for kind in ("percent", "device_count"):
+        sizes = [getattr(s, kind) for s in stages if getattr(s, kind) is not None]
+        if sizes != sorted(sizes):
+            raise RolloutError(f"Stage sizes are cumulative: each stage's {kind} must be at least the one before.")
+
+
+# --- Selection and conflicts ---------------------------------------------------------
+
+
+def selected_devices(rollout: Rollout) -> QuerySet[Device]:
+    """The devices the rollout's selector names now: by tag or id, within the hardware class."""
+    match = Q(pk__in=[])
+    if rollout.selector_tags:
+        match |= Q(tags__name__in=rollout.selector_tags)
+    if rollout.selector_device_ids:
+        match |= Q(device_id__in=rollout.selector_device_ids)
+    devices = Device.objects.filter(match)
+    if rollout.selector_hardware_class:
+        devices = devices.filter(hardware_class=rollout.selector_hardware_class)
+    return devices.distinct()
+
+
+def _other_active(rollout: Rollout) -> QuerySet[Rollout]:
+    return Rollout.objects.filter(state__in=ACTIVE_ROLLOUT_STATES).exclude(pk=rollout.pk)
+
+
+def conflicts(rollout: Rollout) -> dict[str, int]:
+    """Device id -> the other running or paused rollout that selects it or has it already."""
+    mine = dict(selected_devices(rollout).values_list("pk", "device_id"))
+    found: dict[str, int] = {}
+    for other in _other_active(rollout).order_by("pk"):
+        theirs = set(selected_devices(other).values_list("pk", flat=True))
+        theirs |= set(other.members.values_list("device_id", flat=True))
+        for pk in theirs & set(mine):
+            found.setdefault(mine[pk], other.pk)
+    return found
+
+
+# --- Transitions ---------------------------------------------------------------------
+
+
+def _transition(
+    rollout: Rollout, action: str, *, actor: Actor, reason: str = "", gate_values: dict | None = None, **updates
+) -> Rollout:
+    """Compare-and-swap the state for ``action``, audit it; the caller holds the transaction."""
+    allowed, new = _TRANSITIONS[action]
+    current = Rollout.objects.select_related("version__model").get(pk=rollout.pk)
+    if current.state not in allowed:
+        raise RolloutError(
+            f"Rollout {current.pk} is {current.state}; {action} applies only to a rollout that is "
+            f"{' or '.join(allowed)}."
+        )
+    now = timezone.now()
+    if new in FINISHED_STATES:
+        updates.setdefault("finished_at", now)
+    if action in ("rollback", "abort", "complete"):
+        updates.setdefault("reason", reason)
+        updates.setdefault("gates", gate_values or {})
+    changed = Rollout.objects.filter(pk=current.pk, state=current.state).update(state=new, **updates)
+    if changed != 1:
+        raise RolloutError(f"Rollout {current.pk} changed meanwhile; look again and retry.")
+    record(
+        actor,
+        f"rollout.{action}",
+        current,
+        before={"state": current.state, "stage": current.current_stage},
+        after={"state": new, "stage": updates.get("current_stage", current.current_stage), "gates": gate_values},
+        reason=reason,
+    )
+    current.refresh_from_db()
+    return current
+
+
+def _lock(rollout: Rollout) -> Rollout:
+    # Lock the rollout: an operator's action and the evaluator (beat task or a device report)
+    # would otherwise both read one state and act on it, e.g. both assign the next stage.
+    return Rollout.objects.select_for_update().get(pk=rollout.pk)
+
+
+def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, reason: str = "") -> Rollout:
+    """Start a draft: refused while another active rollout has its devices, unless it supersedes them."""
+    with transaction.atomic():
+        locked = _lock(rollout)
+        # Lock the selected devices too: two rollouts starting at once over the same devices
+        # would otherwise each see no conflict.
+        list(Device.objects.select_for_update().filter(pk__in=selected_devices(locked).values("pk")).values("pk"))
+        found = conflicts(locked)
+        if found and not supersede:
+            names = ", ".join(f"{device_id} (rollout {other})" for device_id, other in sorted(found.items())[:10])
+            more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+            raise RolloutConflict(
+                f"{len(found)} selected device(s) belong to another running or paused rollout: {names}{more}. "
+                "Finish or abort that rollout first, or start this one with supersede to abort it."
+            )
+        for other_pk in sorted(set(found.values())):
+            other = Rollout.objects.select_for_update().get(pk=other_pk)
+            _transition(other, "abort", actor=actor, reason=f"superseded by rollout {locked.pk}")
+        now = timezone.now()
+        started = _transition(
+            locked, "start", actor=actor, reason=reason, started_at=now, current_stage=0, stage_started_at=now
+        )
+        started.stages.filter(index=0).update(started_at=now)
+        _evaluate_locked(started, now=now)
+    return _fresh(rollout)
+
+
+def pause_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Rollout:
+    """Stop assigning and stop judging gates; devices keep what they have."""
+    with transaction.atomic():
+        _transition(_lock(rollout), "pause", actor=actor, reason=reason)
+    return _fresh(rollout)
+
+
+def resume_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Rollout:
+    with transaction.atomic():
+        _evaluate_locked(_transition(_lock(rollout), "resume", actor=actor, reason=reason), now=timezone.now())
+    return _fresh(rollout)
+
+
+def promote_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Rollout:
+    """Skip the rest of the current stage's soak; its gates must still pass."""
+    with transaction.atomic():
+        locked = _lock(rollout)
+        if locked.state != RolloutState.RUNNING:
+            raise RolloutError(f"Rollout {locked.pk} is {locked.state}; only a running rollout can be promoted.")
+        changed = Rollout.objects.filter(pk=locked.pk, state=RolloutState.RUNNING).update(soak_skipped=True)
+        if changed != 1:
+            raise RolloutError(f"Rollout {locked.pk} changed meanwhile; look again and retry.")
+        record(actor, "rollout.promote", locked, after={"stage": locked.current_stage}, reason=reason)
+        locked.refresh_from_db()
+        _evaluate_locked(locked, now=timezone.now())
+    return _fresh(rollout)
+
+
+def abort_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Rollout:
+    """Stop for good; devices keep what they have. Roll back afterwards to undo the stages."""
+    with transaction.atomic():
+        _transition(_lock(rollout), "abort", actor=actor, reason=reason or "aborted by an operator")
+    return _fresh(rollout)
+
+
+def rollback_rollout(rollout: Rollout, *, actor: Actor, reason: str = "", gate_values: dict | None = None) -> Rollout:
+    """Send every device the rollout reached back to the version it ran before."""
+    with transaction.atomic():
+        locked = _transition(
+            _lock(rollout),
+            "rollback",
+            actor=actor,
+            reason=reason or "rolled back by an operator",
+            gate_values=gate_values,
+        )
+        _send_back(locked, actor=actor)
+    return _fresh(rollout)
+
+
+def _fresh(rollout: Rollout) -> Rollout:
+    return Rollout.objects.select_related("version__model", "created_by").get(pk=rollout.pk)
+
+
+def _send_back(rollout: Rollout, *, actor: Actor) -> None:
+    """New deployments of each member's previous version; members that ran nothing get nothing."""
+    members = list(
+        rollout.members.filter(deployment__isnull=False, rollback_deployment__isnull=True)
+        .exclude(deployment__state__in=[DeploymentState.INELIGIBLE, DeploymentState.SUPERSEDED])
+        .select_related("device", "previous_version__model", "deployment")
+    )
+    by_version: dict[ModelVersion | None, list[RolloutDevice]] = defaultdict(list)
+    for member in members:
+        by_version[member.previous_version].append(member)
+    why = f"rollback of rollout {rollout.pk}"
+    for version, group in by_version.items():
+        if version is None:
+            # Nothing to go back to: the deployment is withdrawn and the device told to run nothing new.
+            Deployment.objects.filter(pk__in=[m.deployment_id for m in group]).update(state=DeploymentState.SUPERSEDED)
+            pks = [m.device_id for m in group]
+            transaction.on_commit(lambda pks=pks: deployments.enqueue_desired(pks))
+            continue
+        result = deployments.assign_version(version, [m.device for m in group], actor=actor, reason=why)
+        made = {d.device_id: d for d in result.deployments}
+        for member in group:
+            member.rollback_deployment = made.get(member.device_id)
+        RolloutDevice.objects.bulk_update(group, ["rollback_deployment"])
+
+
+# --- The evaluator -------------------------------------------------------------------
+
+
+def evaluate_rollout(rollout_id: int, *, now: datetime | None = None) -> Rollout | None:
+    """Assign, judge the gates, and pass, hold, complete or roll back. Safe to call any time."""
+    with transaction.atomic():
+        # Lock the rollout: the beat task and report-triggered evaluations run concurrently
+        # and would both assign the same stage or both advance it.
+        rollout = Rollout.objects.select_for_update().filter(pk=rollout_id, state=RolloutState.RUNNING).first()
+        if rollout is None:
+            return None
+        _evaluate_locked(rollout, now=now or timezone.now())
+    return _fresh(rollout)
+
+
+def running_rollout_ids() -> list[int]:
+    return list(Rollout.objects.filter(state=RolloutState.RUNNING).values_list("pk", flat=True))
+
+
+def rollout_ids_for_deployments(deployment_ids: Iterable[int]) -> list[int]:
+    return list(
+        RolloutDevice.objects.filter(deployment__in=list(deployment_ids), rollout__state=RolloutState.RUNNING)
+        .values_list("rollout_id", flat=True)
+        .distinct()
+    )
+
+
+def enqueue_evaluations(rollout_ids: Iterable[int]) -> None:
+    """Queue an evaluation of each rollout; call it only after commit."""
+    from fleet.tasks import evaluate_rollout as task
+
+    for rollout_id in sorted(set(rollout_ids)):
+        task.delay(rollout_id)
+
+
+def _evaluate_locked(rollout: Rollout, *, now: datetime) -> None:
+    stages = list(rollout.stages.all())
+    # Each pass either stops or moves one stage on, so this ends within len(stages) passes.
+    for _ in range(len(stages) + 1):
+        if rollout.state != RolloutState.RUNNING:
+            return
+        stage = stages[rollout.current_stage]
+        unassigned = _fill(rollout, stages, now=now)
+        progress = stage_progress(rollout, stage, now=now)
+        values = {g.gate: g.as_dict() for g in progress.gates}
+        tripped = [g for g in progress.gates if g.verdict == gates.Verdict.FAIL]
+        if tripped:
+            reason = "; ".join(f"{g.gate} gate tripped in {stage}: {g.detail}" for g in tripped)
+            _transition(rollout, "rollback", actor="system", reason=reason, gate_values=values)
+            _send_back(rollout, actor="system")
+            return
+        if unassigned or not progress.gates_pass or not progress.soaked:
+            return
+        stage.passed_at = now
+        stage.save(update_fields=["passed_at"])
+        if rollout.current_stage == len(stages) - 1:
+            _transition(rollout, "complete", actor="system", reason=f"every stage passed; {stage} was the last")
+            return
+        rollout = _next_stage(rollout, stages, values, now=now)
+
+
+def _next_stage(rollout: Rollout, stages: list[RolloutStage], values: dict, *, now: datetime) -> Rollout:
+    index = rollout.current_stage
+    changed = Rollout.objects.filter(pk=rollout.pk, state=RolloutState.RUNNING, current_stage=index).update(
+        current_stage=index + 1, stage_started_at=now, soak_skipped=False
+    )
+    if changed != 1:
+        raise RolloutError(f"Rollout {rollout.pk} changed meanwhile; look again and retry.")
+    RolloutStage.objects.filter(pk=stages[index + 1].pk).update(started_at=now)
+    stages[index + 1].started_at = now
+    record(
+        "system",
+        "rollout.stage_passed",
+        rollout,
+        before={"stage": index},
+        after={"stage": index + 1, "gates": values},
+        reason=f"{stages[index]} passed its gates",
+    )
+    rollout.refresh_from_db()
+    return rollout
+
+
+def _fill(rollout: Rollout, stages: list[RolloutStage], *, now: datetime) -> int:
+    """Assign the current stage up to its size, within the rate limit; how many are still to come."""
+    members = dict(rollout.members.values_list("device_id", "stage_index"))
+    candidates = dict(
+        selected_devices(rollout)
+        .exclude(rollout_memberships__rollout__in=_other_active(rollout))
+        .values_list("pk", "device_id")
+    )
+    fleet = len(set(candidates) | set(members))
+    target = gates.cumulative_targets(fleet, [_size(s) for s in stages])[rollout.current_stage] if fleet else 0
+    missing = target - len(members)
+    if missing <= 0:
+        return 0
+    recent = rollout.members.filter(assigned_at__gt=now - RATE_WINDOW).count()
+    budget = max(0, rollout.max_per_minute - recent)
+    newcomers = [device_id for pk, device_id in candidates.items() if pk not in members]
+    chosen = gates.cohort_order(rollout.pk, newcomers)[: min(missing, budget)]
+    if chosen:
+        _assign(rollout, chosen, now=now)
+    return missing - len(chosen)
+
+
+def _size(stage: RolloutStage) -> gates.StageSize:
+    return gates.StageSize(percent=stage.percent, devices=stage.device_count)
+
+
+def _assign(rollout: Rollout, device_ids: list[str], *, now: datetime) -> None:
+    devices = list(Device.objects.filter(device_id__in=device_ids))
+    result = deployments.assign_version(
+        rollout.version, devices, actor=f"rollout:{rollout.pk}", reason=f"rollout {rollout.pk}"
+    )
+    made = {d.device_id: d for d in result.deployments}
+    RolloutDevice.objects.bulk_create(
+        [
+            RolloutDevice(
+                rollout=rollout,
+                device=device,
+                stage_index=rollout.current_stage,
+                deployment=made.get(device.pk),
+                ineligible_reason=result.skipped.get(device.device_id, ""),
+                previous_version_id=device.current_version_id,
+                assigned_at=now,
+            )
+            for device in devices
+        ]
+    )
+
+
+# --- Progress and gates --------------------------------------------------------------
+
+
+@dataclass
+class StageProgress:
+    stage: RolloutStage
+    target: int
+    counts: gates.StageCounts
+    gates: list[gates.GateResult] = field(default_factory=list)
+    soak_remaining_s: float | None = None
+
+    @property
+    def soaked(self) -> bool:
+        return self.soak_remaining_s is not None and self.soak_remaining_s <= 0
+
+    @property
+    def gates_pass(self) -> bool:
+        # The failure gate can only stop a stage; success and health must pass outright.
+        return all(g.verdict == gates.Verdict.PASS or g.gate == "failure" for g in self.gates) and not any(
+            g.verdict == gates.Verdict.FAIL for g in self.gates
+        )
+
+
+_BUCKETS = {
+    DeploymentState.PENDING: "pending",
+    DeploymentState.DOWNLOADING: "downloading",
+    DeploymentState.VERIFYING: "verifying",
+    DeploymentState.ACTIVE: "active",
+    DeploymentState.FAILED: "failed",
+    DeploymentState.ROLLED_BACK: "rolled_back",
+    DeploymentState.INELIGIBLE: "ineligible",
+    # Activated, then replaced by a newer version: it did take this one.
+    DeploymentState.SUPERSEDED: "active",
+}
+
+
+def stage_counts(rollout: Rollout) -> dict[int, gates.StageCounts]:
+    """Each stage's devices by where they are, in one query."""
+    rows = (
+        rollout.members.values("stage_index", "deployment__state", "deployment__active_at", "rollback_deployment")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    tallies: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for row in rows:
+        tally = tallies[row["stage_index"]]
+        tally["targeted"] += row["n"]
+        state = row["deployment__state"]
+        if row["rollback_deployment"] is not None:
+            bucket = "rolled_back"
+        elif state is None:
+            bucket = "ineligible"  # no artifact of the version fits its hardware
+        elif state == DeploymentState.SUPERSEDED and row["deployment__active_at"] is None:
+            bucket = "ineligible"  # replaced before it ever ran: not this rollout's outcome
+        else:
+            bucket = _BUCKETS[DeploymentState(state)]
+        tally[bucket] += row["n"]
+    return {index: gates.StageCounts(**tally) for index, tally in tallies.items()}
+
+
+def stage_progress(
+    rollout: Rollout,
+    stage: RolloutStage,
+    *,
+    now: datetime,
+    counts: dict[int, gates.StageCounts] | None = None,
+    fleet: int | None = None,
+) -> StageProgress:
+    counts = counts if counts is not None else stage_counts(rollout)
+    mine = counts.get(stage.index, gates.StageCounts())
+    progress = StageProgress(stage=stage, target=mine.targeted, counts=mine)
+    if stage.started_at is None:
+        return progress
+    soak_end = stage.started_at + timedelta(seconds=stage.min_soak_seconds)
+    skip = rollout.soak_skipped and stage.index == rollout.current_stage
+    progress.soak_remaining_s = 0.0 if skip else max(0.0, (soak_end - now).total_seconds())
+    progress.gates = [
+        gates.success_gate(mine, stage.success_percent),
+        gates.failure_gate(mine, stage.failure_percent, stage.failure_min_finished),
+    ]
+    if stage.health_p95_ratio is not None:
+        progress.gates.append(
+            gates.health_gate(
+                _inference(_candidate_beats(rollout, stage)),
+                _inference(_baseline_beats(rollout, stage)),
+                max_p95_ratio=stage.health_p95_ratio,
+                max_error_rate_points=stage.health_error_points,
+                min_samples=stage.health_min_samples,
+            )
+        )
+    return progress
+
+
+def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
+    """Per stage: where its devices are and each gate's value against its threshold."""
+    now = now or timezone.now()
+    counts = stage_counts(rollout)
+    stages = list(rollout.stages.all())
+    members = sum(c.targeted for c in counts.values())
+    fleet = max(members, selected_devices(rollout).count()) if rollout.state not in FINISHED_STATES else members
+    targets = gates.cumulative_targets(fleet, [_size(s) for s in stages]) if fleet else [0] * len(stages)
+    out = []
+    for stage, target in zip(stages, targets, strict=True):
+        progress = stage_progress(rollout, stage, now=now, counts=counts)
+        planned = target - (targets[stage.index - 1] if stage.index else 0)
+        out.append({"stage": stage, "planned": planned, "progress": progress, "status": _stage_status(rollout, stage)})
+    return {"rollout": rollout, "fleet": fleet, "done": rollout.state in FINISHED_STATES, "stages": out}
+
+
+def _stage_status(rollout: Rollout, stage: RolloutStage) -> str:
+    if stage.passed_at is not None:
+        return "passed"
+    if stage.started_at is None or stage.index != rollout.current_stage:
+        return "pending"
+    return {RolloutState.RUNNING: "running", RolloutState.PAUSED: "paused"}.get(rollout.state, rollout.state)
+
+
+def _inference(beats: QuerySet[Heartbeat]) -> gates.Inference:
+    totals = beats.aggregate(
+        requests=Coalesce(Sum("requests"), 0),
+        errors=Coalesce(Sum("errors"), 0),
+        samples=Coalesce(Sum("latency_count"), 0),
+        p95_sum=Coalesce(Sum(F("p95_ms") * F("latency_count"), output_field=FloatField()), 0.0),
+    )
+    return gates.Inference(
+        requests=totals["requests"],
+        errors=totals["errors"],
+        samples=totals["samples"],
+        p95_weighted_sum=totals["p95_sum"],
+    )
+
+
+def _candidate_beats(rollout: Rollout, stage: RolloutStage) -> QuerySet[Heartbeat]:
+    """Heartbeats the stage's devices sent while running the rollout's deployment."""
+    deployment_ids = rollout.members.filter(stage_index=stage.index, deployment__isnull=False).values_list(
+        "deployment_id", flat=True
+    )
+    return Heartbeat.objects.filter(deployment_id_reported__in=list(deployment_ids))
+
+
+def _baseline_beats(rollout: Rollout, stage: RolloutStage) -> QuerySet[Heartbeat]:
+    if rollout.baseline == RolloutBaseline.CONTROL:
+        # Selected devices of the same hardware classes the rollout has not reached, over this stage.
+        stage_devices = rollout.members.filter(stage_index=stage.index)
+        classes = Device.objects.filter(rollout_memberships__in=stage_devices).values("hardware_class")
+        control = (
+            selected_devices(rollout)
+            .filter(hardware_class__in=classes)
+            .exclude(rollout_memberships__rollout=rollout)
+            .values("pk")
+        )
+        return Heartbeat.objects.filter(device__in=control, received_at__gte=stage.started_at)
+    # The same devices in the window before the rollout reached each of them. One filter()
+    # call, so both conditions join the same membership row.
+    return Heartbeat.objects.filter(
+        device__rollout_memberships__rollout=rollout,
+        device__rollout_memberships__stage_index=stage.index,
+        received_at__lt=F("device__rollout_memberships__assigned_at"),
+        received_at__gte=F("device__rollout_memberships__assigned_at") - BASELINE_WINDOW,
+    )
