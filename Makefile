@@ -41,7 +41,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(TEST_ENV) $(PY) manage.py makemigrations --check --dry-run
+	$(TEST_ENV) DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres $(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
 	$(VENV)/bin/hadolint docker/Dockerfile.plane docker/Dockerfile.agent
 

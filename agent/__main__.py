@@ -20,7 +20,7 @@ from types import FrameType
 
 import msgspec
 
-from agent import status, wire
+from agent import enrollment, status, wire
 from agent.clock import SystemClock
 from agent.config import Config, ConfigError, load_config
 from agent.core import Agent
@@ -50,10 +50,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_link(config: Config) -> MqttLink:
+def build_link(config: Config, broker: wire.BrokerUrl | None = None) -> MqttLink:
     goodbye = wire.Presence(device_id=config.device_id, online=False, reason="lost")
     return MqttLink(
-        config.broker,
+        broker or config.broker,
         client_id=f"edgefleet-agent-{config.device_id}",
         will=Will(wire.topic(config.device_id, wire.Channel.PRESENCE), wire.encode(goodbye)),
         tls=config.tls,
@@ -93,8 +93,26 @@ def show_status(config: Config, *, as_json: bool) -> int:
 def run(config: Config) -> int:
     stop = threading.Event()
     _on_signals(stop)
+    broker = config.broker
+    if config.enrollment.plane_url:
+        try:
+            credentials = enrollment.enroll(
+                plane_url=config.enrollment.plane_url,
+                token=config.enrollment.secret(),
+                device_id=config.device_id,
+                name=config.name,
+                data_path=config.data_path,
+                stop=stop,
+                poll_interval=config.enrollment.poll_interval,
+            )
+        except (enrollment.EnrollmentError, OSError) as exc:
+            log.error("agent.enrollment_failed error=%r", str(exc))
+            return EXIT_FAILED
+        if credentials is None:
+            return EXIT_OK
+        broker = enrollment.broker_with(broker, credentials)
     try:
-        agent = Agent(config, build_link(config), Runner(), SystemClock())
+        agent = Agent(config, build_link(config, broker), Runner(), SystemClock())
         agent.start()
     except (LinkError, OSError) as exc:
         log.error("agent.start_failed error=%r", str(exc))

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from agent import wire
+from agent import signing, wire
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -77,6 +77,29 @@ class TlsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     key_file: str = ""
 
 
+class SecurityConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Whom the agent trusts: the plane's Ed25519 public key, base64 of its 32 raw bytes."""
+
+    # Empty: files are accepted unsigned, with a warning in the log (development only).
+    plane_public_key: str = ""
+
+
+class EnrollmentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Joining a fleet (agent/enrollment.py): the plane's HTTPS URL and an enrollment token.
+
+    Empty: the agent uses ``broker_url`` as it is (a broker without per-device logins).
+    """
+
+    plane_url: str = ""
+    token: str = ""
+    # The token read from a file instead, e.g. a secret mounted by the provisioning system.
+    token_file: str = ""
+    poll_interval: Seconds = 10.0
+
+    def secret(self) -> str:
+        return Path(self.token_file).read_text().strip() if self.token_file else self.token
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole agent config file."""
 
@@ -91,6 +114,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     activation: ActivationConfig = msgspec.field(default_factory=ActivationConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    security: SecurityConfig = msgspec.field(default_factory=SecurityConfig)
+    enrollment: EnrollmentConfig = msgspec.field(default_factory=EnrollmentConfig)
 
     @property
     def broker(self) -> wire.BrokerUrl:
@@ -127,8 +152,15 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: broker_url: {exc}") from None
     if not config.data_dir.strip():
         raise ConfigError(f"{source}: data_dir: must not be empty")
+    if config.enrollment.plane_url and not (config.enrollment.token or config.enrollment.token_file):
+        raise ConfigError(f"{source}: enrollment.plane_url needs enrollment.token or enrollment.token_file")
     if bool(config.tls.cert_file) != bool(config.tls.key_file):
         raise ConfigError(f"{source}: tls.cert_file and tls.key_file must be given together")
+    if config.security.plane_public_key:
+        try:
+            signing.load_public_key(config.security.plane_public_key)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: security.plane_public_key: {exc}") from None
 
 
 def _name_the_key(message: str) -> str:

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from agent import admission, outbox, status, wire
+from agent import admission, outbox, signing, status, wire
 from agent.active import ActiveDeployment
 from agent.clock import Clock
 from agent.config import Config
@@ -82,6 +82,8 @@ class Agent:
             window=config.telemetry.window,
         )
         self.measure: admission.Measure = admission.measure  # what the device has free; tests replace it
+        key = config.security.plane_public_key
+        self.plane_key = signing.load_public_key(key) if key else None
         self._job: DeploymentJob | None = None
         self._lock = threading.Lock()  # guards _job and active: the pump and jobs both touch them
         self._stopping = threading.Event()
@@ -110,6 +112,12 @@ class Agent:
         self._spawn(self._watch, "agent-probation")
         self._spawn(self._write_status, "agent-status")
         log.info("agent.started device_id=%s data_dir=%s", self.device_id, self.data_dir)
+        if self.plane_key is None:
+            log.warning(
+                "agent.UNVERIFIED_DEPLOYMENTS no security.plane_public_key is configured: this agent accepts "
+                "model files without checking the plane's signature. Set it (GET /api/v1/signing-key/) "
+                "outside development."
+            )
 
     def stop(self, reason: str = "shutdown") -> None:
         """Say goodbye, disconnect cleanly (so the broker drops the last-will) and stop serving."""
@@ -402,6 +410,7 @@ class Agent:
             rules=self.config.admission,
             measure=self.measure,
             after=previous,
+            plane_key=self.plane_key,
         )
         log.info(
             "agent.deploying deployment_id=%s model=%r version=%r",

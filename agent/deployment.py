@@ -13,7 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, Protocol
 
-from agent import admission, manifest, wire
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import admission, manifest, signing, wire
 from agent.active import ActiveDeployment, active_from
 from agent.clock import Clock
 from agent.config import AdmissionConfig, TransferConfig
@@ -70,6 +72,7 @@ class DeploymentJob:
         rules: AdmissionConfig | None = None,
         measure: admission.Measure = admission.measure,
         after: DeploymentJob | None = None,
+        plane_key: Ed25519PublicKey | None = None,
     ) -> None:
         assert desired.deployment_id is not None
         self.desired = desired
@@ -80,6 +83,7 @@ class DeploymentJob:
         self.rules = rules or AdmissionConfig()
         self.bytes_done = 0
         self._measure = measure
+        self._plane_key = plane_key
         self._report = report
         self._request_chunks = request_chunks
         self._activate = activate
@@ -125,7 +129,7 @@ class DeploymentJob:
             self._report(self.deployment_id, "ineligible", error=str(exc)[:MAX_ERROR_CHARS])
         except SelfTestFailed as exc:
             self._fail(f"self-test failed, the model was not activated: {exc}")
-        except (DeploymentError, TransferFailed, ModelLoadError) as exc:
+        except (DeploymentError, TransferFailed, ModelLoadError, signing.SignatureError) as exc:
             self._fail(str(exc))
         except Exception as exc:
             log.exception("deployment.crashed deployment_id=%d", self.deployment_id)
@@ -136,6 +140,7 @@ class DeploymentJob:
         self._report(self.deployment_id, "failed", error=error[:MAX_ERROR_CHARS])
 
     def _deploy(self) -> None:
+        self._check_signatures()
         files = self._files_by_role()
         self._admit()
         self._progress(0)  # even when every file is already stored, the plane sees the download start
@@ -155,6 +160,22 @@ class DeploymentJob:
         if "model" not in files:
             raise DeploymentError("deployment lists no model file")
         return files
+
+    def _check_signatures(self) -> None:
+        """Refuse any file the plane did not sign, before a byte is fetched or anything activated.
+
+        The chunk hashes are part of what is signed, so a verified manifest also vouches
+        for every chunk the transfer checks against it.
+        """
+        if self._plane_key is None:
+            log.warning(
+                "deployment.unverified deployment_id=%d: no security.plane_public_key is configured, "
+                "so the files' signatures are NOT checked",
+                self.deployment_id,
+            )
+            return
+        for file in self.desired.files:
+            signing.verify_manifest(self._plane_key, file, model=self.desired.model, version=self.desired.version)
 
     @property
     def bytes_total(self) -> int:

@@ -8,6 +8,7 @@ each chunk as it lands and fetch again only the ones that fail.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -88,3 +89,26 @@ def file_sha256(path: Path) -> str:
         while block := stream.read(_READ_SIZE):
             digest.update(block)
     return digest.hexdigest()
+
+
+# The signed form of a file manifest: what the plane signs and the agent verifies. The
+# chunk hashes pin every byte the agent fetches; model and version pin the file to the
+# release it was published in, so a signed file cannot be replayed under another label.
+SIGNED_MANIFEST_DOMAIN: Final = b"edgefleet-manifest-v1\n"
+
+
+def canonical_manifest(file: FileManifest, *, model: str, version: str) -> bytes:
+    """The bytes a manifest's signature covers: a domain tag, then compact JSON with sorted keys."""
+    fields = {
+        "model": model,
+        "version": version,
+        "role": file.role,
+        "filename": file.filename,
+        "format": file.format,
+        "precision": file.precision,
+        "sha256": file.sha256,
+        "size": file.size,
+        "chunk_size": file.chunk_size,
+        "chunks": file.chunks,
+    }
+    return SIGNED_MANIFEST_DOMAIN + json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()

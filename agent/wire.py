@@ -187,6 +187,8 @@ class FileManifest(msgspec.Struct, kw_only=True):
     chunks: list[Sha256]
     format: ShortText = "onnx"
     precision: ShortText = ""
+    # The plane's Ed25519 signature over agent.manifest.canonical_manifest, base64; empty: unsigned.
+    signature: Annotated[str, msgspec.Meta(max_length=200)] = ""
 
 
 class InferenceSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -153,7 +153,7 @@ def bridges(count: int, env: dict[str, str], workdir: Path) -> list[PlaneProcess
 
 
 def worker(env: dict[str, str], workdir: Path) -> PlaneProcess:
-    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--pool", "solo", "-l", "warning"]
+    cmd = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--pool", "solo", "-l", "info"]
     return PlaneProcess("worker", cmd, env, workdir)
 
 

@@ -45,6 +45,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Audit rows written while serving a request carry its source address.
+    "fleet.middleware.AuditSourceMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -78,6 +80,12 @@ def _database() -> dict:
 DATABASES = {"default": _database()}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# Repeated sign-in failures, to the admin or the token endpoint, lock out (fleet.auth).
+AUTHENTICATION_BACKENDS = ["fleet.auth.RateLimitedModelBackend"]
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
+LOGIN_FAILURE_LIMIT_PER_ADDRESS = env_int("LOGIN_FAILURE_LIMIT_PER_ADDRESS", 50, minimum=1)
+LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 15 * 60, minimum=1)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -96,6 +104,11 @@ ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 ARTIFACT_MAX_BYTES = env_int("ARTIFACT_MAX_BYTES", 2 * 1024**3, minimum=1)
 ARTIFACT_CHUNK_SIZE = env_int("ARTIFACT_CHUNK_SIZE", 256 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# The Ed25519 key that signs every published artifact's manifest: base64 of its 32 raw
+# bytes (`manage.py generate_signing_key`). Unset with DEBUG on, the plane makes one of its
+# own in SIGNING_KEY_DEV_FILE on first use; unset with DEBUG off, publishing is refused.
+SIGNING_KEY = env_secret("SIGNING_KEY", "")
+SIGNING_KEY_DEV_FILE = VAR_DIR / "signing.key" if DEBUG else None
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 
 # --- MQTT ------------------------------------------------------------------------
@@ -142,6 +155,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Views without a user login (enrollment) are throttled per client address.
+    "DEFAULT_THROTTLE_RATES": {"enroll": env_str("ENROLL_RATE", "30/min")},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Edgefleet control plane API",
@@ -154,6 +169,7 @@ SPECTACULAR_SETTINGS = {
         "ArtifactStatus": "fleet.choices.ArtifactStatus",
         "DeploymentState": "fleet.choices.DeploymentState",
         "RolloutState": "fleet.choices.RolloutState",
+        "EnrollmentState": "fleet.choices.EnrollmentState",
     },
 }
 
@@ -169,3 +185,19 @@ LOGGING = {
 MQTT_CA_FILE = env_str("MQTT_CA_FILE", "")
 MQTT_CERT_FILE = env_str("MQTT_CERT_FILE", "")
 MQTT_KEY_FILE = env_str("MQTT_KEY_FILE", "")
+
+# --- Enrollment and broker credentials (docs/security.md) ---------------------------
+# Refuse hellos and reports from devices that are not accepted (pending, rejected,
+# decommissioned or never enrolled). Off by default so the demo runs without enrollment.
+ENROLLMENT_REQUIRED = env_bool("ENROLLMENT_REQUIRED", False)
+# How far a device's signed timestamp may be from the plane's clock, in seconds.
+ENROLLMENT_CLOCK_SKEW = env_int("ENROLLMENT_CLOCK_SKEW", 300, minimum=1)
+# The broker runs the dynamic-security plugin: the plane creates and removes device logins.
+MQTT_DYNSEC = env_bool("MQTT_DYNSEC", False)
+# The broker's admin login, e.g. mqtt://admin@broker:1883; its password from MQTT_ADMIN_PASSWORD(_FILE).
+MQTT_ADMIN_URL = env_str("MQTT_ADMIN_URL", "")
+MQTT_ADMIN_PASSWORD = env_secret("MQTT_ADMIN_PASSWORD", "")
+# The broker address handed to devices with their credentials; MQTT_URL's host and port by default.
+MQTT_DEVICE_URL = env_str("MQTT_DEVICE_URL", "")
+if MQTT_DYNSEC and not MQTT_ADMIN_URL:
+    raise ImproperlyConfigured("MQTT_DYNSEC=true needs MQTT_ADMIN_URL (and MQTT_ADMIN_PASSWORD or its _FILE)")

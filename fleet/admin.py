@@ -1,5 +1,7 @@
 """The operator's admin. Every write goes through a service, so it is checked and audited."""
 
+from datetime import timedelta
+
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -11,15 +13,19 @@ from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from fleet.choices import VersionStatus
 from fleet.models import (
+    Alias,
+    AliasMove,
     Artifact,
     AuditEvent,
     Deployment,
     Device,
+    EnrollmentToken,
     Heartbeat,
     Model,
     ModelVersion,
@@ -32,7 +38,8 @@ from fleet.models import (
     VariantPin,
     slug_validator,
 )
-from fleet.services import deployments, devices, pipeline, registry, rollouts
+from fleet.mqtt.dynsec import DynSecError
+from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
 from fleet.services.deployments import DeploymentError
 from fleet.services.registry import ArtifactRejected, RegistryError
 from fleet.services.rollouts import RolloutError
@@ -54,7 +61,7 @@ class ServiceErrorsMixin:
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
             return super().changeform_view(request, object_id, form_url, extra_context)
-        except (RegistryError, DeploymentError, TooLarge, ArtifactRejected) as exc:
+        except (RegistryError, DeploymentError, TooLarge, ArtifactRejected, aliases.AliasError) as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
 
@@ -99,6 +106,19 @@ class RecentFormSet(BaseInlineFormSet):
 # --- Registry --------------------------------------------------------------------
 
 
+class AliasInline(ReadOnlyInline):
+    """A model's aliases; move one from its own page (Aliases), where its history is."""
+
+    model = Alias
+    fields = ["name", "version", "updated_at", "history"]
+    readonly_fields = fields
+
+    @admin.display(description="history")
+    def history(self, alias: Alias):
+        url = reverse("admin:fleet_alias_change", args=[alias.pk])
+        return format_html('<a href="{}">{} move(s)</a>', url, alias.moves.count())
+
+
 @admin.register(Model)
 class RegistryModelAdmin(admin.ModelAdmin):
     """Models are created here; their names never change, as version labels carry them."""
@@ -107,6 +127,10 @@ class RegistryModelAdmin(admin.ModelAdmin):
     search_fields = ["name", "description"]
     fields = ["name", "description", "created_at"]
     readonly_fields = ["created_at"]
+    inlines = [AliasInline]
+
+    def get_inlines(self, request, obj):
+        return self.inlines if obj is not None else []
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(version_count=Count("versions"))
@@ -136,6 +160,52 @@ class ArtifactInline(ReadOnlyInline):
         return super().get_queryset(request).defer("chunk_hashes")
 
 
+class AliasMoveInline(ReadOnlyInline):
+    model = AliasMove
+    fields = ["moved_at", "from_label", "to_label", "actor_label", "reason"]
+    readonly_fields = fields
+
+
+class MoveAliasForm(forms.ModelForm):
+    reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}), help_text="Kept in the history.")
+
+    class Meta:
+        model = Alias
+        fields = ["model", "name", "version"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["version"].queryset = ModelVersion.objects.filter(status=VersionStatus.PUBLISHED).select_related(
+            "model"
+        )
+        if self.instance.pk:
+            for name in ("model", "name"):
+                self.fields[name].disabled = True
+
+    def validate_unique(self):
+        pass  # moving an alias that exists is the point; the service finds it
+
+
+@admin.register(Alias)
+class AliasAdmin(ServiceErrorsMixin, admin.ModelAdmin):
+    """Create an alias, or move one to another published version; every move is kept below."""
+
+    form = MoveAliasForm
+    list_display = ["__str__", "version", "updated_at"]
+    list_select_related = ["model", "version__model"]
+    list_filter = ["model"]
+    inlines = [AliasMoveInline]
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        model = obj.model if change else data["model"]
+        name = obj.name if change else data["name"]
+        _adopt(obj, aliases.move_alias(model, name, data["version"], actor=request.user, reason=data["reason"]))
+
+
 @admin.register(ModelVersion)
 class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
     """Drafts take new artifacts and notes; a published version is read-only."""
@@ -147,7 +217,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
     autocomplete_fields = ["model"]
     raw_id_fields = ["parent"]
     inlines = [ArtifactInline]
-    actions = ["publish", "optimize"]
+    actions = ["publish", "optimize", "archive", "delete_unused"]
     add_fields = ["model", "parent", "notes", "task", "pooling", "normalize", "max_length"]
     change_fields = [
         "model",
@@ -161,6 +231,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
         "max_length",
         "quality_threshold",
         "breaking",
+        "tag_list",
         "created_by",
         "created_at",
         "published_at",
@@ -168,6 +239,11 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(artifact_count=Count("artifacts"))
+
+    @admin.display(description="tags")
+    def tag_list(self, version: ModelVersion) -> str:
+        # Set through the API (PUT /api/v1/versions/{id}/tags/), which audits them.
+        return ", ".join(str(tag) for tag in version.tags.all()) or "-"
 
     @admin.display(ordering="artifact_count")
     def artifact_count(self, version: ModelVersion) -> int:
@@ -211,6 +287,30 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"Published {version.label}.", messages.SUCCESS)
+
+    @admin.action(description="Archive the selected versions (never offered again; files kept)", permissions=["change"])
+    def archive(self, request, queryset):
+        for version in queryset.select_related("model"):
+            try:
+                retention.archive_version(version, actor=request.user, reason="archived in the admin")
+            except retention.RetentionRefused as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Archived {version.label}.", messages.SUCCESS)
+
+    @admin.action(
+        description="Delete the selected versions and their unshared files, if nothing needs them",
+        permissions=["change"],
+    )
+    def delete_unused(self, request, queryset):
+        for version in queryset.select_related("model"):
+            label = version.label
+            try:
+                retention.delete_version(version, actor=request.user, reason="deleted in the admin")
+            except retention.RetentionRefused as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                self.message_user(request, f"Deleted {label}.", messages.SUCCESS)
 
     @admin.action(description="Build int8, int4 and fp16 variants and evaluate them", permissions=["change"])
     def optimize(self, request, queryset):
@@ -414,6 +514,7 @@ class DeviceAdmin(admin.ModelAdmin):
     list_display = ["device_id", "name", "online", "hardware_class", "current_version", "tag_list", "last_seen"]
     list_filter = [
         "online",
+        "enrollment",
         "hardware_class",
         "tags",
         "arch",
@@ -422,11 +523,12 @@ class DeviceAdmin(admin.ModelAdmin):
     ]
     search_fields = ["device_id", "name", "cpu_model"]
     list_select_related = ["current_version__model"]
-    actions = ["assign_version"]
+    actions = ["assign_version", "accept", "reject", "decommission"]
     inlines = [DeploymentInline, HeartbeatInline]
     fieldsets = [
         (None, {"fields": ["device_id", "name", "tag_names"]}),
         ("Status", {"fields": ["online", "first_seen", "last_seen", "current_version", "current_artifact"]}),
+        ("Enrollment", {"fields": ["enrollment", "enrollment_token", "public_key"]}),
         (
             "Hardware",
             {
@@ -508,6 +610,31 @@ class DeviceAdmin(admin.ModelAdmin):
             "media": self.media,
         }
         return TemplateResponse(request, "admin/fleet/device/assign_version.html", context)
+
+    def has_enroll_permission(self, request) -> bool:
+        return request.user.has_perm("fleet.change_device")
+
+    def _verdict(self, request, queryset, service, done: str) -> None:
+        changed = 0
+        for device in queryset:
+            try:
+                service(device, actor=request.user)
+                changed += 1
+            except (enrollment.EnrollmentError, DynSecError) as exc:
+                self.message_user(request, f"{device}: {exc}", messages.ERROR)
+        self.message_user(request, f"{done} {changed} device(s).", messages.SUCCESS if changed else messages.WARNING)
+
+    @admin.action(description="Accept the selected devices", permissions=["enroll"])
+    def accept(self, request, queryset):
+        self._verdict(request, queryset, enrollment.accept_device, "Accepted")
+
+    @admin.action(description="Reject the selected devices", permissions=["enroll"])
+    def reject(self, request, queryset):
+        self._verdict(request, queryset, enrollment.reject_device, "Rejected")
+
+    @admin.action(description="Decommission the selected devices (removes their broker logins)", permissions=["enroll"])
+    def decommission(self, request, queryset):
+        self._verdict(request, queryset, enrollment.decommission_device, "Decommissioned")
 
     def _report_assignment(self, request, version: ModelVersion, result: deployments.AssignmentResult) -> None:
         self.message_user(
@@ -730,3 +857,54 @@ class RolloutAdmin(ReadOnlyAdmin):
     @admin.action(description="Roll back: devices go back to their previous version", permissions=["release"])
     def rollback(self, request, queryset):
         self._act(request, queryset, rollouts.rollback_rollout, "Rolled back")
+
+
+# --- Enrollment --------------------------------------------------------------------------
+
+
+class EnrollmentTokenForm(forms.ModelForm):
+    expires_in_hours = forms.IntegerField(min_value=1, max_value=24 * 365, initial=24)
+
+    class Meta:
+        model = EnrollmentToken
+        fields = ["name", "auto_approve", "max_devices"]
+
+
+@admin.register(EnrollmentToken)
+class EnrollmentTokenAdmin(admin.ModelAdmin):
+    """Tokens are created here and shown once; afterwards only their prefix is known."""
+
+    form = EnrollmentTokenForm
+    list_display = ["name", "prefix", "auto_approve", "max_devices", "expires_at", "revoked_at", "created_by"]
+    list_filter = ["auto_approve"]
+    readonly_fields = ["prefix", "expires_at", "revoked_at", "created_by", "created_at"]
+    actions = ["revoke"]
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["name", "auto_approve", "max_devices", "expires_in_hours"]
+        return ["name", "auto_approve", "max_devices", *self.readonly_fields]
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return obj is None and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        token, secret = enrollment.create_token(
+            name=data["name"],
+            expires_in=timedelta(hours=data["expires_in_hours"]),
+            auto_approve=data["auto_approve"],
+            max_devices=data["max_devices"],
+            actor=request.user,
+        )
+        _adopt(obj, token)
+        self.message_user(request, f"The token, shown this once: {secret}", messages.WARNING)
+
+    @admin.action(description="Revoke the selected tokens", permissions=["change"])
+    def revoke(self, request, queryset):
+        for token in queryset:
+            enrollment.revoke_token(token, actor=request.user)
+        self.message_user(request, f"Revoked {queryset.count()} token(s).", messages.SUCCESS)

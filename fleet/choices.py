@@ -33,6 +33,8 @@ class ArtifactStatus(models.TextChoices):
 class VersionStatus(models.TextChoices):
     DRAFT = "draft"
     PUBLISHED = "published"
+    # Retired: never offered to a device again, its files kept (services.retention).
+    ARCHIVED = "archived"
 
 
 class DeploymentState(models.TextChoices):
@@ -134,3 +136,22 @@ class PipelineStepState(models.TextChoices):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class Role(models.TextChoices):
+    """What a member of the fleet may do; each is a Django group of the same name (fleet.roles)."""
+
+    VIEWER = "viewer", "Viewer: reads everything"
+    OPERATOR = "operator", "Operator: devices and tags"
+    RELEASE_MANAGER = "release-manager", "Release manager: versions, rollouts and assignments"
+    ADMIN = "admin", "Admin: everything but the audit log's history"
+
+
+class EnrollmentState(models.TextChoices):
+    """Where a device stands with the fleet: only an accepted device gets broker credentials."""
+
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    # Taken out of the fleet: its broker login is gone, and it cannot enroll again under this id.
+    DECOMMISSIONED = "decommissioned"

@@ -1,9 +1,28 @@
 """Query filters of the API's list endpoints; devices are always named by their string id."""
 
+from datetime import UTC
+
 import django_filters as filters
+from django.core.exceptions import ValidationError
+from django_filters.fields import IsoDateTimeField
 
 from fleet.choices import ArtifactRole, ArtifactStatus, DeploymentState, HardwareClass, RolloutState, VersionStatus
 from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion, Rollout
+
+
+class UtcDateTimeField(IsoDateTimeField):
+    """An ISO 8601 time, in UTC: PostgreSQL refuses offsets past ±15:59, which ISO allows."""
+
+    def to_python(self, value):
+        parsed = super().to_python(value)
+        try:
+            return parsed.astimezone(UTC) if parsed is not None else None
+        except OverflowError:
+            raise ValidationError("The time is out of range.", code="invalid") from None
+
+
+class UtcDateTimeFilter(filters.IsoDateTimeFilter):
+    field_class = UtcDateTimeField
 
 
 class RegistryModelFilterSet(filters.FilterSet):
@@ -17,6 +36,12 @@ class RegistryModelFilterSet(filters.FilterSet):
 class VersionFilterSet(filters.FilterSet):
     model = filters.CharFilter(field_name="model__name")
     status = filters.ChoiceFilter(choices=VersionStatus.choices)
+    tag = filters.CharFilter(method="filter_tag", label="Tag: key, or key=value")
+
+    def filter_tag(self, queryset, name, value):
+        key, sep, tag_value = value.partition("=")
+        match = {"tags__key": key, **({"tags__value": tag_value} if sep else {})}
+        return queryset.filter(**match).distinct()
 
     class Meta:
         model = ModelVersion
@@ -56,7 +81,7 @@ class DeploymentFilterSet(filters.FilterSet):
 
 class HeartbeatFilterSet(filters.FilterSet):
     device = filters.CharFilter(field_name="device__device_id")
-    since = filters.IsoDateTimeFilter(field_name="received_at", lookup_expr="gte")
+    since = UtcDateTimeFilter(field_name="received_at", lookup_expr="gte")
 
     class Meta:
         model = Heartbeat
@@ -64,7 +89,7 @@ class HeartbeatFilterSet(filters.FilterSet):
 
 
 class AuditEventFilterSet(filters.FilterSet):
-    since = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    since = UtcDateTimeFilter(field_name="created_at", lookup_expr="gte")
 
     class Meta:
         model = AuditEvent

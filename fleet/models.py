@@ -7,6 +7,7 @@ from fleet.choices import (
     ArtifactRole,
     ArtifactStatus,
     DeploymentState,
+    EnrollmentState,
     HardwareClass,
     InferenceTask,
     PipelineState,
@@ -26,6 +27,14 @@ device_id_validator = RegexValidator(
     "Use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
 )
 slug_validator = RegexValidator(r"^[a-z0-9][a-z0-9_.\-]{0,99}$", "Use lower-case letters, digits, '.', '_' or '-'.")
+# Not all digits: in "model:ref" a number names a version, anything else an alias.
+alias_validator = RegexValidator(
+    r"^(?![0-9]+$)[a-z0-9][a-z0-9_\-]{0,63}$",
+    "Use lower-case letters, digits, '_' or '-', not only digits.",
+)
+tag_key_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_.:/\-]{0,63}$", "Use letters, digits, '.', '_', ':', '/' or '-'."
+)
 
 
 class Model(models.Model):
@@ -111,6 +120,9 @@ class Artifact(models.Model):
     recipe = models.JSONField(default=dict, blank=True)
     # Input and output names, dtypes and shapes, read from the ONNX file; opsets it imports.
     signature = models.JSONField(default=dict, blank=True)
+    # The plane's Ed25519 signature over the file's manifest (agent.signing), set when the
+    # version is published; agents refuse a file whose signature does not verify.
+    manifest_signature = models.CharField(max_length=200, blank=True)
     quality = models.CharField(max_length=16, choices=VariantQuality.choices, default=VariantQuality.UNEVALUATED)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -124,6 +136,64 @@ class Artifact(models.Model):
     def clean(self) -> None:
         if self.role == ArtifactRole.MODEL and not self.precision:
             raise ValidationError({"precision": "A model artifact needs a precision."})
+
+
+class Alias(models.Model):
+    """A movable name for one published version of a model, such as "stable" or "canary"."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=64, validators=[alias_validator])
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="aliases")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model__name", "name"]
+        constraints = [models.UniqueConstraint(fields=["model", "name"], name="unique_model_alias")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name}:{self.name}"
+
+    def clean(self) -> None:
+        if self.version_id and self.model_id and self.version.model_id != self.model_id:
+            raise ValidationError({"version": "An alias points at a version of its own model."})
+        if self.version_id and not self.version.is_published:
+            raise ValidationError({"version": f"{self.version.label} is {self.version.status}; publish it first."})
+
+
+class AliasMove(models.Model):
+    """One move of an alias: from which version to which, by whom, when and why."""
+
+    alias = models.ForeignKey(Alias, on_delete=models.CASCADE, related_name="moves")
+    # Null once that version is deleted; the labels keep what it was.
+    from_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    to_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    from_label = models.CharField(max_length=120, blank=True)
+    to_label = models.CharField(max_length=120)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    actor_label = models.CharField(max_length=150)
+    reason = models.TextField(blank=True)
+    moved_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-moved_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.alias}: {self.from_label or '(new)'} -> {self.to_label}"
+
+
+class VersionTag(models.Model):
+    """A free-form key and value on a version, e.g. dataset=msmarco; an annotation, not part of the release."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="tags")
+    key = models.CharField(max_length=64, validators=[tag_key_validator])
+    value = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["version", "key"]
+        constraints = [models.UniqueConstraint(fields=["version", "key"], name="unique_version_tag")]
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value}" if self.value else self.key
 
 
 class Tag(models.Model):
@@ -162,12 +232,43 @@ class Device(models.Model):
         ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="running_devices"
     )
     current_artifact = models.ForeignKey(Artifact, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # Enrollment (docs/protocol.md). A device that registers by its hello alone, where enrollment
+    # is not required (ENROLLMENT_REQUIRED=false), counts as accepted.
+    enrollment = models.CharField(max_length=16, choices=EnrollmentState.choices, default=EnrollmentState.ACCEPTED)
+    public_key = models.CharField(max_length=64, blank=True, help_text="Ed25519, raw 32 bytes in base64.")
+    enrollment_token = models.ForeignKey(
+        "EnrollmentToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="devices"
+    )
+    # The newest signed timestamp (ms) the device fetched credentials with: an older one is a replay.
+    credentials_signed_at = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["device_id"]
 
     def __str__(self) -> str:
         return self.device_id
+
+
+class EnrollmentToken(models.Model):
+    """A secret an agent presents to join the fleet; only its hash is stored."""
+
+    name = models.CharField(max_length=100)
+    # The first characters of the token, to tell tokens apart without revealing them.
+    prefix = models.CharField(max_length=8)
+    token_hash = models.CharField(max_length=64, unique=True)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Devices enrolling with this token are accepted at once, without an operator.
+    auto_approve = models.BooleanField(default=False)
+    max_devices = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
 
 
 class Deployment(models.Model):
@@ -252,9 +353,10 @@ class Rollout(models.Model):
     """A staged release of one version to a selection of devices, gated stage by stage."""
 
     name = models.CharField(max_length=200, blank=True)
-    # The target is a version. Aliases (issue 3) will resolve to a version when the rollout
-    # is created: add the alias field here and resolve it in services.rollouts.create_rollout.
+    # The target is a version, or an alias: then ``version`` is where the alias pointed when the
+    # rollout was created, and it is resolved again (and recorded) when the rollout starts.
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="rollouts")
+    alias = models.ForeignKey(Alias, null=True, blank=True, on_delete=models.SET_NULL, related_name="rollouts")
     state = models.CharField(max_length=16, choices=RolloutState.choices, default=RolloutState.DRAFT)
     # The selector: devices carrying any of the tags (tags stand for device groups), or named by
     # id; narrowed to one hardware class when set. Empty tags and ids select nothing.

@@ -12,7 +12,7 @@ from agent import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
 from fleet.services import devices, registry, rollouts
-from fleet.services.deployments import desired_message
+from fleet.services.deployments import desired_messages
 
 
 @shared_task(name="fleet.process_artifact", autoretry_for=(OSError,), retry_backoff=True, max_retries=5)
@@ -23,10 +23,15 @@ def process_artifact(artifact_id: int) -> str | None:
 
 @shared_task(name="fleet.publish_desired", autoretry_for=(Exception,), retry_backoff=True, max_retries=10)
 def publish_desired(device_pks: list[int]) -> int:
-    """Publish each device's current desired state, retained. Safe to repeat."""
-    devices_ = Device.objects.filter(pk__in=device_pks)
+    """Publish each device's current desired state, retained. Safe to repeat.
+
+    The messages are built for the whole list at once (desired_messages: a few queries, each
+    version's files and self-test read once) and sent before waiting for any acknowledgement.
+    """
+    devices_ = list(Device.objects.filter(pk__in=device_pks).only("pk", "device_id"))
     messages = [
-        (wire.topic(d.device_id, wire.Channel.DESIRED), wire.encode(desired_message(d)), True) for d in devices_
+        (wire.topic(d.device_id, wire.Channel.DESIRED), wire.encode(desired), True)
+        for d, desired in zip(devices_, desired_messages(devices_), strict=True)
     ]
     return get_publisher().publish_many(messages)
 

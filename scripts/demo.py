@@ -301,14 +301,16 @@ def heartbeat_with_latency(api: Api, device_id: str) -> dict:
     return beat
 
 
-def write_agent_config(path: Path, *, device_id: str, mqtt_url: str, data_dir: Path, port: int) -> None:
+def write_agent_config(path: Path, *, device_id: str, mqtt_url: str, data_dir: Path, port: int, key: str) -> None:
     path.write_text(
         f'device_id = "{device_id}"\n'
         'name = "Demo device"\n'
         f'broker_url = "{mqtt_url}"\n'
         f'data_dir = "{data_dir}"\n'
         "heartbeat_interval = 2.0\n\n"
-        f'[http]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[http]\nhost = "127.0.0.1"\nport = {port}\n\n'
+        # The agent refuses any file whose manifest the plane did not sign with this key.
+        f'[security]\nplane_public_key = "{key}"\n'
     )
 
 
@@ -379,15 +381,21 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     if procs.env["REDIS_URL"]:
         procs.start("worker", PYTHON, "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
                     "-l", "info", "-s", str(var / "celerybeat-schedule"))  # fmt: skip
+    api = Api(f"http://127.0.0.1:{args.web_port}/api/v1", token)
+    wait_until(lambda: (procs.check(), port_open(args.web_port))[1], timeout=60, what="the plane answering")
+    key = api.get("/signing-key/")["public_key"]
+    say(f"the plane signs every published file's manifest; the agent trusts its key {key[:12]}…")
     device_id = args.device_id
     config = var / "agent.toml"
     write_agent_config(
-        config, device_id=device_id, mqtt_url=procs.env["MQTT_URL"], data_dir=var / "agent", port=args.agent_port
+        config,
+        device_id=device_id,
+        mqtt_url=procs.env["MQTT_URL"],
+        data_dir=var / "agent",
+        port=args.agent_port,
+        key=key,
     )
     procs.start("agent", PYTHON, "-m", "agent", "--config", str(config))
-
-    api = Api(f"http://127.0.0.1:{args.web_port}/api/v1", token)
-    wait_until(lambda: (procs.check(), port_open(args.web_port))[1], timeout=60, what="the plane answering")
     version = register_model(api)
     say(f"published {version['label']}")
     wait_until(lambda: (procs.check(), device_seen(api, device_id))[1], timeout=60, what=f"{device_id} saying hello")

@@ -5,8 +5,10 @@ from rest_framework import exceptions, status
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from fleet.services.aliases import AliasError, AliasNotFound
 from fleet.services.deployments import DeploymentError
 from fleet.services.registry import ArtifactRejected, RegistryError
+from fleet.services.retention import RetentionRefused
 from fleet.services.rollouts import RolloutError
 from fleet.storage import TooLarge
 
@@ -24,7 +26,9 @@ class PayloadTooLarge(exceptions.APIException):
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, RegistryError | DeploymentError | RolloutError):
+    if isinstance(exc, AliasNotFound):
+        exc = exceptions.NotFound(str(exc))
+    elif isinstance(exc, RegistryError | DeploymentError | RolloutError | AliasError | RetentionRefused):
         exc = Conflict(str(exc))
     elif isinstance(exc, TooLarge):
         exc = PayloadTooLarge(str(exc))

@@ -1,16 +1,20 @@
 """API representations. They reshape and validate; the services change state."""
 
 from django.db.models import Q
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from agent.manifest import chunk_count
-from fleet.choices import ArtifactRole, HardwareClass, Precision, VersionStatus
+from fleet.choices import ArtifactRole, EnrollmentState, HardwareClass, Precision, VersionStatus
 from fleet.models import (
+    Alias,
+    AliasMove,
     Artifact,
     AuditEvent,
     Deployment,
     Device,
+    EnrollmentToken,
     Heartbeat,
     Model,
     ModelVersion,
@@ -21,8 +25,23 @@ from fleet.models import (
     Tag,
     VariantEvaluation,
     VariantPin,
+    device_id_validator,
     slug_validator,
 )
+
+# One request names at most this many devices, and this many tags.
+MAX_NAMED_DEVICES = 10_000
+MAX_NAMED_TAGS = 100
+MAX_TEXT = 10_000
+
+
+class NameField(serializers.SlugRelatedField):
+    """An object named by a text field. PostgreSQL refuses NUL in text: such a name is invalid, not a 500."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and "\x00" in data:
+            self.fail("invalid")
+        return super().to_internal_value(data)
 
 
 class RegistryModelSerializer(serializers.ModelSerializer):
@@ -34,6 +53,7 @@ class RegistryModelSerializer(serializers.ModelSerializer):
     class Meta:
         model = Model
         fields = ["id", "url", "name", "description", "version_count", "created_at"]
+        extra_kwargs = {"description": {"max_length": MAX_TEXT}}
 
 
 class BriefVersionSerializer(serializers.ModelSerializer):
@@ -121,10 +141,12 @@ class ArtifactSerializer(BriefArtifactSerializer):
 
 class VersionSerializer(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api:version-detail")
-    model = serializers.SlugRelatedField(slug_field="name", queryset=Model.objects.all())
+    model = NameField(slug_field="name", queryset=Model.objects.all())
     parent = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all(), required=False, allow_null=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
     artifacts = BriefArtifactSerializer(many=True, read_only=True)
+    tags = serializers.SerializerMethodField()
+    aliases = serializers.SlugRelatedField(slug_field="name", many=True, read_only=True)
 
     class Meta:
         model = ModelVersion
@@ -144,11 +166,18 @@ class VersionSerializer(serializers.ModelSerializer):
             "quality_threshold",
             "breaking",
             "artifacts",
+            "tags",
+            "aliases",
             "created_by",
             "created_at",
             "published_at",
         ]
         read_only_fields = ["number", "status", "published_at", "breaking"]
+        extra_kwargs = {"notes": {"max_length": MAX_TEXT}}
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_tags(self, version: ModelVersion) -> dict:
+        return {tag.key: tag.value for tag in version.tags.all()}
 
     def validate(self, attrs: dict) -> dict:
         if self.instance is not None and set(attrs) - {"notes"}:
@@ -224,6 +253,7 @@ class DeviceSerializer(serializers.ModelSerializer):
             "hardware",
             "current_version",
             "current_deployment",
+            "enrollment",
         ]
 
     @extend_schema_field(CurrentDeploymentSerializer(allow_null=True))
@@ -268,9 +298,13 @@ class DeploymentSerializer(serializers.ModelSerializer):
 class AssignSerializer(serializers.Serializer):
     """Devices named by id and devices carrying any of the tags: the union of both."""
 
-    devices = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
-    tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
-    reason = serializers.CharField(required=False, allow_blank=True, default="")
+    devices = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list, max_length=MAX_NAMED_DEVICES
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list, max_length=MAX_NAMED_TAGS
+    )
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
 
     def validate(self, attrs: dict) -> dict:
         ids, tags = set(attrs["devices"]), set(attrs["tags"])
@@ -384,9 +418,15 @@ class RolloutStageSerializer(serializers.ModelSerializer):
 
 class RolloutSelectorSerializer(serializers.Serializer):
     tags = serializers.ListField(
-        child=serializers.CharField(max_length=64), required=False, default=list, help_text="Tags act as device groups."
+        child=serializers.CharField(max_length=64),
+        required=False,
+        default=list,
+        max_length=MAX_NAMED_TAGS,
+        help_text="Tags act as device groups.",
     )
-    devices = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+    devices = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list, max_length=MAX_NAMED_DEVICES
+    )
     hardware_class = serializers.ChoiceField(
         choices=HardwareClass.choices, required=False, allow_blank=True, default=""
     )
@@ -397,16 +437,44 @@ class RolloutSelectorSerializer(serializers.Serializer):
         return attrs
 
 
+@extend_schema_field(OpenApiTypes.STR)
+class AliasRefField(serializers.RelatedField):
+    """An alias written ``model:alias``, e.g. ``minilm-embedder:stable``."""
+
+    default_error_messages = {"missing": "{value!r} names no alias: write model:alias."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("queryset", Alias.objects.select_related("model", "version__model"))
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        name, _, alias = str(data).rpartition(":")
+        found = self.get_queryset().filter(model__name=name, name=alias).first()
+        if found is None:
+            self.fail("missing", value=data)
+        return found
+
+    def to_representation(self, value) -> str:
+        return str(value)
+
+
 class RolloutSerializer(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api:rollout-detail")
     progress_url = serializers.HyperlinkedIdentityField(view_name="api:rollout-progress")
     version = serializers.PrimaryKeyRelatedField(
         queryset=ModelVersion.objects.filter(status=VersionStatus.PUBLISHED),
-        help_text="A published version. (Aliases will be accepted here once they exist.)",
+        required=False,
+        help_text="A published version; or give `alias` instead. With an alias, the version it names "
+        "when the rollout starts.",
+    )
+    alias = AliasRefField(
+        required=False,
+        allow_null=True,
+        help_text="`model:alias` to follow, e.g. `minilm-embedder:stable`: resolved again when the rollout starts.",
     )
     version_label = serializers.CharField(source="version.label", read_only=True)
     selector = serializers.SerializerMethodField()
-    stages = RolloutStageSerializer(many=True)
+    stages = RolloutStageSerializer(many=True, max_length=20)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
@@ -417,6 +485,7 @@ class RolloutSerializer(serializers.ModelSerializer):
             "progress_url",
             "name",
             "version",
+            "alias",
             "version_label",
             "state",
             "selector",
@@ -458,6 +527,11 @@ class RolloutCreateSerializer(RolloutSerializer):
 
     def to_representation(self, rollout: Rollout) -> dict:
         return RolloutSerializer(rollout, context=self.context).data
+
+    def validate(self, attrs: dict) -> dict:
+        if not attrs.get("version") and not attrs.get("alias"):
+            raise serializers.ValidationError("Give the rollout a 'version' or an 'alias'.")
+        return attrs
 
     def validate_stages(self, stages: list) -> list:
         if not stages:
@@ -564,10 +638,8 @@ class PipelineSerializer(serializers.ModelSerializer):
 
 class VariantPinSerializer(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api:variantpin-detail")
-    device = serializers.SlugRelatedField(
-        slug_field="device_id", queryset=Device.objects.all(), required=False, allow_null=True
-    )
-    tag = serializers.SlugRelatedField(slug_field="name", queryset=Tag.objects.all(), required=False, allow_null=True)
+    device = NameField(slug_field="device_id", queryset=Device.objects.all(), required=False, allow_null=True)
+    tag = NameField(slug_field="name", queryset=Tag.objects.all(), required=False, allow_null=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
@@ -577,3 +649,115 @@ class VariantPinSerializer(serializers.ModelSerializer):
         # validators would make device and tag both required.
         validators: list = []
         read_only_fields = ["version"]
+
+
+class AliasSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name", read_only=True)
+    version_label = serializers.CharField(source="version.label", read_only=True)
+
+    class Meta:
+        model = Alias
+        fields = ["name", "model", "version", "version_label", "updated_at"]
+        read_only_fields = fields
+
+
+class AliasMoveSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor_label", read_only=True)
+
+    class Meta:
+        model = AliasMove
+        fields = ["id", "from_version", "from_label", "to_version", "to_label", "actor", "reason", "moved_at"]
+        read_only_fields = fields
+
+
+class MoveAliasSerializer(serializers.Serializer):
+    version = serializers.PrimaryKeyRelatedField(
+        queryset=ModelVersion.objects.select_related("model"), help_text="The published version to point at."
+    )
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+    expected_version = serializers.PrimaryKeyRelatedField(
+        queryset=ModelVersion.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Move only if the alias points at this version now (null: only if it does not exist yet).",
+    )
+
+
+class VersionTagsSerializer(serializers.Serializer):
+    tags = serializers.DictField(
+        child=serializers.CharField(max_length=200, allow_blank=True),
+        help_text="Every tag of the version, key to value (a label alone: an empty value); replaces them all.",
+    )
+
+    def validate_tags(self, tags: dict) -> dict:
+        if len(tags) > 50:
+            raise serializers.ValidationError("At most 50 tags.")
+        return tags
+
+
+class RetentionSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+class SigningKeySerializer(serializers.Serializer):
+    algorithm = serializers.CharField()
+    public_key = serializers.CharField(help_text="Base64 of the 32 raw bytes: the agents' security.plane_public_key.")
+
+
+# --- Enrollment ------------------------------------------------------------------------
+
+
+class EnrollmentTokenSerializer(serializers.ModelSerializer):
+    """A token as listed: never its secret, which only the create answer shows, once."""
+
+    url = serializers.HyperlinkedIdentityField(view_name="api:enrollmenttoken-detail")
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    device_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = EnrollmentToken
+        fields = [
+            "id",
+            "url",
+            "name",
+            "prefix",
+            "expires_at",
+            "revoked_at",
+            "auto_approve",
+            "max_devices",
+            "device_count",
+            "created_by",
+            "created_at",
+        ]
+        read_only_fields = ["prefix", "expires_at", "revoked_at"]
+
+
+class EnrollmentTokenCreateSerializer(EnrollmentTokenSerializer):
+    expires_in_hours = serializers.IntegerField(min_value=1, max_value=24 * 365, default=24, write_only=True)
+    token = serializers.CharField(read_only=True, help_text="The secret: shown in this answer only.")
+
+    class Meta(EnrollmentTokenSerializer.Meta):
+        fields = [*EnrollmentTokenSerializer.Meta.fields, "expires_in_hours", "token"]
+
+
+class EnrollSerializer(serializers.Serializer):
+    token = serializers.CharField(max_length=100)
+    device_id = serializers.CharField(max_length=64, validators=[device_id_validator])
+    public_key = serializers.CharField(max_length=64, help_text="Ed25519 public key: raw 32 bytes in base64.")
+    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+
+
+class EnrollmentStatusSerializer(serializers.Serializer):
+    device_id = serializers.CharField()
+    state = serializers.ChoiceField(choices=EnrollmentState.choices)
+
+
+class CredentialsRequestSerializer(serializers.Serializer):
+    timestamp_ms = serializers.IntegerField(min_value=0, max_value=2**53)
+    signature = serializers.CharField(max_length=100, help_text="Ed25519 signature, base64, of the signed message.")
+
+
+class CredentialsSerializer(EnrollmentStatusSerializer):
+    username = serializers.CharField(allow_null=True)
+    password = serializers.CharField(allow_null=True)
+    broker_url = serializers.CharField(allow_null=True)

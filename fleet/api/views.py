@@ -1,23 +1,34 @@
 """The REST API: each viewset names its queryset, serializer and filters; actions call one service."""
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.db.models import Count, Prefetch
+from django.http import Http404
+from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
-from rest_framework.decorators import action
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.decorators import action, api_view, permission_classes
+from rest_framework.exceptions import APIException, PermissionDenied, Throttled
+from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
 
-from fleet import filtersets
+from fleet import auth, filtersets, signing
 from fleet.api import serializers
 from fleet.api.exceptions import PayloadTooLarge
-from fleet.choices import DeploymentState
+from fleet.choices import DeploymentState, EnrollmentState
 from fleet.models import (
+    Alias,
     Artifact,
     AuditEvent,
     Deployment,
     Device,
+    EnrollmentToken,
     Heartbeat,
     Model,
     ModelVersion,
@@ -25,7 +36,7 @@ from fleet.models import (
     Rollout,
     VariantPin,
 )
-from fleet.services import deployments, devices, pipeline, registry, rollouts
+from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -49,6 +60,47 @@ class RegistryModelViewSet(
         serializer.instance.version_count = 0
 
 
+class AliasViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """``/models/{model_name}/aliases/{name}/``: read an alias, or move it with PUT."""
+
+    serializer_class = serializers.AliasSerializer
+    lookup_field = "name"
+    lookup_value_regex = r"[^/]+"
+    http_method_names = ["get", "put", "head", "options"]
+    filter_backends = []
+    pagination_class = None
+
+    def get_queryset(self):
+        return Alias.objects.select_related("model", "version__model").filter(model__name=self.kwargs.get("model_name"))
+
+    @extend_schema(
+        request=serializers.MoveAliasSerializer,
+        responses=serializers.AliasSerializer,
+        description="Point the alias at a published version of this model, creating it if new; every move "
+        "is kept in its history. With `expected_version`, only if it still points there (else 409).",
+    )
+    def update(self, request, model_name=None, name=None):
+        model = get_object_or_404(Model, name=model_name)
+        body = serializers.MoveAliasSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        fields = dict(body.validated_data)
+        aliases.move_alias(
+            model,
+            name,
+            fields["version"],
+            actor=request.user,
+            reason=fields["reason"],
+            expected=fields.get("expected_version"),
+            check_expected="expected_version" in fields,
+        )
+        return Response(self.get_serializer(self.get_queryset().get(name=name)).data)
+
+    @extend_schema(responses=serializers.AliasMoveSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def history(self, request, model_name=None, name=None):
+        return Response(serializers.AliasMoveSerializer(self.get_object().moves.all(), many=True).data)
+
+
 class VersionViewSet(
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -57,12 +109,16 @@ class VersionViewSet(
     viewsets.GenericViewSet,
 ):
     queryset = ModelVersion.objects.select_related("model", "created_by").prefetch_related(
-        Prefetch("artifacts", queryset=Artifact.objects.defer("chunk_hashes"))
+        Prefetch("artifacts", queryset=Artifact.objects.defer("chunk_hashes")), "tags", "aliases"
     )
     serializer_class = serializers.VersionSerializer
     filterset_class = filtersets.VersionFilterSet
-    http_method_names = ["get", "post", "patch", "head", "options"]
+    http_method_names = ["get", "post", "put", "patch", "delete", "head", "options"]
+    # Besides its id, a version is named "model:number" or "model:alias" (e.g. minilm:stable).
+    lookup_value_regex = r"[^/]+"
     action_permissions = {
+        "tags": ["fleet.change_modelversion"],
+        "archive": ["fleet.change_modelversion"],
         "publish": ["fleet.change_modelversion"],
         "artifacts": ["fleet.change_modelversion"],
         "optimize": ["fleet.change_modelversion"],
@@ -72,6 +128,54 @@ class VersionViewSet(
     def perform_create(self, serializer):
         fields = dict(serializer.validated_data)
         serializer.instance = registry.create_version(fields.pop("model"), actor=self.request.user, **fields)
+
+    def get_object(self):
+        ref = self.kwargs.get("pk", "")
+        if ":" in ref:
+            try:
+                self.kwargs["pk"] = str(aliases.resolve_label(ref).pk)
+            except aliases.AliasNotFound:
+                raise Http404 from None
+        elif not ref.isdigit():
+            raise Http404
+        return super().get_object()
+
+    def update(self, request, *args, **kwargs):
+        if not kwargs.get("partial"):
+            return Response({"detail": "Use PATCH to change a version's notes."}, status.HTTP_405_METHOD_NOT_ALLOWED)
+        return super().update(request, *args, **kwargs)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("reason", OpenApiTypes.STR, description="Why, for the audit log.")],
+        description="Delete a version nothing runs, takes or names, with its artifacts; each file leaves the "
+        "store unless another artifact shares it. A version with deployment or rollout history is refused "
+        "(409): archive it instead.",
+    )
+    def destroy(self, request, *args, **kwargs):
+        version = self.get_object()
+        retention.delete_version(version, actor=request.user, reason=request.query_params.get("reason", ""))
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        request=serializers.RetentionSerializer,
+        responses=serializers.VersionSerializer,
+        description="Retire a published version nothing runs, takes or names: it is never offered again; "
+        "its files are kept. Refused with the reasons (409) otherwise.",
+    )
+    @action(detail=True, methods=["post"])
+    def archive(self, request, pk=None):
+        body = serializers.RetentionSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        version = retention.archive_version(self.get_object(), actor=request.user, **body.validated_data)
+        return Response(self.get_serializer(self.get_queryset().get(pk=version.pk)).data)
+
+    @extend_schema(request=serializers.VersionTagsSerializer, responses=serializers.VersionSerializer)
+    @action(detail=True, methods=["put"])
+    def tags(self, request, pk=None):
+        body = serializers.VersionTagsSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        version = registry.set_version_tags(self.get_object(), body.validated_data["tags"], actor=request.user)
+        return Response(self.get_serializer(self.get_queryset().get(pk=version.pk)).data)
 
     def perform_update(self, serializer):
         notes = serializer.validated_data.get("notes", serializer.instance.notes)
@@ -173,6 +277,9 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_value_regex = r"[^/]+"
     action_permissions = {
         "tags": ["fleet.change_device"],
+        "accept": ["fleet.change_device"],
+        "reject": ["fleet.change_device"],
+        "decommission": ["fleet.change_device"],
         "heartbeats": ["fleet.view_device", "fleet.view_heartbeat"],
     }
 
@@ -184,6 +291,27 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
         names.is_valid(raise_exception=True)
         devices.set_tags(device, names.validated_data["tags"], actor=request.user)
         return Response(self.get_serializer(self.get_queryset().get(pk=device.pk)).data)
+
+    def _verdict(self, request, service):
+        device = service(self.get_object(), actor=request.user)
+        return Response(self.get_serializer(self.get_queryset().get(pk=device.pk)).data)
+
+    @extend_schema(request=None, responses=serializers.DeviceSerializer)
+    @action(detail=True, methods=["post"])
+    def accept(self, request, device_id=None):
+        """Accept a pending (or rejected) device: it may fetch its broker credentials."""
+        return self._verdict(request, enrollment.accept_device)
+
+    @extend_schema(request=None, responses=serializers.DeviceSerializer)
+    @action(detail=True, methods=["post"])
+    def reject(self, request, device_id=None):
+        return self._verdict(request, enrollment.reject_device)
+
+    @extend_schema(request=None, responses=serializers.DeviceSerializer)
+    @action(detail=True, methods=["post"])
+    def decommission(self, request, device_id=None):
+        """Take the device out of the fleet: its broker login is removed and the broker disconnects it."""
+        return self._verdict(request, enrollment.decommission_device)
 
     @extend_schema(
         parameters=[OpenApiParameter("limit", OpenApiTypes.INT, description="How many, newest first (at most 1000).")],
@@ -223,7 +351,7 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet):
 class RolloutViewSet(
     mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
 ):
-    queryset = Rollout.objects.select_related("version__model", "created_by").prefetch_related("stages")
+    queryset = Rollout.objects.select_related("version__model", "alias__model", "created_by").prefetch_related("stages")
     filterset_class = filtersets.RolloutFilterSet
     action_permissions = {
         action: ["fleet.release_rollout"] for action in ("start", "pause", "resume", "promote", "abort", "rollback")
@@ -236,7 +364,7 @@ class RolloutViewSet(
         fields = dict(serializer.validated_data)
         selector = fields.pop("selector")
         serializer.instance = rollouts.create_rollout(
-            fields.pop("version"),
+            fields.pop("version", None),
             stages=[dict(stage) for stage in fields.pop("stages")],
             tags=selector["tags"],
             device_ids=selector["devices"],
@@ -328,3 +456,106 @@ class VariantPinViewSet(
 
     def perform_destroy(self, instance):
         registry.unpin_variant(instance, actor=self.request.user)
+
+
+@extend_schema(
+    responses=serializers.SigningKeySerializer,
+    description="The public half of the key that signs every published file's manifest: put it in each "
+    "agent's `[security] plane_public_key`. Public, like any public key.",
+)
+@api_view(["GET"])
+@permission_classes([AllowAny])
+def signing_key(request):
+    return Response({"algorithm": "ed25519", "public_key": signing.public_key()})
+
+
+class TokenView(ObtainAuthToken):
+    """DRF's token for a username and password, answering 429 once sign-ins failed too often (fleet.auth)."""
+
+    def post(self, request, *args, **kwargs):
+        if auth.locked_out(request, str(request.data.get("username", ""))[:150] or None):
+            raise Throttled(wait=settings.LOGIN_FAILURE_WINDOW, detail="Too many failed sign-ins; try again later.")
+        return super().post(request, *args, **kwargs)
+
+
+class EnrollmentTokenViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
+    queryset = EnrollmentToken.objects.select_related("created_by").annotate(device_count=Count("devices"))
+    filterset_fields = ["auto_approve"]
+    action_permissions = {"revoke": ["fleet.change_enrollmenttoken"]}
+
+    def get_serializer_class(self):
+        if self.action == "create":
+            return serializers.EnrollmentTokenCreateSerializer
+        return serializers.EnrollmentTokenSerializer
+
+    def perform_create(self, serializer):
+        fields = dict(serializer.validated_data)
+        hours = fields.pop("expires_in_hours")
+        token, secret = enrollment.create_token(expires_in=timedelta(hours=hours), actor=self.request.user, **fields)
+        token.device_count = 0
+        token.token = secret
+        serializer.instance = token
+
+    @extend_schema(request=None, responses=serializers.EnrollmentTokenSerializer)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, pk=None):
+        enrollment.revoke_token(self.get_object(), actor=request.user)
+        return Response(self.get_serializer(self.get_queryset().get(pk=pk)).data)
+
+
+class EnrollmentRefused(APIException):
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "enrollment_refused"
+
+
+class EnrollView(GenericAPIView):
+    """An agent asks to join the fleet with an enrollment token and its public key (no user login)."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "enroll"
+    serializer_class = serializers.EnrollSerializer
+
+    @extend_schema(request=serializers.EnrollSerializer, responses={202: serializers.EnrollmentStatusSerializer})
+    def post(self, request):
+        data = serializers.EnrollSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        try:
+            device = enrollment.enroll(fields.pop("token"), **fields)
+        except enrollment.EnrollmentError as exc:
+            raise EnrollmentRefused(str(exc)) from None
+        return Response({"device_id": device.device_id, "state": device.enrollment}, status=status.HTTP_202_ACCEPTED)
+
+
+class CredentialsView(GenericAPIView):
+    """An enrolled agent, signing a fresh timestamp with its key, gets its broker credentials once accepted."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "enroll"
+    serializer_class = serializers.CredentialsRequestSerializer
+
+    @extend_schema(
+        request=serializers.CredentialsRequestSerializer,
+        responses={200: serializers.CredentialsSerializer, 202: serializers.EnrollmentStatusSerializer},
+        description="Sign `edgefleet-credentials-v1\\n<device_id>\\n<timestamp_ms>` with the device's Ed25519 "
+        "key. 202 while pending; 200 with a new broker password once accepted; 403 when rejected, "
+        "decommissioned, or the signature does not verify.",
+    )
+    def post(self, request, device_id):
+        data = serializers.CredentialsRequestSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            issued = enrollment.issue_credentials(device_id, **data.validated_data)
+        except enrollment.NotAccepted as exc:
+            raise PermissionDenied(str(exc)) from None
+        except enrollment.EnrollmentError as exc:
+            raise EnrollmentRefused(str(exc)) from None
+        if issued.state != EnrollmentState.ACCEPTED:
+            return Response({"device_id": device_id, "state": issued.state}, status=status.HTTP_202_ACCEPTED)
+        return Response(serializers.CredentialsSerializer(issued).data)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 SENTENCES_PATH = Path(__file__).parent / "data" / "sentences.txt"
-_INPUT, _OUTPUT = "input:", "output:"
+_INPUT, _OUTPUT, _TEXTS = "input:", "output:", "texts"
 
 
 def default_sentences() -> list[str]:
@@ -53,9 +53,12 @@ def run_model(model: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def dump_set(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> bytes:
+def dump_set(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, texts: list[str] | None = None) -> bytes:
     buffer = io.BytesIO()
     arrays = {f"{_INPUT}{k}": v for k, v in inputs.items()} | {f"{_OUTPUT}{k}": v for k, v in outputs.items()}
+    if texts is not None:
+        # The sentences themselves, so a device can be sent real text to self-test with.
+        arrays[_TEXTS] = np.array(texts, dtype=np.str_)
     np.savez_compressed(buffer, **arrays)
     return buffer.getvalue()
 
@@ -65,6 +68,28 @@ def load_set(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         inputs = {k.removeprefix(_INPUT): data[k] for k in data.files if k.startswith(_INPUT)}
         outputs = {k.removeprefix(_OUTPUT): data[k] for k in data.files if k.startswith(_OUTPUT)}
     return inputs, outputs
+
+
+def load_texts(path: Path) -> list[str] | None:
+    """The sentences a text set was tokenized from, if the set stores them."""
+    with np.load(path, allow_pickle=False) as data:
+        return [str(t) for t in data[_TEXTS]] if _TEXTS in data.files else None
+
+
+def device_embeddings(output: np.ndarray, mask: np.ndarray | None, pooling: str, normalize: bool) -> np.ndarray:
+    """Pooled (and normalized) as the agent does it (agent.runtime.pool, l2_normalize), per sample."""
+    hidden = output.astype(np.float64)
+    if hidden.ndim == 3:
+        if pooling == "cls":
+            hidden = hidden[:, 0, :]
+        elif mask is None:
+            hidden = hidden.mean(axis=1)
+        else:
+            weights = mask.astype(np.float64)[:, :, None]
+            hidden = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+    if normalize:
+        hidden = hidden / np.clip(np.linalg.norm(hidden, axis=1, keepdims=True), 1e-12, None)
+    return hidden
 
 
 def _per_sample(output: np.ndarray, mask: np.ndarray | None, pooling: str) -> np.ndarray:

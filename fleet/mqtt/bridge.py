@@ -30,7 +30,7 @@ from fleet import tasks
 from fleet.choices import SETTLED_DEPLOYMENT_STATES, ArtifactRole, ArtifactStatus
 from fleet.models import Artifact, Deployment, Device
 from fleet.mqtt.client import connect
-from fleet.services import deployments, devices, telemetry
+from fleet.services import deployments, devices, enrollment, telemetry
 from fleet.storage import FilesystemStore
 
 log = logging.getLogger("fleet.bridge")
@@ -91,6 +91,7 @@ class Bridge:
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self._heartbeats: list[telemetry.ReceivedHeartbeat] = []
+        self._states: list[deployments.ReceivedState] = []
         self._last_flush = time.monotonic()
         self._device_pks: dict[str, int] = {}
         self._unknown_until: dict[str, float] = {}
@@ -143,12 +144,15 @@ class Bridge:
             self._apply(device_id, channel, message, item.received_at)
         except deployments.StaleReport as exc:
             self._refuse("stale_report", item.topic, str(exc))
+        except enrollment.NotAccepted as exc:
+            self._refuse("not_accepted", item.topic, str(exc))
         except Exception:
             self.stats.add("errors")
             log.exception("failed to apply a message on %s", item.topic)
 
     def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
         if channel is wire.Channel.HELLO:
+            enrollment.require_accepted(device_id)  # under ENROLLMENT_REQUIRED only
             device, created = devices.record_hello(message)  # type: ignore[arg-type]  # channel fixes the type
             self._device_pks[device_id] = device.pk
             self._unknown_until.pop(device_id, None)
@@ -169,6 +173,7 @@ class Bridge:
         # Cache a miss briefly, so a flood from an unknown id costs one query a second.
         if self._unknown_until.get(device_id, 0) > time.monotonic():
             return None
+        enrollment.require_accepted(device_id)  # under ENROLLMENT_REQUIRED only
         pk = telemetry.device_pks([device_id]).get(device_id)
         if pk is None:
             self._unknown_until[device_id] = time.monotonic() + 1.0
@@ -191,16 +196,52 @@ class Bridge:
         if pk is None:
             self._refuse("unknown_device", device_id, "state report from a device that never said hello")
             return
-        # Heartbeats first, so the stored series stays in the order the device sent it.
-        self.flush()
-        deployment = deployments.record_state(Device(pk=pk, device_id=device_id), report)
-        self.stats.add(f"state_{deployment.state}")
-        if deployment.state in SETTLED_DEPLOYMENT_STATES:
-            self._settled_deployments.add(deployment.pk)
+        # Batched like heartbeats: a fan-out to thousands of devices is thousands of reports a
+        # second, and one transaction each cost six queries (docs/benchmarks.md).
+        self._states.append(deployments.ReceivedState(pk, device_id, report))
+        if len(self._states) >= self.batch_size:
+            self.flush()
 
     def flush(self) -> None:
-        """Store the pending heartbeats in one transaction; on failure keep them and retry later."""
+        """Store pending heartbeats, then apply pending state reports, each kind in one transaction."""
         self._last_flush = time.monotonic()
+        # Heartbeats first, so the stored series stays in the order the device sent it.
+        self._flush_heartbeats()
+        self._flush_states()
+
+    def _flush_states(self) -> None:
+        """Apply the batch; if the batch fails as a whole, each report alone, so one cannot sink the rest."""
+        if not self._states:
+            return
+        batch, self._states = self._states, []
+        started = time.monotonic()
+        try:
+            outcomes = deployments.record_states(batch)
+            log.debug("applied %d state reports in %.3f s", len(batch), time.monotonic() - started)
+        except Exception:
+            log.exception("applying %d state reports in one batch failed; applying them one by one", len(batch))
+            close_old_connections()
+            outcomes = [self._record_one(item) for item in batch]
+        for item, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, deployments.StaleReport):
+                self._refuse("stale_report", wire.topic(item.device_id, wire.Channel.STATE), str(outcome))
+            elif outcome is not None:
+                self.stats.add(f"state_{outcome.state}")
+                if outcome.state in SETTLED_DEPLOYMENT_STATES:
+                    self._settled_deployments.add(outcome.pk)
+
+    def _record_one(self, item: deployments.ReceivedState) -> Deployment | deployments.StaleReport | None:
+        try:
+            return deployments.record_state(Device(pk=item.device_pk, device_id=item.device_id), item.report)
+        except deployments.StaleReport as exc:
+            return exc
+        except Exception:
+            self.stats.add("errors")
+            log.exception("failed to apply a state report of %s", item.device_id)
+            return None
+
+    def _flush_heartbeats(self) -> None:
+        """Store the pending heartbeats in one transaction; on failure keep them and retry later."""
         if not self._heartbeats:
             return
         try:

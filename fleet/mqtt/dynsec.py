@@ -125,6 +125,21 @@ class DynSec:
         self._set_role(role, device_acls(device_id))
         self.execute("createClient", username=device_id, password=password, roles=[{"rolename": role}])
 
+    def set_device_password(self, device_id: str, password: str) -> None:
+        """Create the device's login, or give the existing one a new password."""
+        role = DEVICE_ROLE_PREFIX + device_id
+        self._set_role(role, device_acls(device_id))
+        created = self.execute(
+            "createClient",
+            username=device_id,
+            password=password,
+            roles=[{"rolename": role}],
+            ignore=("Client already exists",),
+        )
+        if created.get("error"):
+            self.execute("setClientPassword", username=device_id, password=password)
+            self.execute("enableClient", username=device_id)
+
     def add_bridge(self, username: str, password: str) -> None:
         self.execute("createClient", username=username, password=password, roles=[{"rolename": BRIDGE_ROLE}])
 

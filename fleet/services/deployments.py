@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 from django.db import transaction
 from django.utils import timezone
 
@@ -18,6 +20,7 @@ from fleet.choices import (
     ArtifactStatus,
     DeploymentState,
     HardwareClass,
+    InferenceTask,
     VariantQuality,
 )
 from fleet.lib import variants
@@ -164,26 +167,148 @@ def current_deployment(device: Device) -> Deployment | None:
     )
 
 
+def current_deployments(device_pks: Iterable[int]) -> dict[int, Deployment]:
+    """``current_deployment`` of many devices in one query: device pk -> its deployment."""
+    found: dict[int, Deployment] = {}
+    rows = (
+        Deployment.objects.filter(device__in=list(device_pks))
+        .exclude(state=DeploymentState.SUPERSEDED)
+        .select_related("version__model", "artifact")
+        .order_by("device_id", "-id")
+    )
+    for deployment in rows:
+        found.setdefault(deployment.device_id, deployment)
+    return found
+
+
 def desired_message(device: Device, *, deployment: Deployment | None = None) -> wire.Desired:
     deployment = deployment or current_deployment(device)
+    return _desired(device, deployment, _VersionFiles.load([deployment.version] if deployment else []))
+
+
+def desired_messages(devices: Sequence[Device]) -> list[wire.Desired]:
+    """Each device's desired state, in order, with a handful of queries for the whole list."""
+    current = current_deployments(d.pk for d in devices)
+    files = _VersionFiles.load({d.version_id: d.version for d in current.values()}.values())
+    return [_desired(device, current.get(device.pk), files) for device in devices]
+
+
+def _desired(device: Device, deployment: Deployment | None, files: _VersionFiles) -> wire.Desired:
     now = timezone.now().timestamp()
     if deployment is None:
         return wire.Desired(device_id=device.device_id, deployment_id=None, issued_at=now)
     version = deployment.version
-    files = [file_manifest(deployment.artifact)]
-    tokenizers = version.artifacts.filter(role=ArtifactRole.TOKENIZER, status=ArtifactStatus.READY)
-    files += [file_manifest(t) for t in tokenizers]
     return wire.Desired(
         device_id=device.device_id,
         deployment_id=deployment.pk,
         model=version.model.name,
         version=str(version.number),
-        files=files,
+        files=[files.manifest(deployment.artifact), *files.tokenizers.get(version.pk, [])],
         inference=wire.InferenceSpec(
             task=version.task, pooling=version.pooling, normalize=version.normalize, max_length=version.max_length
         ),
         issued_at=now,
+        providers=variant_providers(deployment.artifact),
+        selftest=files.selftest(version),
     )
+
+
+class _VersionFiles:
+    """What the desired messages of a batch share, read once per version: manifests and self-tests."""
+
+    def __init__(self, tokenizers: dict[int, list[wire.FileManifest]], evaluations: dict[int, Artifact]) -> None:
+        self.tokenizers = tokenizers
+        self.evaluations = evaluations
+        self._manifests: dict[int, wire.FileManifest] = {}
+
+    @classmethod
+    def load(cls, versions: Iterable[ModelVersion]) -> _VersionFiles:
+        pks = [v.pk for v in versions]
+        tokenizers: dict[int, list[wire.FileManifest]] = {}
+        evaluations: dict[int, Artifact] = {}
+        if pks:
+            roles = (ArtifactRole.TOKENIZER, ArtifactRole.EVALUATION)
+            rows = Artifact.objects.filter(version__in=pks, role__in=roles, status=ArtifactStatus.READY).order_by("pk")
+            for artifact in rows:
+                if artifact.role == ArtifactRole.TOKENIZER:
+                    tokenizers.setdefault(artifact.version_id, []).append(file_manifest(artifact))
+                else:
+                    # The newest evaluation set: one built from the version's current fp32 source.
+                    evaluations[artifact.version_id] = artifact
+        return cls(tokenizers, evaluations)
+
+    def manifest(self, artifact: Artifact) -> wire.FileManifest:
+        if artifact.pk not in self._manifests:
+            self._manifests[artifact.pk] = file_manifest(artifact)
+        return self._manifests[artifact.pk]
+
+    def selftest(self, version: ModelVersion) -> wire.SelfTest | None:
+        evaluation_set = self.evaluations.get(version.pk)
+        if evaluation_set is None or version.task != InferenceTask.EMBEDDING:
+            return None
+        try:
+            return _selftest(
+                evaluation_set.sha256, evaluation_set.storage_key,
+                version.pooling, version.normalize, version.quality_threshold,
+            )  # fmt: skip
+        except (OSError, ValueError, KeyError) as exc:
+            # Not cached: the next message tries again. The agent falls back to its smoke test.
+            log.warning("evaluation set %s of %s is unreadable; no self-test shipped: %s",
+                        evaluation_set.sha256, version.label, exc)  # fmt: skip
+            return None
+
+
+# How many evaluation sentences a device runs before it activates, and the room they may take
+# in the desired message (wire.MAX_MESSAGE_BYTES is 64 KiB; the file manifests need the rest).
+SELFTEST_TEXTS = 4
+SELFTEST_MAX_BYTES = 24 * 1024
+# The expected embeddings are the fp32 reference; the device runs a variant (int8, int4, fp16)
+# that the pipeline accepted for a *mean* cosine ≥ quality_threshold over the whole set. One
+# sentence may sit a little below the mean, so the device is held to the threshold minus this.
+SELFTEST_COSINE_MARGIN = 0.02
+# Five decimals of a unit vector: a cosine error under 1e-5, a third of the bytes of full floats.
+SELFTEST_DECIMALS = 5
+
+
+@functools.lru_cache(maxsize=64)
+def _selftest(sha256: str, storage_key: str, pooling: str, normalize: bool, threshold: float) -> wire.SelfTest | None:
+    """Up to SELFTEST_TEXTS real sentences of the evaluation set and their fp32 embeddings.
+
+    Cached by the set's content: an evaluation set is immutable, so a fan-out reads it once.
+    """
+    from fleet.lib import evaluation
+    from fleet.storage import get_store
+
+    path = get_store().path(storage_key)
+    inputs, outputs = evaluation.load_set(path)
+    texts = evaluation.load_texts(path)
+    if not texts or not outputs:
+        return None
+    reference = next(iter(outputs.values()))
+    vectors = evaluation.device_embeddings(reference, inputs.get("attention_mask"), pooling, normalize)
+    cases = [
+        (text, [round(float(x), SELFTEST_DECIMALS) for x in vector])
+        for text, vector in zip(texts[:SELFTEST_TEXTS], vectors, strict=False)
+    ]
+    min_cosine = max(0.0, round(threshold - SELFTEST_COSINE_MARGIN, 4))
+    while cases:
+        test = wire.SelfTest(texts=[t for t, _ in cases], embeddings=[e for _, e in cases], min_cosine=min_cosine)
+        if len(msgspec.json.encode(test)) <= SELFTEST_MAX_BYTES:
+            return test
+        cases.pop()
+    return None
+
+
+def variant_providers(artifact: Artifact) -> list[str]:
+    """Execution providers the variant cannot run without; the CPU provider goes without saying.
+
+    A recipe may name them (``recipe["providers"]``); an fp16 build for macOS arm64 is made
+    for CoreML, and on the CPU provider it would run slower than the fp32 it replaces.
+    """
+    named = artifact.recipe.get("providers") if isinstance(artifact.recipe, dict) else None
+    if named is None and artifact.precision == "fp16" and artifact.hardware_class == HardwareClass.DARWIN_ARM64:
+        named = ["CoreMLExecutionProvider"]
+    return [str(p) for p in (named or []) if p != "CPUExecutionProvider"][:8]
 
 
 def file_manifest(artifact: Artifact) -> wire.FileManifest:
@@ -196,6 +321,7 @@ def file_manifest(artifact: Artifact) -> wire.FileManifest:
         chunks=artifact.chunk_hashes,
         format=artifact.format,
         precision=artifact.precision,
+        signature=artifact.manifest_signature,
     )
 
 
@@ -214,41 +340,58 @@ def _allowed_from(state: str) -> list[str]:
     return [s for s, r in DEPLOYMENT_PROGRESS.items() if r < rank or (r == rank and s == DeploymentState.DOWNLOADING)]
 
 
+_STAMPS = {
+    DeploymentState.DOWNLOADING: "downloading_at",
+    DeploymentState.VERIFYING: "verifying_at",
+    DeploymentState.ACTIVE: "active_at",
+    DeploymentState.FAILED: "failed_at",
+    DeploymentState.INELIGIBLE: "failed_at",
+    DeploymentState.ROLLED_BACK: "failed_at",
+}
+
+
+def _report_updates(deployment: Deployment, report: wire.StateReport, now) -> dict | None:
+    """The fields a report changes on the deployment as it is now; None for a confirmation.
+
+    Raises StaleReport when the report does not apply: the compare of compare-and-swap.
+    """
+    new = DeploymentState(report.state)
+    before = deployment.state
+    if before == new and new not in OPEN_DEPLOYMENT_STATES:
+        # The agent confirms again after every reconnect; nothing changes.
+        return None
+    updates: dict = {"state": new, "updated_at": now, "bytes_done": report.bytes_done,
+                     "bytes_total": report.bytes_total}  # fmt: skip
+    if new == DeploymentState.ACTIVE and report.sha256 and report.sha256 != deployment.artifact.sha256:
+        new = updates["state"] = DeploymentState.FAILED
+        updates["error"] = f"device activated sha256 {report.sha256}, expected {deployment.artifact.sha256}"
+    if new in (DeploymentState.FAILED, DeploymentState.INELIGIBLE, DeploymentState.ROLLED_BACK):
+        updates.setdefault("error", report.error or f"the device reported {new} without a reason")
+    if before != new:
+        updates[_STAMPS[new]] = now
+    if before not in _allowed_from(new):
+        raise StaleReport(f"deployment {deployment.pk} is {before}; a {new} report does not apply")
+    return updates
+
+
+def _check_report(report: wire.StateReport) -> None:
+    if report.state == DeploymentState.PENDING:
+        raise StaleReport("agents do not report pending")
+
+
 def record_state(device: Device, report: wire.StateReport) -> Deployment:
     """Apply an agent's report to its deployment, compare-and-swap on the state."""
-    new = DeploymentState(report.state)
-    if new == DeploymentState.PENDING:
-        raise StaleReport("agents do not report pending")
+    _check_report(report)
     now = timezone.now()
-    updates: dict = {
-        "state": new,
-        "updated_at": now,
-        "bytes_done": report.bytes_done,
-        "bytes_total": report.bytes_total,
-    }
-    stamp = {
-        "downloading": "downloading_at",
-        "verifying": "verifying_at",
-        "active": "active_at",
-        "failed": "failed_at",
-        "ineligible": "failed_at",
-        "rolled_back": "failed_at",
-    }
     with transaction.atomic():
         deployment = Deployment.objects.select_for_update().filter(pk=report.deployment_id, device=device).first()
         if deployment is None:
             raise StaleReport(f"deployment {report.deployment_id} is not one of {device.device_id}'s")
         before = deployment.state
-        if before == new and new not in OPEN_DEPLOYMENT_STATES:
-            # The agent confirms again after every reconnect; nothing changes.
+        updates = _report_updates(deployment, report, now)
+        if updates is None:
             return deployment
-        if new == DeploymentState.ACTIVE and report.sha256 and report.sha256 != deployment.artifact.sha256:
-            new, updates["state"] = DeploymentState.FAILED, DeploymentState.FAILED
-            updates["error"] = f"device activated sha256 {report.sha256}, expected {deployment.artifact.sha256}"
-        if new in (DeploymentState.FAILED, DeploymentState.INELIGIBLE, DeploymentState.ROLLED_BACK):
-            updates.setdefault("error", report.error or f"the device reported {new} without a reason")
-        if before != new:
-            updates[stamp[new]] = now
+        new = updates["state"]
         changed = Deployment.objects.filter(pk=deployment.pk, state__in=_allowed_from(new)).update(**updates)
         if not changed:
             raise StaleReport(f"deployment {deployment.pk} is {before}; a {new} report does not apply")
@@ -267,6 +410,111 @@ def record_state(device: Device, report: wire.StateReport) -> Deployment:
         elif new == DeploymentState.ROLLED_BACK:
             _restore_previous(device, deployment)
     return deployment
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedState:
+    """One state report as the bridge received it, from a device it knows."""
+
+    device_pk: int
+    device_id: str
+    report: wire.StateReport
+
+
+def record_states(batch: Sequence[ReceivedState]) -> list[Deployment | StaleReport]:
+    """Apply many reports in one transaction with a handful of queries; per report, in order,
+    the deployment as it ends up or the StaleReport that refused it.
+
+    Each report is judged exactly as ``record_state`` judges it, in the order received, so two
+    reports on one deployment in a batch (downloading, then active) apply one after the other.
+    """
+    outcomes: list[Deployment | StaleReport] = []
+    if not batch:
+        return outcomes
+    now = timezone.now()
+    with transaction.atomic():
+        # Lock every reported deployment, in id order so two bridges' batches cannot deadlock.
+        # Under the lock the state read here is the one the write replaces: the batch's
+        # compare-and-swap, without a conditional UPDATE per report.
+        ids = sorted({item.report.deployment_id for item in batch})
+        rows = {
+            d.pk: d
+            for d in Deployment.objects.select_for_update(of=("self",))
+            .select_related("artifact", "version__model", "device")
+            .filter(pk__in=ids)
+            .order_by("pk")
+        }
+        # deployment pk -> (its state before the batch, the fields the batch sets on it)
+        changed: dict[int, tuple[str, dict]] = {}
+        events: list[AuditEvent] = []
+        # device pk -> (state reached, deployment) for each activation or rollback, in order
+        effects: dict[int, list[tuple[str, Deployment]]] = {}
+        for item in batch:
+            try:
+                outcomes.append(_apply_report(rows, item, now, changed, events, effects))
+            except StaleReport as exc:
+                outcomes.append(exc)
+        _write_changes(changed)
+        AuditEvent.objects.bulk_create(events, batch_size=1000)
+        _apply_effects(effects)
+    return outcomes
+
+
+def _apply_report(rows, item: ReceivedState, now, changed, events, effects) -> Deployment:
+    _check_report(item.report)
+    deployment = rows.get(item.report.deployment_id)
+    if deployment is None or deployment.device_id != item.device_pk:
+        raise StaleReport(f"deployment {item.report.deployment_id} is not one of {item.device_id}'s")
+    before = deployment.state
+    updates = _report_updates(deployment, item.report, now)
+    if updates is None:
+        return deployment
+    for name, value in updates.items():
+        setattr(deployment, name, value)
+    changed.setdefault(deployment.pk, (before, {}))[1].update(updates)
+    new = deployment.state
+    if before != new:
+        events.append(
+            audit_event(f"device:{item.device_id}", f"deployment.{new}", deployment,
+                        before={"state": before}, after={"state": new}, reason=deployment.error)
+        )  # fmt: skip
+    if new in (DeploymentState.ACTIVE, DeploymentState.ROLLED_BACK):
+        effects.setdefault(item.device_pk, []).append((new, deployment))
+    return deployment
+
+
+def _write_changes(changed: dict[int, tuple[str, dict]]) -> None:
+    """One compare-and-swap UPDATE per distinct change: a fan-out's reports mostly share theirs."""
+    groups: dict[tuple, list[int]] = {}
+    for pk, (before, updates) in changed.items():
+        groups.setdefault((before, tuple(sorted(updates.items()))), []).append(pk)
+    for (before, updates), pks in groups.items():
+        done = Deployment.objects.filter(pk__in=pks, state=before).update(**dict(updates))
+        if done != len(pks):
+            # The rows are locked since the batch read them: a mismatch is a bug, not a race.
+            raise RuntimeError(f"{len(pks) - done} of {len(pks)} locked deployments changed state meanwhile")
+
+
+def _apply_effects(effects: dict[int, list[tuple[str, Deployment]]]) -> None:
+    """What each device runs now: for activations alone, two UPDATEs for the whole batch."""
+    simple = {pk: done[-1][1] for pk, done in effects.items() if all(s == DeploymentState.ACTIVE for s, _ in done)}
+    if simple:
+        running = [Device(pk=pk, current_version_id=d.version_id, current_artifact_id=d.artifact_id)
+                   for pk, d in simple.items()]  # fmt: skip
+        Device.objects.bulk_update(running, ["current_version", "current_artifact"], batch_size=1000)
+        Deployment.objects.filter(device__in=list(simple), state=DeploymentState.ACTIVE).exclude(
+            pk__in=[d.pk for d in simple.values()]
+        ).update(state=DeploymentState.SUPERSEDED)
+    # A rollback among them: rare; replay that device's outcomes in order, as record_state would.
+    for pk, done in effects.items():
+        if pk in simple:
+            continue
+        device = Device.objects.get(pk=pk)
+        for state, deployment in done:
+            if state == DeploymentState.ACTIVE:
+                _make_current(device, deployment)
+            else:
+                _restore_previous(device, deployment)
 
 
 def _restore_previous(device: Device, deployment: Deployment) -> None:

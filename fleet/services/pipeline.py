@@ -231,7 +231,8 @@ def build_evaluation_set(pipeline: Pipeline) -> Artifact:
     outputs = evaluation.run_model(store.path(source.storage_key), inputs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.npz"
-        path.write_bytes(evaluation.dump_set(inputs, outputs))
+        texts = evaluation.default_sentences() if version.task == InferenceTask.EMBEDDING else None
+        path.write_bytes(evaluation.dump_set(inputs, outputs, texts=texts))
         existing = version.artifacts.filter(role=ArtifactRole.EVALUATION, derived_from=source).first()
         artifact = existing or registry.add_generated_artifact(
             version, path, filename="evaluation.npz", actor="system", role=ArtifactRole.EVALUATION,

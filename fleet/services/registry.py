@@ -12,6 +12,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from agent.manifest import build_manifest
+from fleet import signing
 from fleet.choices import (
     OPEN_PIPELINE_STATES,
     ArtifactRole,
@@ -21,11 +22,15 @@ from fleet.choices import (
     VersionStatus,
 )
 from fleet.lib.onnx_check import InvalidModel, inspect_onnx
-from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin
+from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin, VersionTag
 from fleet.services.audit import Actor, record
+from fleet.services.deployments import file_manifest
 from fleet.storage import get_store
 
 log = logging.getLogger(__name__)
+
+# Roles of the files that travel to devices, and so are signed at publish.
+DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.TOKENIZER)
 
 
 class RegistryError(Exception):
@@ -329,8 +334,29 @@ def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:
         if not changed:
             raise RegistryError(f"{locked.label} is already published.")
         locked.refresh_from_db()
-        record(actor, "version.published", locked, before={"status": "draft"}, after={"status": "published"})
+        signed = _sign_artifacts(locked, artifacts)
+        record(
+            actor,
+            "version.published",
+            locked,
+            before={"status": "draft"},
+            after={"status": "published", "signed_artifacts": signed, "signing_key": signing.public_key()},
+        )
     return locked
+
+
+def _sign_artifacts(version: ModelVersion, artifacts: list[Artifact]) -> list[int]:
+    """Sign the manifest of every file a device may fetch; the version is frozen, so they never change."""
+    signed = []
+    for artifact in artifacts:
+        if artifact.status != ArtifactStatus.READY or artifact.role not in DEVICE_ROLES:
+            continue
+        artifact.manifest_signature = signing.sign_file(
+            file_manifest(artifact), model=version.model.name, version=str(version.number)
+        )
+        artifact.save(update_fields=["manifest_signature"])
+        signed.append(artifact.pk)
+    return signed
 
 
 def pin_variant(
@@ -351,3 +377,18 @@ def unpin_variant(pin: VariantPin, *, actor: Actor) -> None:
     with transaction.atomic():
         record(actor, "variant.unpinned", pin, before={"artifact": pin.artifact_id})
         pin.delete()
+
+
+def set_version_tags(version: ModelVersion, tags: dict[str, str], *, actor: Actor) -> ModelVersion:
+    """Replace the version's tags. Tags annotate a release, so a published version takes them too."""
+    with transaction.atomic():
+        # Lock the version: two concurrent replacements would otherwise interleave their rows.
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        before = dict(locked.tags.values_list("key", "value"))
+        rows = [VersionTag(version=locked, key=key, value=value) for key, value in sorted(tags.items())]
+        for row in rows:
+            row.full_clean(exclude=["version"], validate_unique=False)
+        locked.tags.all().delete()
+        VersionTag.objects.bulk_create(rows)
+        record(actor, "version.tags_changed", locked, before={"tags": before}, after={"tags": dict(tags)})
+    return locked

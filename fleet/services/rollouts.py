@@ -22,7 +22,16 @@ from django.utils import timezone
 
 from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, RolloutBaseline, RolloutState
 from fleet.lib import gates
-from fleet.models import Deployment, Device, Heartbeat, ModelVersion, Rollout, RolloutDevice, RolloutStage
+from fleet.models import (
+    Alias,
+    Deployment,
+    Device,
+    Heartbeat,
+    ModelVersion,
+    Rollout,
+    RolloutDevice,
+    RolloutStage,
+)
 from fleet.services import deployments
 from fleet.services.audit import Actor, record
 
@@ -57,7 +66,7 @@ _TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 def create_rollout(
-    version: ModelVersion,
+    version: ModelVersion | None,
     *,
     stages: list[dict],
     actor: Actor,
@@ -67,8 +76,19 @@ def create_rollout(
     hardware_class: str = "",
     baseline: str = RolloutBaseline.PREVIOUS_VERSION,
     max_per_minute: int = 1000,
+    alias: Alias | None = None,
 ) -> Rollout:
-    """A draft rollout; nothing reaches a device before it starts. ``stages`` hold RolloutStage fields."""
+    """A draft rollout; nothing reaches a device before it starts. ``stages`` hold RolloutStage fields.
+
+    Given an ``alias``, the rollout follows it: ``version`` is where it points now, and
+    start_rollout resolves it again and records the version it settled on.
+    """
+    if alias is not None:
+        if version is not None and version.pk != alias.version_id:
+            raise RolloutError(f"{alias} points at {alias.version.label}, not {version.label}; give one or the other.")
+        version = alias.version
+    if version is None:
+        raise RolloutError("A rollout targets a version or an alias.")
     if not version.is_published:
         raise RolloutError(f"{version.label} is a draft; publish it before rolling it out.")
     if not stages:
@@ -78,6 +98,7 @@ def create_rollout(
         rollout = Rollout(
             name=name,
             version=version,
+            alias=alias,
             selector_tags=sorted(set(tags)),
             selector_device_ids=sorted(set(device_ids)),
             selector_hardware_class=hardware_class,
@@ -92,7 +113,12 @@ def create_rollout(
             row.full_clean()
         _check_sizes_grow(rows)
         RolloutStage.objects.bulk_create(rows)
-        record(actor, "rollout.created", rollout, after={"version": version.label, "stages": len(rows)})
+        record(
+            actor,
+            "rollout.created",
+            rollout,
+            after={"version": version.label, "alias": alias and str(alias), "stages": len(rows)},
+        )
     return rollout
 
 
@@ -195,6 +221,7 @@ def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, re
         for other_pk in sorted(set(found.values())):
             other = Rollout.objects.select_for_update().get(pk=other_pk)
             _transition(other, "abort", actor=actor, reason=f"superseded by rollout {locked.pk}")
+        _resolve_alias(locked, actor=actor)
         now = timezone.now()
         started = _transition(
             locked, "start", actor=actor, reason=reason, started_at=now, current_stage=0, stage_started_at=now
@@ -202,6 +229,25 @@ def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, re
         started.stages.filter(index=0).update(started_at=now)
         _evaluate_locked(started, now=now)
     return _fresh(rollout)
+
+
+def _resolve_alias(rollout: Rollout, *, actor: Actor) -> None:
+    """Pin a rollout that follows an alias to the version the alias names as it starts."""
+    if rollout.alias_id is None:
+        return
+    # Lock the alias: a move landing between this read and the first assignment would
+    # otherwise start the rollout on a version the audit record does not name.
+    alias = Alias.objects.select_for_update().select_related("version__model").get(pk=rollout.alias_id)
+    record(
+        actor,
+        "rollout.alias_resolved",
+        rollout,
+        before={"version": rollout.version.label},
+        after={"alias": str(alias), "version": alias.version.label},
+    )
+    if alias.version_id != rollout.version_id:
+        Rollout.objects.filter(pk=rollout.pk, state=RolloutState.DRAFT).update(version=alias.version)
+        rollout.version = alias.version
 
 
 def pause_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Rollout:

@@ -112,7 +112,8 @@ def test_it_deploys_a_real_model_to_a_real_agent_and_hears_back(plane, api, mini
     config.write_text(
         f'device_id = "edge-1"\nbroker_url = "mqtt://127.0.0.1:{broker_port}"\n'
         f'data_dir = "{tmp_path / "agent"}"\nheartbeat_interval = 1.0\n\n'
-        f'[http]\nhost = "127.0.0.1"\nport = {agent_port}\n'
+        f'[http]\nhost = "127.0.0.1"\nport = {agent_port}\n\n'
+        f'[security]\nplane_public_key = "{api.get("/api/v1/signing-key/").json()["public_key"]}"\n'
     )
     bridge = Process("bridge", [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"], plane, tmp_path)
     agent = Process("agent", [sys.executable, "-m", "agent", "--config", str(config)], plane, tmp_path)

@@ -1,4 +1,5 @@
 import pytest
+from django.core.cache import cache
 
 from controlplane.celery import app as celery_app
 from fleet.mqtt import publisher
@@ -47,6 +48,13 @@ def artifact_root(settings, tmp_path):
     return settings.ARTIFACT_ROOT
 
 
+@pytest.fixture(autouse=True)
+def signing_key(settings):
+    """The plane signs with a key of the tests' own, never one left in the var directory."""
+    settings.SIGNING_KEY = helpers.SIGNING_KEY
+    return helpers.SIGNING_KEY
+
+
 @pytest.fixture
 def operator(db):
     return helpers.make_operator()
@@ -60,3 +68,10 @@ def viewer(db):
 @pytest.fixture
 def outsider(db):
     return helpers.make_outsider()
+
+
+@pytest.fixture(autouse=True)
+def fresh_login_failures():
+    """Failed sign-ins are counted in the local-memory cache: no test inherits another's."""
+    yield
+    cache.clear()

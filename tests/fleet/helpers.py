@@ -6,14 +6,17 @@ import io
 import time
 
 import numpy as np
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import Group, Permission, User
 from onnx import TensorProto, helper, numpy_helper
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from agent import wire
+from agent import signing, wire
 from fleet.models import Artifact, Device, Model, ModelVersion
 from fleet.services import devices, registry
+
+# The plane signs manifests with this in every fleet test (conftest.signing_key).
+SIGNING_KEY = signing.generate_private_key()
 
 # --- Personas ----------------------------------------------------------------------
 
@@ -40,6 +43,13 @@ def make_viewer(username: str = "victor") -> User:
 def make_outsider(username: str = "oscar") -> User:
     """Signed in, no fleet permission."""
     return make_user(username)
+
+
+def make_member(username: str, role: str) -> User:
+    """A user whose only permissions come from one role's group (fleet.roles)."""
+    user = make_user(username)
+    user.groups.add(Group.objects.get(name=role))
+    return user
 
 
 def token_client(user: User | None) -> APIClient:

@@ -12,7 +12,7 @@ AUTH_QUERIES = 3
 # Per endpoint: count, page, and one per prefetched relation.
 LIST_QUERIES = {
     "models": 2,
-    "versions": 3,  # + artifacts
+    "versions": 5,  # + artifacts, tags, aliases
     "artifacts": 2,
     "devices": 4,  # + tags, + current deployment
     "deployments": 2,

@@ -163,6 +163,7 @@ class TestMessages:
                 device_id="dev-1", deployment_id=dep.pk, state=state, sha256=sha, sent_at=time.time()
             )
             bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+        bridge.flush()
 
         dep.refresh_from_db()
         assert dep.state == DeploymentState.ACTIVE
@@ -174,6 +175,7 @@ class TestMessages:
         for state in ("verifying", "downloading"):
             report = wire.StateReport(device_id="dev-1", deployment_id=dep.pk, state=state, sent_at=time.time())
             bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+        bridge.flush()
 
         dep.refresh_from_db()
         assert dep.state == DeploymentState.VERIFYING
@@ -185,6 +187,7 @@ class TestMessages:
             device_id="dev-1", deployment_id=dep.pk, state="active", sha256="0" * 64, sent_at=time.time()
         )
         bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+        bridge.flush()
 
         dep.refresh_from_db()
         assert dep.state == DeploymentState.FAILED
@@ -195,6 +198,7 @@ class TestMessages:
         bridge.handle(inbound("dev-2", wire.Channel.HELLO, hello("dev-2")))
         report = wire.StateReport(device_id="dev-2", deployment_id=dep.pk, state="failed", sent_at=time.time())
         bridge.handle(inbound("dev-2", wire.Channel.STATE, report))
+        bridge.flush()
 
         assert Deployment.objects.get(pk=dep.pk).state == DeploymentState.PENDING
         assert bridge.stats.snapshot()["stale_report"] == 1
@@ -289,6 +293,7 @@ def test_it_takes_a_repeated_active_report_as_a_confirmation(bridge, deployment)
     )
     bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
     bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+    bridge.flush()
 
     assert Deployment.objects.get(pk=dep.pk).state == DeploymentState.ACTIVE
     assert "stale_report" not in bridge.stats.snapshot()
@@ -301,6 +306,7 @@ def test_it_records_an_ineligible_device_without_calling_it_a_failure(bridge, de
         device_id="dev-1", deployment_id=dep.pk, state="ineligible", error="needs 2 GB of disk", sent_at=1.0
     )
     bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+    bridge.flush()
 
     dep.refresh_from_db()
     assert dep.state == DeploymentState.INELIGIBLE
@@ -316,6 +322,7 @@ def test_it_records_a_local_rollback_and_what_the_device_runs_again(bridge, depl
             device_id="dev-1", deployment_id=dep.pk, state=state, sha256=sha, error="error rate 40%", sent_at=1.0
         )
         bridge.handle(inbound("dev-1", wire.Channel.STATE, report))
+    bridge.flush()
 
     dep.refresh_from_db()
     assert dep.state == DeploymentState.ROLLED_BACK

@@ -1,0 +1,146 @@
+"""Joining a fleet: an enrollment token, a key pair of the device's own, and broker credentials.
+
+The agent generates an Ed25519 key pair once (``device.key`` in its data directory, mode
+0600), presents the token and its public key to the plane, and then asks for its broker
+credentials, signing a fresh timestamp each time, until an operator has accepted it.
+The credentials are kept in ``broker.json`` (mode 0600) and reused on the next start.
+docs/protocol.md describes the exchange.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from agent import wire
+
+log = logging.getLogger("agent.enrollment")
+
+KEY_FILE = "device.key"
+CREDENTIALS_FILE = "broker.json"
+
+
+class EnrollmentError(Exception):
+    """The plane refused the device, or could not be reached; the text says which."""
+
+
+class Credentials(msgspec.Struct, kw_only=True):
+    username: str | None
+    password: str | None
+    broker_url: str | None
+
+
+def signed_message(device_id: str, timestamp_ms: int) -> bytes:
+    """The bytes a device signs to fetch its credentials; the plane checks the same bytes."""
+    return f"edgefleet-credentials-v1\n{device_id}\n{timestamp_ms}".encode()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def load_or_create_key(data_path: Path) -> Ed25519PrivateKey:
+    """The device's key pair: made on first use, never leaves the device."""
+    path = data_path / KEY_FILE
+    if path.exists():
+        key = load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise EnrollmentError(f"{path} is not an Ed25519 private key")
+        return key
+    key = Ed25519PrivateKey.generate()
+    _write_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    return key
+
+
+def public_key_text(key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+Post = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+def http_post(url: str, body: dict[str, Any], timeout: float = 30.0) -> tuple[int, dict[str, Any]]:
+    """POST JSON, answer (status, JSON body); refusals are answers, not exceptions."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the configured plane URL
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise EnrollmentError(f"cannot reach the plane at {url}: {exc}") from None
+
+
+def enroll(
+    *,
+    plane_url: str,
+    token: str,
+    device_id: str,
+    name: str,
+    data_path: Path,
+    stop: threading.Event,
+    poll_interval: float = 10.0,
+    post: Post = http_post,
+    clock: Callable[[], float] = time.time,
+) -> Credentials | None:
+    """Credentials from ``broker.json``, or enroll and wait for them; None if stopped first."""
+    saved = data_path / CREDENTIALS_FILE
+    if saved.exists():
+        return msgspec.json.decode(saved.read_bytes(), type=Credentials)
+    key = load_or_create_key(data_path)
+    base = plane_url.rstrip("/")
+    body = {"token": token, "device_id": device_id, "public_key": public_key_text(key), "name": name}
+    status, answer = post(f"{base}/api/v1/enroll/", body)
+    if status != 202:
+        raise EnrollmentError(f"the plane refused the enrollment ({status}): {answer.get('detail', answer)}")
+    log.info("enrollment.requested device_id=%s state=%s", device_id, answer.get("state"))
+    while not stop.is_set():
+        timestamp_ms = int(clock() * 1000)
+        signature = base64.b64encode(key.sign(signed_message(device_id, timestamp_ms))).decode()
+        url = f"{base}/api/v1/enroll/{device_id}/credentials/"
+        status, answer = post(url, {"timestamp_ms": timestamp_ms, "signature": signature})
+        if status == 200:
+            credentials = msgspec.convert(answer, Credentials, strict=False)
+            _write_private(saved, msgspec.json.encode(credentials))
+            log.info("enrollment.accepted device_id=%s", device_id)
+            return credentials
+        if status != 202:
+            raise EnrollmentError(f"the plane refused the device ({status}): {answer.get('detail', answer)}")
+        log.info("enrollment.pending device_id=%s", device_id)
+        stop.wait(poll_interval)
+    return None
+
+
+def broker_with(broker: wire.BrokerUrl, credentials: Credentials) -> wire.BrokerUrl:
+    """The configured broker, or the one the plane named, logged in as the device."""
+    if credentials.broker_url:
+        broker = wire.parse_broker_url(credentials.broker_url)
+    if credentials.username:
+        broker = msgspec.structs.replace(broker, username=credentials.username, password=credentials.password)
+    return broker

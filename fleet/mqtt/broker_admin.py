@@ -1,0 +1,41 @@
+"""The plane's admin login to the broker, for the dynamic-security commands of enrollment."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgspec
+from django.conf import settings
+
+from agent.wire import parse_broker_url
+from fleet.mqtt.client import make_client
+from fleet.mqtt.dynsec import DynSec, DynSecError
+
+
+@contextmanager
+def dynsec_session(timeout: float = 10.0) -> Iterator[DynSec]:
+    """A connected DynSec over MQTT_ADMIN_URL; one short connection per use, as uses are rare."""
+    broker = parse_broker_url(settings.MQTT_ADMIN_URL)
+    if settings.MQTT_ADMIN_PASSWORD:
+        broker = msgspec.structs.replace(broker, password=settings.MQTT_ADMIN_PASSWORD)
+    client = make_client("admin", broker=broker)
+    connected = threading.Event()
+    refused: list[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            refused.append(str(reason_code))
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        if not connected.wait(timeout) or refused:
+            raise DynSecError(f"the broker refused the plane's admin login: {refused or 'no answer'}")
+        yield DynSec(client, timeout=timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
