@@ -99,6 +99,9 @@ class Bridge:
         self._chunk_grants: dict[tuple[str, int, str], tuple[str, int]] = {}
         # Deployments that settled since the last flush: their rollouts are judged once a flush.
         self._settled_deployments: set[int] = set()
+        # Devices that said hello since the last flush: answered with their desired state in one batch,
+        # so a fleet reconnecting after a broker restart is a few tasks, not one per device.
+        self._greeted: set[int] = set()
         self._threads: list[threading.Thread] = []
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -153,7 +156,8 @@ class Bridge:
     def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
         if channel is wire.Channel.HELLO:
             enrollment.require_accepted(device_id)  # under ENROLLMENT_REQUIRED only
-            device, created = devices.record_hello(message)  # type: ignore[arg-type]  # channel fixes the type
+            device, created = devices.record_hello(message, answer=False)  # type: ignore[arg-type]  # channel fixes the type
+            self._greeted.add(device.pk)
             self._device_pks[device_id] = device.pk
             self._unknown_until.pop(device_id, None)
             self.stats.add("hellos")
@@ -254,6 +258,17 @@ class Bridge:
         self._heartbeats = []
         self.stats.add("heartbeats_stored", stored)
 
+    def _answer_hellos(self) -> None:
+        """Publish the desired state of every device greeted since the last flush; each hello is committed."""
+        if not self._greeted:
+            return
+        greeted, self._greeted = sorted(self._greeted), set()
+        try:
+            deployments.enqueue_desired(greeted)
+        except Exception:
+            self.stats.add("enqueue_failures")
+            log.exception("queueing the desired state of %d greeted device(s) failed", len(greeted))
+
     def _enqueue_rollout_evaluations(self) -> None:
         """One task for every deployment that settled since the last flush; its report is committed."""
         if not self._settled_deployments:
@@ -277,9 +292,11 @@ class Bridge:
                 pass
             if time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.flush()
-                # Once a flush interval, not per report: a fan-out to thousands stays one task a tick.
+                # Once a flush interval, not per message: thousands of devices stay a few tasks a tick.
+                self._answer_hellos()
                 self._enqueue_rollout_evaluations()
         self.flush()
+        self._answer_hellos()
         self._enqueue_rollout_evaluations()
         connection.close()
 

@@ -14,7 +14,7 @@ from fleet.services.audit import Actor, record
 from fleet.services.deployments import enqueue_desired
 
 
-def record_hello(hello: wire.Hello, *, now: datetime | None = None) -> tuple[Device, bool]:
+def record_hello(hello: wire.Hello, *, now: datetime | None = None, answer: bool = True) -> tuple[Device, bool]:
     """Create or refresh a device from its hello; the device is online from now."""
     now = now or timezone.now()
     hw = hello.hardware
@@ -41,7 +41,10 @@ def record_hello(hello: wire.Hello, *, now: datetime | None = None) -> tuple[Dev
             record(f"device:{hello.device_id}", "device.registered", device, after={"arch": hw.arch, "os": hw.os})
         # Answer every hello with the desired state: the agent stops repeating its hello, and a
         # retained message the broker lost, or kept from another database, is put right.
-        transaction.on_commit(lambda: enqueue_desired([device.pk]))
+        # A caller that greets many devices at once (the bridge) passes answer=False and
+        # enqueues one batch for all of them after their commits.
+        if answer:
+            transaction.on_commit(lambda: enqueue_desired([device.pk]))
     return device, created
 
 

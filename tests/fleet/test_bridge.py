@@ -278,6 +278,7 @@ def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_pa
         assert stats["bad_message"] == 3 * len(wire.AGENT_CHANNELS)
         assert stats["unknown_device"] == 1
         assert all(thread.is_alive() for thread in bridge._threads)
+        wait_until(lambda: fake_publisher.messages, timeout=5, what="the hello answered")
         assert [topic for topic, _, retain in fake_publisher.messages if retain] == ["fleet/dev-9/desired"]
     finally:
         agent.loop_stop()
@@ -327,3 +328,15 @@ def test_it_records_a_local_rollback_and_what_the_device_runs_again(bridge, depl
     dep.refresh_from_db()
     assert dep.state == DeploymentState.ROLLED_BACK
     assert Device.objects.get(device_id="dev-1").current_version is None
+
+
+@pytest.mark.django_db
+def test_it_answers_many_hellos_with_one_batch(bridge, django_capture_on_commit_callbacks, fake_publisher):
+    with django_capture_on_commit_callbacks(execute=True):
+        for n in range(5):
+            bridge.handle(inbound(f"dev-{n}", wire.Channel.HELLO, hello(f"dev-{n}")))
+    assert fake_publisher.messages == []
+
+    bridge._answer_hellos()
+
+    assert sorted(topic for topic, _, _ in fake_publisher.messages) == [f"fleet/dev-{n}/desired" for n in range(5)]
