@@ -33,7 +33,8 @@ TEXT_INPUTS: Final = ("input_ids", "attention_mask", "token_type_ids")
 _REMOTE_PROVIDERS: Final = frozenset({"AzureExecutionProvider"})
 _WARM_UP_TEXT: Final = "warm up"
 
-_NUMPY_TYPES: Final = {
+# The numpy dtype of each ONNX tensor type the agent can feed.
+NUMPY_TYPES: Final = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
     "tensor(float16)": np.float16,
@@ -160,7 +161,7 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 def _to_array(name: str, value: Any, onnx_type: str) -> np.ndarray:
-    dtype = _NUMPY_TYPES.get(onnx_type)
+    dtype = NUMPY_TYPES.get(onnx_type)
     if dtype is None:
         raise BadInput(f"input {name!r} has type {onnx_type}, which this agent cannot feed")
     try:

@@ -12,19 +12,9 @@ from typing import Any, Final
 import numpy as np
 
 from agent import wire
-from agent.runtime import LoadedModel
+from agent.runtime import NUMPY_TYPES, LoadedModel
 
 SMOKE_TEXT: Final = "edgefleet self-test"
-_SMOKE_TYPES: Final = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 class SelfTestFailed(Exception):
@@ -117,7 +107,7 @@ def _shape_fits(what: str, shape: tuple[int, ...], declared: Any) -> None:
 
 
 def _zeros(name: str, onnx_type: str, shape: Any) -> np.ndarray:
-    dtype = _SMOKE_TYPES.get(onnx_type)
+    dtype = NUMPY_TYPES.get(onnx_type)
     if dtype is None:
         raise SelfTestFailed(f"smoke test cannot feed input {name!r} of type {onnx_type}; ship a selftest")
     dims = [d if isinstance(d, int) and d > 0 else 1 for d in (shape or [])]

@@ -8,8 +8,8 @@ from tests import support
 @pytest.fixture(scope="session")
 def broker_port(tmp_path_factory) -> int:
     """A Mosquitto of our own, started from docker/mosquitto/mosquitto.conf on a free port."""
-    with support.mosquitto(tmp_path_factory.mktemp("mosquitto")) as (port, _proc):
-        yield port
+    with support.broker(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running.port
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,21 +49,6 @@ def broker_config(port: int, data_dir: Path) -> str:
 def _run_as_me() -> str:
     # Started as root, Mosquitto drops to user "mosquitto", which cannot read a test's private tmp dir.
     return f"\nuser {getpass.getuser()}\n"
-
-
-@contextmanager
-def mosquitto(tmp: Path) -> Iterator[tuple[int, subprocess.Popen]]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(broker_config(port, tmp))
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port)
-        yield port, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def minilm_files() -> dict[str, Path]:
@@ -137,34 +122,30 @@ def secure_mosquitto(tmp: Path, admin_password: str) -> Iterator[int]:
         check=True,
         capture_output=True,
     )
-    port = free_port()
-    conf = tmp / "secure.conf"
-    conf.write_text(secure_broker_config(port, tmp))
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with broker(tmp, config=secure_broker_config) as running:
+        yield running.port
 
 
 class Broker:
-    """A Mosquitto of a test's own that it can stop and start again on the same port (same persistence)."""
+    """A Mosquitto of a test's own on a free port, which it can stop and start again (same persistence).
 
-    def __init__(self, tmp: Path) -> None:
+    ``config`` writes the configuration for a port and data directory; by default the
+    shipped docker/mosquitto/mosquitto.conf. The broker logs to ``mosquitto.log`` there,
+    never to a pipe nobody reads, which would block it once full.
+    """
+
+    def __init__(self, tmp: Path, config: Callable[[int, Path], str] = broker_config) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         tmp.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(broker_config(self.port, tmp))
+        self.conf.write_text(config(self.port, tmp))
+        self.log = tmp / "mosquitto.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -180,8 +161,8 @@ class Broker:
 
 
 @contextmanager
-def broker(tmp: Path) -> Iterator[Broker]:
-    running = Broker(tmp)
+def broker(tmp: Path, config: Callable[[int, Path], str] = broker_config) -> Iterator[Broker]:
+    running = Broker(tmp, config)
     running.start()
     try:
         yield running

@@ -33,16 +33,6 @@ SLOW_PROBATION = ActivationConfig(probation=300.0, max_error_rate=0.5, min_reque
 
 
 @pytest.fixture
-def link() -> FakeLink:
-    return FakeLink()
-
-
-@pytest.fixture
-def plane(link: FakeLink) -> FakePlane:
-    return FakePlane(link)
-
-
-@pytest.fixture
 def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
     agent = make_agent(tmp_path / "data", link, activation=SLOW_PROBATION)
     agent.start()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from agent import admission, wire
 from agent.config import AdmissionConfig
 from agent.core import Agent
 from agent.transfer import artifact_path
 from tests.agent.fakes import FakeLink, FakePlane
-from tests.agent.helpers import desired, final_state, make_agent, send_desired, states
+from tests.agent.helpers import desired, final_state, send_desired, states
 from tests.agent.models import write_tensor_model
 
 MIB = 1024 * 1024
@@ -35,24 +32,6 @@ def manifest(size: int, role: wire.FileRole = "model", sha: str = "a") -> wire.F
 
 def refusal(want: wire.Desired, have: admission.Resources, data_dir: Path) -> str | None:
     return admission.refusal(want, data_dir, have, AdmissionConfig())
-
-
-@pytest.fixture
-def link() -> FakeLink:
-    return FakeLink()
-
-
-@pytest.fixture
-def plane(link: FakeLink) -> FakePlane:
-    return FakePlane(link)
-
-
-@pytest.fixture
-def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
-    agent = make_agent(tmp_path / "data", link)
-    agent.start()
-    yield agent
-    agent.stop()
 
 
 def test_it_admits_a_version_the_device_has_room_for(tmp_path: Path) -> None:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -20,24 +19,6 @@ from tests.agent.helpers import (
     wait_for,
 )
 from tests.agent.models import EMBEDDING_SPEC, write_embedding_model, write_tensor_model, write_tokenizer
-
-
-@pytest.fixture
-def link() -> FakeLink:
-    return FakeLink()
-
-
-@pytest.fixture
-def plane(link: FakeLink) -> FakePlane:
-    return FakePlane(link)
-
-
-@pytest.fixture
-def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
-    agent = make_agent(tmp_path / "data", link)
-    agent.start()
-    yield agent
-    agent.stop()
 
 
 @pytest.fixture

@@ -26,16 +26,6 @@ def signed(file: wire.FileManifest, key: Ed25519PrivateKey = PLANE_KEY) -> wire.
 
 
 @pytest.fixture
-def link() -> FakeLink:
-    return FakeLink()
-
-
-@pytest.fixture
-def plane(link: FakeLink) -> FakePlane:
-    return FakePlane(link)
-
-
-@pytest.fixture
 def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
     security = SecurityConfig(plane_public_key=signing.public_key_text(PLANE_KEY))
     agent = make_agent(tmp_path / "data", link, security=security)

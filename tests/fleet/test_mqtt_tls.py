@@ -5,9 +5,8 @@ certificates; the broker requires a client certificate signed by that CA.
 """
 
 import datetime
+import getpass
 import ipaddress
-import shutil
-import subprocess
 import threading
 
 import paho.mqtt.client as mqtt
@@ -21,7 +20,7 @@ from agent import wire
 from agent.config import TlsConfig
 from agent.mqtt import MqttLink, Will
 from fleet.mqtt.client import make_client
-from tests.support import free_port, wait_for_port, wait_until
+from tests.support import broker, wait_until
 
 
 def _name(common_name):
@@ -67,20 +66,16 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_port(pki, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tls-broker")
-    port = free_port()
-    conf = directory / "tls.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        f"cafile {pki['ca']}\ncertfile {pki['server.pem']}\nkeyfile {pki['server.key']}\n"
-        "require_certificate true\nallow_anonymous true\nset_tcp_nodelay true\n"
-        f"user {__import__('getpass').getuser()}\n"
-    )
-    proc = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)])
-    wait_for_port(port)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=10)
+    def config(port, directory):
+        return (
+            f"listener {port} 127.0.0.1\n"
+            f"cafile {pki['ca']}\ncertfile {pki['server.pem']}\nkeyfile {pki['server.key']}\n"
+            "require_certificate true\nallow_anonymous true\nset_tcp_nodelay true\n"
+            f"user {getpass.getuser()}\n"
+        )
+
+    with broker(tmp_path_factory.mktemp("tls-broker"), config=config) as running:
+        yield running.port
 
 
 def agent_link(port, tls):
