@@ -7,6 +7,7 @@ Celery (no REDIS_URL), a broker on 127.0.0.1:1883.
 from pathlib import Path
 
 import dj_database_url
+import msgspec
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
@@ -117,12 +118,26 @@ try:
     MQTT_BROKER = parse_broker_url(MQTT_URL)
 except WireError as exc:
     raise ImproperlyConfigured(f"MQTT_URL: {exc}") from None
+# The plane's broker password, kept out of MQTT_URL: MQTT_PASSWORD or MQTT_PASSWORD_FILE.
+MQTT_PASSWORD = env_secret("MQTT_PASSWORD", "")
+if MQTT_PASSWORD:
+    MQTT_BROKER = msgspec.structs.replace(MQTT_BROKER, password=MQTT_PASSWORD)
 MQTT_CLIENT_PREFIX = env_str("MQTT_CLIENT_PREFIX", "edgefleet-plane")
 BRIDGE_QUEUE_SIZE = env_int("BRIDGE_QUEUE_SIZE", 20_000, minimum=1)
 BRIDGE_BATCH_SIZE = env_int("BRIDGE_BATCH_SIZE", 500, minimum=1)
 BRIDGE_FLUSH_SECONDS = env_int("BRIDGE_FLUSH_MS", 200, minimum=1) / 1000
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
+
+# --- Cache ---------------------------------------------------------------------------
+# Sign-in failure counters live here (fleet/auth.py). Per process unless CACHE_URL names
+# a Redis database: with several web workers, set it so they count together.
+CACHE_URL = env_str("CACHE_URL", "")
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+    if CACHE_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 
 # --- Celery ----------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "")
@@ -188,7 +203,8 @@ MQTT_KEY_FILE = env_str("MQTT_KEY_FILE", "")
 
 # --- Enrollment and broker credentials (docs/security.md) ---------------------------
 # Refuse hellos and reports from devices that are not accepted (pending, rejected,
-# decommissioned or never enrolled). Off by default so the demo runs without enrollment.
+# decommissioned or never enrolled). Off by default so the demo runs on an anonymous broker
+# with nothing else installed; docker/compose.yaml turns it on (docs/security.md).
 ENROLLMENT_REQUIRED = env_bool("ENROLLMENT_REQUIRED", False)
 # How far a device's signed timestamp may be from the plane's clock, in seconds.
 ENROLLMENT_CLOCK_SKEW = env_int("ENROLLMENT_CLOCK_SKEW", 300, minimum=1)

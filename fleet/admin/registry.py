@@ -93,12 +93,15 @@ class MoveAliasForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["version"].queryset = ModelVersion.objects.filter(status=VersionStatus.PUBLISHED).select_related(
-            "model"
-        )
+        # A viewer's page is read-only: the admin builds this form without any field.
+        if "version" in self.fields:
+            self.fields["version"].queryset = ModelVersion.objects.filter(
+                status=VersionStatus.PUBLISHED
+            ).select_related("model")
         if self.instance.pk:
             for name in ("model", "name"):
-                self.fields[name].disabled = True
+                if name in self.fields:
+                    self.fields[name].disabled = True
 
     def validate_unique(self):
         pass  # moving an alias that exists is the point; the service finds it

@@ -95,6 +95,7 @@ class Bridge:
         self._last_flush = time.monotonic()
         self._device_pks: dict[str, int] = {}
         self._unknown_until: dict[str, float] = {}
+        self._accepted_checked_at = time.monotonic()
         # (device_id, deployment_id, sha256) -> (path, chunk size): what each device may read.
         self._chunk_grants: dict[tuple[str, int, str], tuple[str, int]] = {}
         # Deployments that settled since the last flush: their rollouts are judged once a flush.
@@ -166,11 +167,17 @@ class Bridge:
         elif channel is wire.Channel.STATE:
             self._apply_state(device_id, message)  # type: ignore[arg-type]
         elif channel is wire.Channel.PRESENCE:
+            enrollment.require_accepted(device_id)  # a decommissioned device must not show as online
             if not devices.record_presence(device_id, message):  # type: ignore[arg-type]
                 self._refuse("unknown_device", device_id, "presence from a device that never said hello")
             self.stats.add("presence")
 
+    # Under ENROLLMENT_REQUIRED, how stale the cache of accepted devices may get: a device
+    # decommissioned while the bridge runs is refused within this many seconds.
+    enrollment_recheck_seconds = 5.0
+
     def _device_pk(self, device_id: str) -> int | None:
+        self._recheck_accepted()
         pk = self._device_pks.get(device_id)
         if pk is not None:
             return pk
@@ -184,6 +191,16 @@ class Bridge:
         else:
             self._device_pks[device_id] = pk
         return pk
+
+    def _recheck_accepted(self) -> None:
+        """Forget cached devices that are no longer accepted; one query per interval, not per device."""
+        now = time.monotonic()
+        if now - self._accepted_checked_at < self.enrollment_recheck_seconds or not self._device_pks:
+            return
+        self._accepted_checked_at = now
+        refused = enrollment.refused_device_pks(self._device_pks.values())  # under ENROLLMENT_REQUIRED only
+        if refused:
+            self._device_pks = {d: pk for d, pk in self._device_pks.items() if pk not in refused}
 
     def _queue_heartbeat(self, device_id: str, beat: wire.Heartbeat, received_at: float) -> None:
         pk = self._device_pk(device_id)

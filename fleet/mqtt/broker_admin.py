@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import msgspec
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import parse_broker_url
 from fleet.mqtt.client import make_client
@@ -39,3 +40,21 @@ def dynsec_session(timeout: float = 10.0) -> Iterator[DynSec]:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def prepare_broker() -> str:
+    """Deny by default, create or refresh the bridge's role, and give the plane (MQTT_URL) its login.
+
+    Idempotent: ``manage.py setup_broker`` runs it at every start of the stack, which also
+    rotates the plane's password when MQTT_PASSWORD(_FILE) changed. Returns the plane's username.
+    """
+    plane = settings.MQTT_BROKER
+    admin = parse_broker_url(settings.MQTT_ADMIN_URL)
+    if not plane.username or not plane.password:
+        raise ImproperlyConfigured("MQTT_URL names no user, or no password (MQTT_PASSWORD or MQTT_PASSWORD_FILE)")
+    if plane.username == admin.username:
+        raise ImproperlyConfigured("the plane's login (MQTT_URL) must not be the broker's admin (MQTT_ADMIN_URL)")
+    with dynsec_session() as dynsec:
+        dynsec.ensure_roles()
+        dynsec.set_bridge_login(plane.username, plane.password)
+    return plane.username

@@ -143,6 +143,23 @@ class DynSec:
     def add_bridge(self, username: str, password: str) -> None:
         self.execute("createClient", username=username, password=password, roles=[{"rolename": BRIDGE_ROLE}])
 
+    def set_bridge_login(self, username: str, password: str) -> None:
+        """Create the plane's login with the bridge's role, or reset an existing one's password and role."""
+        created = self.execute(
+            "createClient",
+            username=username,
+            password=password,
+            roles=[{"rolename": BRIDGE_ROLE}],
+            ignore=("Client already exists",),
+        )
+        if created.get("error"):
+            self.execute("setClientPassword", username=username, password=password)
+            roles = self.execute("getClient", username=username)["data"]["client"].get("roles", [])
+            # 2.0.11 answers "Internal error" to adding a role the client already has.
+            if BRIDGE_ROLE not in [r["rolename"] for r in roles]:
+                self.execute("addClientRole", username=username, rolename=BRIDGE_ROLE)
+            self.execute("enableClient", username=username)
+
     def disable_device(self, device_id: str) -> None:
         """Refuse the device's login from now on; the broker disconnects it at once."""
         self.execute("disableClient", username=device_id)

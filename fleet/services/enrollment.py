@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -241,3 +242,14 @@ def require_accepted(device_id: str) -> None:
     state = Device.objects.filter(device_id=device_id).values_list("enrollment", flat=True).first()
     if state != EnrollmentState.ACCEPTED:
         raise NotAccepted(f"{device_id} is {state or 'not enrolled'}")
+
+
+def refused_device_pks(pks: Iterable[int]) -> set[int]:
+    """Of these devices, those no longer accepted (none unless ENROLLMENT_REQUIRED); the bridge calls this."""
+    if not settings.ENROLLMENT_REQUIRED:
+        return set()
+    return set(
+        Device.objects.filter(pk__in=list(pks))
+        .exclude(enrollment=EnrollmentState.ACCEPTED)
+        .values_list("pk", flat=True)
+    )

@@ -11,12 +11,16 @@ from tests.support import REPO
 PROBE = "import django; django.setup(); from django.conf import settings; print(settings.MQTT_BROKER.port)"
 
 
-def start_plane(**env: str) -> subprocess.CompletedProcess:
+def start_env() -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MQTT_URL", "DEBUG", "SECRET_KEY")}
+    return {**clean, "DJANGO_SETTINGS_MODULE": "controlplane.settings"}
+
+
+def start_plane(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", PROBE],
         cwd=REPO,
-        env={**clean, "DJANGO_SETTINGS_MODULE": "controlplane.settings", **env},
+        env={**start_env(), **env},
         capture_output=True,
         text=True,
     )
@@ -56,3 +60,38 @@ def test_it_reads_a_secret_from_a_file(tmp_path):
     result = start_plane(DEBUG="false", SECRET_KEY_FILE=str(key))
 
     assert result.returncode == 0, result.stderr
+
+
+def test_it_reads_the_planes_broker_password_from_a_file_not_the_url(tmp_path):
+    password = tmp_path / "mqtt_password"
+    password.write_text("from-a-file\n")
+    probe = PROBE.replace(
+        "print(settings.MQTT_BROKER.port)", "print(settings.MQTT_BROKER.username, settings.MQTT_BROKER.password)"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env={**start_env(), "MQTT_URL": "mqtt://edgefleet-plane@broker:1883", "MQTT_PASSWORD_FILE": str(password)},
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.stdout.split() == ["edgefleet-plane", "from-a-file"], result.stderr
+
+
+def test_sign_in_counters_are_shared_through_redis_when_cache_url_is_set():
+    probe = (
+        "import django; django.setup(); from django.core.cache import caches; cache = caches['default']; "
+        "cache.set('edgefleet-probe', 7, 5); print(type(cache).__name__, cache.get('edgefleet-probe'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        env={**start_env(), "CACHE_URL": "redis://127.0.0.1:6379/9"},
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["RedisCache", "7"]

@@ -11,7 +11,7 @@ from django.core.management import call_command
 
 from agent import wire
 from fleet.choices import EnrollmentState
-from fleet.models import AuditEvent, Device, EnrollmentToken
+from fleet.models import AuditEvent, Device, EnrollmentToken, Heartbeat
 from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.services import enrollment
 from fleet.storage import get_store
@@ -187,6 +187,23 @@ class TestBridgeUnderEnrollment:
 
         assert bridge.stats.snapshot()["not_accepted"] == 1
         assert Device.objects.get().hardware_class == ""
+
+    def test_it_refuses_a_device_decommissioned_while_the_bridge_runs(self, bridge, secret):
+        Agent().enroll(secret)
+        enrollment.accept_device(Device.objects.get(), actor="system")
+        self.send(bridge, "dev-1", wire.Channel.HELLO, hello("dev-1"))
+        self.send(bridge, "dev-1", wire.Channel.HEARTBEAT, heartbeat("dev-1", seq=1))
+        bridge.flush()
+
+        enrollment.decommission_device(Device.objects.get(), actor="system")
+        bridge.enrollment_recheck_seconds = 0  # the cache of accepted devices is checked at once
+        self.send(bridge, "dev-1", wire.Channel.HEARTBEAT, heartbeat("dev-1", seq=2))
+        self.send(bridge, "dev-1", wire.Channel.PRESENCE, wire.Presence(device_id="dev-1", online=True))
+        bridge.flush()
+
+        assert bridge.stats.snapshot()["not_accepted"] == 2
+        assert Heartbeat.objects.count() == 1
+        assert not Device.objects.get().online
 
     def test_it_takes_an_accepted_device(self, bridge, secret):
         Agent().enroll(secret)
