@@ -20,7 +20,9 @@ class Sizes:
     ingest_rate: float = 15_000.0
     ingest_bridges: tuple[int, ...] = (1, 2)
     hold_devices: int = 10_000
-    hold_seconds: float = 75.0
+    hold_seconds: float = 60.0
+    hold_interval: float = 30.0
+    hold_connect_rate: float = 1000.0
     fanout_devices: tuple[int, ...] = (1_000, 10_000)
     transfer_devices: tuple[int, ...] = (1, 20)
     api_devices: int = 10_000
@@ -29,17 +31,19 @@ class Sizes:
 
 
 QUICK = Sizes(
-    ingest_seconds=10.0,
+    ingest_seconds=6.0,
     ingest_devices=500,
     ingest_rate=15_000.0,
     ingest_bridges=(1,),
-    hold_devices=500,
-    hold_seconds=35.0,
-    fanout_devices=(500,),
+    hold_devices=300,
+    hold_seconds=10.0,
+    hold_interval=5.0,
+    hold_connect_rate=500.0,
+    fanout_devices=(300,),
     transfer_devices=(1, 5),
     api_devices=1_000,
     api_clients=20,
-    api_requests=1_000,
+    api_requests=400,
 )
 
 # For the CI smoke test: checks that everything runs, not how fast.
@@ -49,12 +53,14 @@ TINY = Sizes(
     ingest_rate=2_000.0,
     ingest_bridges=(1,),
     hold_devices=50,
-    hold_seconds=4.0,
+    hold_seconds=3.0,
+    hold_interval=1.0,
+    hold_connect_rate=200.0,
     fanout_devices=(50,),
     transfer_devices=(1,),
     api_devices=100,
     api_clients=4,
-    api_requests=100,
+    api_requests=40,
 )
 
 

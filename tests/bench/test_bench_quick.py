@@ -32,4 +32,5 @@ def test_it_runs_the_benchmarks_and_writes_their_section(tmp_path):
     assert "## Agent\n\nkept as it is" in text
     assert report.BEGIN in text and report.END in text
     assert "### Telemetry ingestion" in text and "### Artifact transfer" in text
+    assert "### Connections held" in text and "### API latency" in text
     assert "did not complete" not in text
