@@ -37,7 +37,7 @@ from agent.runtime import LoadedModel, ModelLoadError, Runner, load_model
 from agent.server import InferenceServer
 from agent.slots import Slots, load_slots, save_slots
 from agent.telemetry import HeartbeatBuilder, LatencyRecorder
-from agent.transfer import find_artifact
+from agent.transfer import find_artifact, prune
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,17 @@ class Agent:
             save_slots(self.data_dir, self.slots)
             self.active = active
             self._begin_probation()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Free the disk of versions neither slot holds. Caller holds ``_lock``, so no job starts meanwhile."""
+        keep: set[str] = set()
+        for slot in (self.slots.a, self.slots.b):
+            if slot is not None:
+                keep.update(sha for sha in (slot.sha256, slot.tokenizer_sha256) if sha)
+        if self._job is not None:
+            keep.update(f.sha256 for f in self._job.desired.files)
+        prune(self.data_dir, keep)
 
     def _begin_probation(self) -> None:
         self.probation = Probation(self.clock.monotonic(), *self.recorder.totals())

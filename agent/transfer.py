@@ -9,6 +9,11 @@ Resume: a restarted agent trusts that state file only as a list of claims. It
 re-hashes each claimed chunk from the part file (one read of the bytes already
 fetched) and fetches again any that fail, so a crash between writing a chunk and
 the page cache reaching the disk cannot smuggle bad bytes into an artifact.
+
+Delta: before asking for anything, the transfer copies every chunk it can find in
+the files the agent already holds (agent/chunkcache.py), checking each hash, and
+asks the plane only for the rest. ``fetched_bytes`` and ``reused_bytes`` say how
+the file was made up.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Final
 
 import msgspec
 
-from agent import manifest, wire
+from agent import chunkcache, manifest, wire
 from agent.clock import Clock
 from agent.config import TransferConfig
 from agent.files import fsync_dir, write_atomic
@@ -70,6 +75,31 @@ def find_artifact(data_dir: Path, sha256: str) -> Path | None:
     return None
 
 
+def prune(data_dir: Path, keep: set[str]) -> int:
+    """Delete stored artifacts (with their manifests) and partial downloads not in ``keep``; the bytes freed.
+
+    The agent keeps what its two slots run and what a deployment in progress needs;
+    everything else is a version it can no longer go back to.
+    """
+    freed = 0
+    for folder in (data_dir / "artifacts", data_dir / "downloads"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            sha256 = entry.name.split(".", 1)[0]
+            if sha256 in keep or not entry.is_file():
+                continue
+            try:
+                size = entry.stat().st_size
+                entry.unlink()
+            except OSError as exc:
+                log.warning("transfer.prune_failed path=%s error=%s", entry, exc)
+                continue
+            freed += size
+            log.info("transfer.pruned path=%s bytes=%d", entry, size)
+    return freed
+
+
 class Transfer:
     """Fetches one file. ``run`` blocks in a worker thread; ``feed`` takes frames from any thread."""
 
@@ -89,6 +119,9 @@ class Transfer:
         self.settings = settings
         self.clock = clock
         self.bad_chunks = 0
+        self.fetched_bytes = 0
+        self.reused_bytes = 0
+        self._spans = manifest.spans(file) if _valid(file) else []
         self._request = request
         self._on_progress = on_progress or (lambda done, total: None)
         self._cancel = cancel or threading.Event()
@@ -125,6 +158,8 @@ class Transfer:
         existing = find_artifact(self.data_dir, self.sha256)
         if existing:
             log.info("transfer.already_stored sha256=%s", self.sha256[:12])
+            if not chunkcache.manifest_path(existing).is_file():
+                chunkcache.remember(existing, self.file)
             return existing
         self._part.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o644)
@@ -149,6 +184,7 @@ class Transfer:
     def _prepare(self, fd: int) -> None:
         os.ftruncate(fd, self.file.size)
         self._verified = self._reverify(fd, self._claimed())
+        self._reuse(fd)
         self._waiting = deque(i for i in range(len(self.file.chunks)) if i not in self._verified)
         self._done_bytes = sum(self._length(i) for i in self._verified)
         self._last_progress = self.clock.monotonic()
@@ -173,10 +209,42 @@ class Transfer:
     def _reverify(self, fd: int, claimed: list[int]) -> set[int]:
         good = set()
         for index in claimed:
-            offset, length = manifest.chunk_span(index, self.file.size, self.file.chunk_size)
+            offset, length = self._spans[index]
             if manifest.chunk_ok(self.file, index, os.pread(fd, length, offset)):
                 good.add(index)
         return good
+
+    def _reuse(self, fd: int) -> None:
+        """Copy in every missing chunk that a file the agent holds already contains."""
+        missing = [i for i in range(len(self.file.chunks)) if i not in self._verified]
+        sources = chunkcache.find(
+            self.data_dir / "artifacts", {self.file.chunks[i] for i in missing}, exclude=self.sha256
+        )
+        if not sources:
+            return
+        opened: dict[Path, int] = {}
+        try:
+            for index in missing:
+                source = sources.get(self.file.chunks[index])
+                if source is None:
+                    continue
+                data = chunkcache.read(source, opened)
+                if not manifest.chunk_ok(self.file, index, data):
+                    continue  # the held file changed under us: fetch this chunk instead
+                os.pwrite(fd, data, self._spans[index][0])
+                self._verified.add(index)
+                self.reused_bytes += len(data)
+        finally:
+            for held in opened.values():
+                os.close(held)
+        self._save_state()
+        log.info(
+            "transfer.reused sha256=%s chunks=%d bytes=%d of=%d",
+            self.sha256[:12],
+            sum(1 for i in missing if i in self._verified),
+            self.reused_bytes,
+            self.file.size,
+        )
 
     def _save_state_now_and_then(self) -> None:
         now = self.clock.monotonic()
@@ -265,10 +333,10 @@ class Transfer:
         if not manifest.chunk_ok(self.file, chunk.index, chunk.data):
             self._reject(chunk.index)
             return
-        offset, _ = manifest.chunk_span(chunk.index, self.file.size, self.file.chunk_size)
-        os.pwrite(fd, chunk.data, offset)
+        os.pwrite(fd, chunk.data, self._spans[chunk.index][0])
         self._verified.add(chunk.index)
         self._done_bytes += len(chunk.data)
+        self.fetched_bytes += len(chunk.data)
         self._save_state_now_and_then()
         self._last_progress = self.clock.monotonic()
         self._on_progress(self._done_bytes, self.file.size)
@@ -279,7 +347,7 @@ class Transfer:
         self._retry_later(index, self.clock.monotonic(), "chunk hash mismatch")
 
     def _length(self, index: int) -> int:
-        return manifest.chunk_span(index, self.file.size, self.file.chunk_size)[1]
+        return self._spans[index][1]
 
     # --- store --------------------------------------------------------------
 
@@ -294,10 +362,26 @@ class Transfer:
         target = artifact_path(self.data_dir, self.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._part, target)
+        chunkcache.remember(target, self.file)
         fsync_dir(target.parent)
         self._state.unlink(missing_ok=True)
-        log.info("transfer.stored sha256=%s bytes=%d bad_chunks=%d", self.sha256[:12], self.file.size, self.bad_chunks)
+        log.info(
+            "transfer.stored sha256=%s bytes=%d fetched=%d reused=%d bad_chunks=%d",
+            self.sha256[:12],
+            self.file.size,
+            self.fetched_bytes,
+            self.reused_bytes,
+            self.bad_chunks,
+        )
         return target
+
+
+def _valid(file: wire.FileManifest) -> bool:
+    try:
+        manifest.check_manifest(file)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_manifest(file: wire.FileManifest) -> None:

@@ -28,6 +28,8 @@ SHARE_GROUP: Final = "edgefleet-plane"
 # Agent-to-plane JSON messages are small; anything bigger is refused unread.
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_CHUNKS_PER_REQUEST: Final = 64
+# The largest chunk a manifest may name: well under the broker's 8 MiB message limit.
+MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024
 
 DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
@@ -183,10 +185,14 @@ class FileManifest(msgspec.Struct, kw_only=True):
     filename: ShortText
     sha256: Sha256
     size: Count
-    chunk_size: Annotated[int, msgspec.Meta(ge=1024, le=4 * 1024 * 1024)]
+    chunk_size: Annotated[int, msgspec.Meta(ge=1024, le=MAX_CHUNK_BYTES)]
     chunks: list[Sha256]
     format: ShortText = "onnx"
     precision: ShortText = ""
+    # Content-defined chunks: the length of each, in order. Empty: every chunk is chunk_size
+    # bytes but the last. Cut at content, an edit moves only the boundaries near it, so a new
+    # version shares most chunks with the one an agent holds (agent.chunkcache).
+    lengths: list[Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_BYTES)]] = []
     # The plane's Ed25519 signature over agent.manifest.canonical_manifest, base64; empty: unsigned.
     signature: Annotated[str, msgspec.Meta(max_length=200)] = ""
 

@@ -115,6 +115,7 @@ class Artifact(models.Model):
     storage_key = models.CharField(max_length=300)
     chunk_size = models.PositiveIntegerField(default=0)
     chunk_hashes = models.JSONField(default=list, blank=True)
+    chunk_count = models.PositiveIntegerField(default=0)
     # Content-defined chunks: the length of each (agent.manifest). Empty: fixed chunk_size chunks.
     chunk_lengths = models.JSONField(default=list, blank=True)
     # Lineage: the artifact this variant was built from, and how (tool, version, parameters).

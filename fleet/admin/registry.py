@@ -75,7 +75,7 @@ class ArtifactInline(ReadOnlyInline):
     readonly_fields = fields
 
     def get_queryset(self, request):
-        return super().get_queryset(request).defer("chunk_hashes")
+        return super().get_queryset(request).defer("chunk_hashes", "chunk_lengths")
 
 
 class AliasMoveInline(ReadOnlyInline):
@@ -314,7 +314,11 @@ class ArtifactAdmin(ServiceErrorsMixin, admin.ModelAdmin):
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
         # The chunk list is long and only the change page shows it.
-        return queryset if request.resolver_match.url_name.endswith("_change") else queryset.defer("chunk_hashes")
+        return (
+            queryset
+            if request.resolver_match.url_name.endswith("_change")
+            else queryset.defer("chunk_hashes", "chunk_lengths")
+        )
 
     @admin.display(description="size", ordering="size")
     def size_display(self, artifact: Artifact) -> str:

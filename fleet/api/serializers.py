@@ -5,7 +5,6 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from agent.manifest import chunk_count
 from fleet.choices import ArtifactRole, EnrollmentState, HardwareClass, Precision, VersionStatus
 from fleet.models import (
     Alias,
@@ -67,7 +66,6 @@ class BriefVersionSerializer(serializers.ModelSerializer):
 
 class BriefArtifactSerializer(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name="api:artifact-detail")
-    chunk_count = serializers.SerializerMethodField()
 
     class Meta:
         model = Artifact
@@ -90,9 +88,6 @@ class BriefArtifactSerializer(serializers.ModelSerializer):
             "derived_from",
             "created_at",
         ]
-
-    def get_chunk_count(self, artifact: Artifact) -> int:
-        return chunk_count(artifact.size, artifact.chunk_size) if artifact.chunk_size else 0
 
 
 class VariantEvaluationSerializer(serializers.ModelSerializer):
@@ -130,6 +125,7 @@ class ArtifactSerializer(BriefArtifactSerializer):
             "signature",
             "evaluation",
             "chunk_hashes",
+            "chunk_lengths",
             "created_by",
         ]
 

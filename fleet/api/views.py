@@ -109,7 +109,7 @@ class VersionViewSet(
     viewsets.GenericViewSet,
 ):
     queryset = ModelVersion.objects.select_related("model", "created_by").prefetch_related(
-        Prefetch("artifacts", queryset=Artifact.objects.defer("chunk_hashes")), "tags", "aliases"
+        Prefetch("artifacts", queryset=Artifact.objects.defer("chunk_hashes", "chunk_lengths")), "tags", "aliases"
     )
     serializer_class = serializers.VersionSerializer
     filterset_class = filtersets.VersionFilterSet
@@ -257,7 +257,7 @@ class ArtifactViewSet(viewsets.ReadOnlyModelViewSet):
     def get_queryset(self):
         queryset = super().get_queryset()
         # A 2 GB file has 8192 chunk hashes: lists leave them out.
-        return queryset if self.action == "retrieve" else queryset.defer("chunk_hashes")
+        return queryset if self.action == "retrieve" else queryset.defer("chunk_hashes", "chunk_lengths")
 
 
 class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
@@ -330,7 +330,7 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
 
 class DeploymentViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Deployment.objects.select_related("device", "version__model", "artifact", "created_by").defer(
-        "artifact__chunk_hashes"
+        "artifact__chunk_hashes", "artifact__chunk_lengths"
     )
     serializer_class = serializers.DeploymentSerializer
     filterset_class = filtersets.DeploymentFilterSet

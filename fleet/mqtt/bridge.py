@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 from django.db import close_old_connections, connection
 
 from agent import wire
-from agent.manifest import chunk_span
+from agent.manifest import layout
 from fleet import tasks
 from fleet.choices import SETTLED_DEPLOYMENT_STATES, ArtifactRole, ArtifactStatus
 from fleet.models import Artifact, Deployment, Device
@@ -96,8 +96,9 @@ class Bridge:
         self._device_pks: dict[str, int] = {}
         self._unknown_until: dict[str, float] = {}
         self._accepted_checked_at = time.monotonic()
-        # (device_id, deployment_id, sha256) -> (path, chunk size): what each device may read.
-        self._chunk_grants: dict[tuple[str, int, str], tuple[str, int]] = {}
+        # (device_id, deployment_id, sha256) -> (path, chunk spans): what each device may read.
+        self._chunk_grants: dict[tuple[str, int, str], tuple[str, list[tuple[int, int]]]] = {}
+        self._layouts: dict[str, list[tuple[int, int]]] = {}
         # Deployments that settled since the last flush: their rollouts are judged once a flush.
         self._settled_deployments: set[int] = set()
         # Devices that said hello since the last flush: answered with their desired state in one batch,
@@ -337,20 +338,21 @@ class Bridge:
             log.exception("failed to serve chunks on %s", item.topic)
 
     def _serve(self, device_id: str, request: wire.ChunkRequest, reply_topic: str) -> None:
-        path, chunk_size = self._grant(device_id, request.deployment_id, request.sha256)
-        size = os.path.getsize(path)
+        path, spans = self._grant(device_id, request.deployment_id, request.sha256)
+        served = 0
         with open(path, "rb") as f:
             for index in request.indexes:
-                try:
-                    offset, length = chunk_span(index, size, chunk_size)
-                except IndexError as exc:
-                    raise ChunkRefused(str(exc)) from None
+                if index >= len(spans):
+                    raise ChunkRefused(f"chunk {index} is outside a file of {len(spans)} chunks")
+                offset, length = spans[index]
                 data = os.pread(f.fileno(), length, offset)
                 self.client.publish(reply_topic, wire.encode_chunk(request.sha256, index, data), qos=1)
+                served += len(data)
         self.stats.add("chunks_served", len(request.indexes))
+        self.stats.add("chunk_bytes_served", served)
 
-    def _grant(self, device_id: str, deployment_id: int, sha256: str) -> tuple[str, int]:
-        """The file's path and chunk size if this device's deployment includes it."""
+    def _grant(self, device_id: str, deployment_id: int, sha256: str) -> tuple[str, list[tuple[int, int]]]:
+        """The file's path and chunk spans if this device's deployment includes it."""
         key = (device_id, deployment_id, sha256)
         if key in self._chunk_grants:
             return self._chunk_grants[key]
@@ -367,9 +369,14 @@ class Bridge:
         artifact = allowed.first()
         if artifact is None:
             raise ChunkRefused(f"file {sha256} is not part of deployment {deployment_id}")
-        grant = (str(self.store.path(artifact.storage_key)), artifact.chunk_size)
         if len(self._chunk_grants) > 10_000:
             self._chunk_grants.clear()
+            self._layouts.clear()
+        # One span list a file, shared by every device's grant to it.
+        spans = self._layouts.get(sha256)
+        if spans is None:
+            spans = self._layouts[sha256] = layout(artifact.size, artifact.chunk_size, artifact.chunk_lengths)
+        grant = (str(self.store.path(artifact.storage_key)), spans)
         self._chunk_grants[key] = grant
         return grant
 

@@ -319,6 +319,7 @@ def file_manifest(artifact: Artifact) -> wire.FileManifest:
         size=artifact.size,
         chunk_size=artifact.chunk_size,
         chunks=artifact.chunk_hashes,
+        lengths=artifact.chunk_lengths,
         format=artifact.format,
         precision=artifact.precision,
         signature=artifact.manifest_signature,

@@ -11,6 +11,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
+from agent import wire
 from agent.manifest import build_manifest
 from fleet import signing
 from fleet.choices import (
@@ -21,6 +22,7 @@ from fleet.choices import (
     VariantQuality,
     VersionStatus,
 )
+from fleet.lib.chunking import chunk_lengths
 from fleet.lib.onnx_check import InvalidModel, inspect_onnx
 from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin, VersionTag
 from fleet.services.audit import Actor, record
@@ -205,7 +207,7 @@ def add_generated_artifact(
 ) -> Artifact:
     """A file the plane made itself (an import, a variant, an evaluation set): stored ready at once."""
     signature = _check_model_file(path) if _is_onnx_model(role, format) else {}
-    manifest = build_manifest(path, role=role, chunk_size=settings.ARTIFACT_CHUNK_SIZE)  # type: ignore[arg-type]  # evaluation sets never reach the wire
+    manifest = _build_manifest(path, role)
     store = get_store()
     key = store.promote(store.copy_in(path), manifest.sha256)
     try:
@@ -248,6 +250,8 @@ def _create_generated(
             storage_key=key,
             chunk_size=manifest.chunk_size,
             chunk_hashes=manifest.chunks,
+            chunk_count=len(manifest.chunks),
+            chunk_lengths=manifest.lengths,
             derived_from=derived_from,
             recipe=recipe or {},
             signature=signature,
@@ -262,6 +266,12 @@ def _create_generated(
         if signature and derived_from is None:
             _update_breaking(locked)
     return artifact
+
+
+def _build_manifest(path: Path, role: str) -> wire.FileManifest:
+    """Hash ``path`` chunk by chunk, cut as the settings say (fleet/lib/chunking.py)."""
+    lengths = chunk_lengths(path, chunking=settings.ARTIFACT_CHUNKING, average=settings.ARTIFACT_CHUNK_SIZE)
+    return build_manifest(path, role=role, chunk_size=settings.ARTIFACT_CHUNK_SIZE, lengths=lengths)  # type: ignore[arg-type]  # evaluation sets never reach the wire
 
 
 def _enqueue_processing(artifact_id: int) -> None:
@@ -279,9 +289,7 @@ def process_artifact(artifact_id: int) -> Artifact | None:
     if artifact is None or artifact.status != ArtifactStatus.PROCESSING:
         return artifact
     store = get_store()
-    manifest = build_manifest(
-        store.path(artifact.storage_key), role=artifact.role, chunk_size=settings.ARTIFACT_CHUNK_SIZE
-    )
+    manifest = _build_manifest(store.path(artifact.storage_key), artifact.role)
     duplicate = (
         Artifact.objects.filter(version=artifact.version, sha256=manifest.sha256).exclude(pk=artifact.pk).first()
     )
@@ -298,6 +306,8 @@ def process_artifact(artifact_id: int) -> Artifact | None:
             size=manifest.size,
             chunk_size=manifest.chunk_size,
             chunk_hashes=manifest.chunks,
+            chunk_count=len(manifest.chunks),
+            chunk_lengths=manifest.lengths,
         )
         if changed:
             artifact.refresh_from_db()

@@ -133,6 +133,18 @@ def test_it_keeps_the_previous_slot_on_disk_and_in_slots_json(
     assert msgspec.json.decode((agent.data_dir / "active.json").read_bytes())["deployment_id"] == 2
 
 
+def test_it_keeps_on_disk_only_what_its_two_slots_run(
+    agent: Agent, link: FakeLink, plane: FakePlane, first: wire.FileManifest
+) -> None:
+    later = [plane.add(write_tensor_model(agent.data_dir / f"v{n}.onnx"), "model") for n in (2, 3)]
+    for number, file in enumerate(later, start=2):
+        send_desired(link, desired(number, [file], version=str(number)))
+        assert final_state(link, number).state == "active"
+
+    stored = sorted(p.name for p in (agent.data_dir / "artifacts").iterdir())
+    assert stored == sorted(name for f in later for name in (f.sha256, f.sha256 + ".manifest"))
+
+
 def test_it_rolls_back_a_model_that_starts_failing_within_probation(
     agent: Agent, link: FakeLink, plane: FakePlane, first: wire.FileManifest, tmp_path: Path
 ) -> None:

@@ -67,3 +67,48 @@ def test_it_refuses_a_manifest_whose_chunk_list_does_not_fit_its_size(tmp_path):
 def test_it_refuses_a_chunk_outside_the_file(index):
     with pytest.raises(IndexError):
         manifest.chunk_span(index, 3000, 1024)
+
+
+@given(data=st.binary(min_size=1, max_size=5000), cuts=st.lists(st.integers(1, 4999), max_size=8))
+def test_it_cuts_a_manifest_where_it_is_told(tmp_path_factory, data, cuts):
+    path = tmp_path_factory.mktemp("m") / "f.bin"
+    path.write_bytes(data)
+    points = sorted({c for c in cuts if c < len(data)})
+    lengths = [b - a for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+    built = manifest.build_manifest(path, role="model", chunk_size=1024, lengths=lengths)
+
+    manifest.check_manifest(built)
+    assert built.lengths == lengths and built.sha256 == hashlib.sha256(data).hexdigest()
+    spans = manifest.spans(built)
+    assert b"".join(data[o : o + n] for o, n in spans) == data
+    for index, (offset, length) in enumerate(spans):
+        assert manifest.chunk_length(built, index) == length
+        assert manifest.chunk_ok(built, index, data[offset : offset + length])
+
+
+def test_it_refuses_lengths_that_do_not_cover_the_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 3000)
+    with pytest.raises(ValueError, match="goes on after"):
+        manifest.build_manifest(path, role="model", lengths=[1000, 1000])
+    with pytest.raises(ValueError, match="ends inside"):
+        manifest.build_manifest(path, role="model", lengths=[1000, 2001])
+
+    built = manifest.build_manifest(path, role="model", lengths=[1000, 2000])
+    built.lengths[1] = 1999
+    with pytest.raises(ValueError, match="add up to 2999 bytes"):
+        manifest.check_manifest(built)
+    built.lengths.pop()
+    with pytest.raises(ValueError, match="but 1 chunk lengths"):
+        manifest.check_manifest(built)
+
+
+def test_the_signed_form_names_the_lengths_only_of_a_content_defined_manifest(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 3000)
+    fixed = manifest.build_manifest(path, role="model", chunk_size=1024)
+    cut = manifest.build_manifest(path, role="model", chunk_size=1024, lengths=[1000, 2000])
+
+    assert b'"lengths"' not in manifest.canonical_manifest(fixed, model="m", version="1")
+    assert b'"lengths":[1000,2000]' in manifest.canonical_manifest(cut, model="m", version="1")

@@ -29,13 +29,28 @@ def write_config(tmp_path: Path, device_id: str, broker: wire.BrokerUrl) -> Path
     return path
 
 
-def next_on(link: MqttLink, channel: wire.Channel, timeout: float = 15.0) -> wire.Message:
+def _wait_subscribed(link: MqttLink, device_id: str) -> None:
+    """A probe that comes back proves the subscription is in place, so the agent's first messages are seen."""
+    probe = f"fleet/{device_id}/probe"
+    for _ in range(50):
+        link.publish(probe, b"probe", qos=1)
+        try:
+            while link.messages.get(timeout=0.2).topic != probe:
+                pass
+            return
+        except queue.Empty:
+            continue
+    raise AssertionError("the watcher's subscription never took effect")
+
+
+def next_on(link: MqttLink, channel: wire.Channel | tuple[wire.Channel, ...], timeout: float = 15.0) -> wire.Message:
+    channels = channel if isinstance(channel, tuple) else (channel,)
     while True:
         try:
             message = link.messages.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"nothing on {channel} within {timeout}s") from None
-        if wire.parse_topic(message.topic)[1] is channel:
+            raise AssertionError(f"nothing on {channels} within {timeout}s") from None
+        if not message.topic.endswith("/probe") and wire.parse_topic(message.topic)[1] in channels:
             return wire.decode_from(message.topic, message.payload)[2]
 
 
@@ -45,14 +60,19 @@ def test_it_runs_says_hello_and_leaves_cleanly_on_sigterm(tmp_path: Path, broker
     watcher.on_connected = lambda: watcher.subscribe([f"fleet/{device_id}/#"])
     watcher.connect()
     assert watcher.wait_connected(5)
+    _wait_subscribed(watcher, device_id)
     config = write_config(tmp_path, device_id, broker)
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "--config", str(config)], cwd=REPO, stderr=subprocess.PIPE, text=True
     )
     try:
-        hello = next_on(watcher, wire.Channel.HELLO)
+        # Hello and the first heartbeat may come in either order.
+        first = {}
+        while len(first) < 2:
+            message = next_on(watcher, (wire.Channel.HELLO, wire.Channel.HEARTBEAT))
+            first.setdefault(type(message), message)
+        hello, heartbeat = first[wire.Hello], first[wire.Heartbeat]
         assert isinstance(hello, wire.Hello) and hello.device_id == device_id
-        heartbeat = next_on(watcher, wire.Channel.HEARTBEAT)
         assert isinstance(heartbeat, wire.Heartbeat) and heartbeat.seq == 1
         assert (tmp_path / "data" / "http.port").read_text().strip().isdigit()
         agent.send_signal(signal.SIGTERM)

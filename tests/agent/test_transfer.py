@@ -38,7 +38,7 @@ class Plane:
     def frame(self, index: int) -> bytes:
         if self.error is not None:
             return wire.encode_chunk(self.file.sha256, index, self.error.encode(), wire.ChunkKind.ERROR)
-        offset, length = manifest.chunk_span(index, self.file.size, self.file.chunk_size)
+        offset, length = manifest.spans(self.file)[index]
         chunk = self.data[offset : offset + length]
         if index in self.corrupt:
             self.corrupt.discard(index)

@@ -1,9 +1,14 @@
 import pytest
 from django.core.cache import cache
 
+from agent import wire
 from controlplane.celery import app as celery_app
 from fleet.mqtt import publisher
+from fleet.mqtt.bridge import Bridge
+from fleet.mqtt.client import make_client
+from fleet.storage import get_store
 from tests.fleet import helpers
+from tests.support import wait_until
 
 
 class FakePublisher:
@@ -16,6 +21,26 @@ class FakePublisher:
         messages = list(messages)
         self.messages.extend(messages)
         return len(messages)
+
+
+@pytest.fixture
+def plane(settings, tmp_path, broker_port):
+    """The bridge and a real publisher on the test's broker (tests marked transactional)."""
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    broker = wire.parse_broker_url(f"mqtt://127.0.0.1:{broker_port}")
+    settings.MQTT_BROKER = broker
+    real = publisher.MqttPublisher(make_client("publisher", broker=broker))
+    real.start()
+    previous = publisher.install(real)
+    bridge = Bridge(make_client("bridge", broker=broker), get_store(), flush_seconds=0.05)
+    bridge.start()
+    wait_until(bridge.connected.is_set, timeout=10, what="bridge connected")
+    try:
+        yield bridge
+    finally:
+        bridge.stop()
+        publisher.install(previous)
+        real.close()
 
 
 @pytest.fixture

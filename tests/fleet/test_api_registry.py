@@ -6,6 +6,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from agent.manifest import build_manifest
 from fleet.choices import ArtifactStatus, VersionStatus
+from fleet.lib.chunking import cdc_lengths
 from fleet.models import Artifact, AuditEvent, ModelVersion
 from tests.fleet.helpers import (
     add_ready_artifact,
@@ -227,9 +228,10 @@ def test_it_refuses_to_publish_twice(operator):
 def test_it_uploads_an_artifact_that_is_ready_with_its_manifest(operator, settings, tmp_path):
     settings.ARTIFACT_CHUNK_SIZE = 1024
     version = make_version()
-    data = onnx_bytes(weights=1000)
+    data = onnx_bytes(weights=5000)
     (tmp_path / "same.onnx").write_bytes(data)
-    expected = build_manifest(tmp_path / "same.onnx", role="model", chunk_size=1024)
+    lengths = cdc_lengths(tmp_path / "same.onnx", 1024)
+    expected = build_manifest(tmp_path / "same.onnx", role="model", chunk_size=1024, lengths=lengths)
 
     response = upload(token_client(operator), version, data, hardware_class="linux-x86_64")
 
@@ -237,11 +239,23 @@ def test_it_uploads_an_artifact_that_is_ready_with_its_manifest(operator, settin
     body = response.json()
     assert (body["status"], body["sha256"], body["size"]) == ("ready", expected.sha256, len(data))
     assert body["chunk_hashes"] == expected.chunks
+    assert body["chunk_lengths"] == lengths and sum(lengths) == len(data)
     assert body["chunk_count"] == len(expected.chunks) > 1
     assert (body["filename"], body["precision"], body["hardware_class"]) == ("model.onnx", "fp32", "linux-x86_64")
     assert response["Location"] == body["url"]
     assert body["created_by"] == "olivia"
     assert [e.action for e in AuditEvent.objects.order_by("id")][-2:] == ["artifact.uploaded", "artifact.ready"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_cuts_fixed_size_chunks_when_told_to(operator, settings):
+    settings.ARTIFACT_CHUNK_SIZE = 1024
+    settings.ARTIFACT_CHUNKING = "fixed"
+    data = onnx_bytes(weights=5000)
+
+    body = upload(token_client(operator), make_version(), data).json()
+
+    assert body["chunk_lengths"] == [] and body["chunk_count"] == -(-len(data) // 1024)
 
 
 @pytest.mark.django_db

@@ -66,8 +66,9 @@ def bridge(settings, tmp_path):
 
 
 @pytest.fixture
-def deployment(bridge, django_capture_on_commit_callbacks, fake_publisher):
-    """dev-1 assigned a published version whose model file is a 700 KB ONNX graph."""
+def deployment(settings, bridge, django_capture_on_commit_callbacks, fake_publisher):
+    """dev-1 assigned a published version whose model file is a 700 KB ONNX graph, in 64 KiB chunks."""
+    settings.ARTIFACT_CHUNK_SIZE = 64 * 1024
     bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
     model = registry.create_model(name="tiny", actor="system")
     version = registry.create_version(model, actor="system")
@@ -220,11 +221,24 @@ class TestChunks:
         bridge.serve_chunk_request(self.request(dep, sha, [2, 0]))
 
         frames = [wire.decode_chunk(payload) for _, payload in bridge.client.published]
-        size = dep.artifact.chunk_size
+        lengths = dep.artifact.chunk_lengths
+        assert len(lengths) > 2  # content-defined: each chunk as long as its content says
         assert [f.index for f in frames] == [2, 0]
-        assert frames[0].data == data[2 * size : 3 * size]
-        assert frames[1].data == data[:size]
+        assert frames[0].data == data[sum(lengths[:2]) : sum(lengths[:3])]
+        assert frames[1].data == data[: lengths[0]]
         assert {topic for topic, _ in bridge.client.published} == {"fleet/dev-1/chunks/data"}
+        assert bridge.stats.snapshot()["chunk_bytes_served"] == lengths[0] + lengths[2]
+
+    def test_it_serves_fixed_size_chunks_of_a_file_stored_that_way(self, settings, bridge, deployment):
+        dep, data = deployment
+        size = dep.artifact.chunk_size
+        # A file stored before content-defined chunking, or with ARTIFACT_CHUNKING=fixed.
+        type(dep.artifact).objects.filter(pk=dep.artifact.pk).update(chunk_lengths=[])
+
+        bridge.serve_chunk_request(self.request(dep, hashlib.sha256(data).hexdigest(), [2]))
+
+        frame = wire.decode_chunk(bridge.client.published[0][1])
+        assert frame.data == data[2 * size : 3 * size]
 
     def test_it_refuses_a_file_outside_the_devices_deployment(self, bridge, deployment):
         dep, _ = deployment

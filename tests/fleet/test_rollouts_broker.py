@@ -9,14 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent import wire
 from fleet.choices import DeploymentState, RolloutState
 from fleet.models import Deployment, Device, Heartbeat, Rollout
-from fleet.mqtt import publisher
-from fleet.mqtt.bridge import Bridge
-from fleet.mqtt.client import make_client
 from fleet.services import deployments, devices, registry, rollouts
-from fleet.storage import get_store
 from tests.fleet import helpers
 from tests.fleet.simulated import SimulatedDevice
 from tests.support import wait_until
@@ -24,26 +19,6 @@ from tests.support import wait_until
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CANARY_THEN_ALL = [{"device_count": 1}, {"percent": 100}]
-
-
-@pytest.fixture
-def plane(settings, tmp_path, broker_port):
-    """The bridge and a real publisher on the test's broker."""
-    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
-    broker = wire.parse_broker_url(f"mqtt://127.0.0.1:{broker_port}")
-    settings.MQTT_BROKER = broker
-    real = publisher.MqttPublisher(make_client("publisher", broker=broker))
-    real.start()
-    previous = publisher.install(real)
-    bridge = Bridge(make_client("bridge", broker=broker), get_store(), flush_seconds=0.05)
-    bridge.start()
-    wait_until(bridge.connected.is_set, timeout=10, what="bridge connected")
-    try:
-        yield bridge
-    finally:
-        bridge.stop()
-        publisher.install(previous)
-        real.close()
 
 
 @pytest.fixture
