@@ -1,8 +1,10 @@
 """Fault tests against a real Mosquitto: kill -9 mid-download, a broker restart, a chunk corrupted in transit,
-and an agent that keeps dying with its new model."""
+an agent that keeps dying with its new model, a model that fails its self-test, and one that fails in service."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +28,7 @@ from tests import support
 from tests.agent.chunkserver import ChunkServer
 from tests.agent.fakes import FakeLink, FakePlane
 from tests.agent.helpers import desired, final_state, make_agent, make_config, send_desired, wait_for
-from tests.agent.models import write_tensor_model
+from tests.agent.models import write_batch_of_one_model, write_tensor_model
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 16 * 1024
@@ -211,3 +213,65 @@ def _serving(data_dir: Path, pid: int) -> bool:
     except (OSError, msgspec.DecodeError):
         return False
     return snapshot.pid == pid and snapshot.current is not None
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: wire.BrokerUrl) -> Iterator[tuple[Agent, ChunkServer]]:
+    """A real agent on the real broker with deployment 1 (y = Relu(x) + 1) active, and the plane stand-in."""
+    server = ChunkServer(broker).start()
+    device_id = unique_device()
+    activation = ActivationConfig(probation=300.0, max_error_rate=0.5, min_requests=4)
+    config = make_config(tmp_path / "data", device_id=device_id, activation=activation)
+    agent = Agent(config, real_link(broker, device_id), Runner(), SystemClock())
+    agent.start()
+    try:
+        first = server.add(write_tensor_model(tmp_path / "first.onnx"))
+        agent.on_desired(new_desired(device_id, 1, [first]))
+        wait_for(lambda: server.state_of(1) == "active", timeout=30, what="deployment 1 active")
+        yield agent, server
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_a_model_that_fails_its_selftest_never_becomes_active_over_a_real_broker(
+    running: tuple[Agent, ChunkServer], tmp_path: Path
+) -> None:
+    agent, server = running
+    second = server.add(write_tensor_model(tmp_path / "second.onnx"))
+    selftest = wire.SelfTest(
+        inputs=[{"x": [[1.0, -1.0, 0.5, 0.0]]}], outputs=[{"y": [[2.0, 1.0, 1.6, 1.0]]}], max_abs_error=0.01
+    )
+    message = msgspec.structs.replace(new_desired(agent.config.device_id, 2, [second]), selftest=selftest)
+
+    agent.on_desired(message)
+
+    wait_for(lambda: server.state_of(2) == "failed", timeout=30, what="the failed report")
+    assert "active" not in [r.state for r in server.states if r.deployment_id == 2]
+    assert agent.runner.info is not None and agent.runner.info.deployment_id == 1
+
+
+def test_a_model_that_starts_failing_is_rolled_back_within_probation_over_a_real_broker(
+    running: tuple[Agent, ChunkServer], tmp_path: Path
+) -> None:
+    agent, server = running
+    fragile = server.add(write_batch_of_one_model(tmp_path / "fragile.onnx"))
+    agent.on_desired(new_desired(agent.config.device_id, 2, [fragile]))
+    wait_for(lambda: server.state_of(2) == "active", timeout=30, what="deployment 2 active")
+
+    for _ in range(4):  # a batch of two: the model fails inside onnxruntime
+        assert infer(agent, {"inputs": {"x": [[1.0] * 4, [2.0] * 4]}}) == 500
+
+    wait_for(lambda: server.state_of(2) == "rolled_back", timeout=30, what="the rolled_back report")
+    assert agent.runner.info is not None and agent.runner.info.deployment_id == 1
+    assert infer(agent, {"inputs": {"x": [[1.0] * 4]}}) == 200  # the previous model serves again
+
+
+def infer(agent: Agent, payload: object) -> int:
+    assert agent.server is not None
+    connection = http.client.HTTPConnection("127.0.0.1", agent.server.port, timeout=10)
+    try:
+        connection.request("POST", "/v1/infer", body=json.dumps(payload).encode())
+        return connection.getresponse().status
+    finally:
+        connection.close()
