@@ -57,7 +57,7 @@ def create_model(*, name: str, description: str = "", actor: Actor) -> Model:
         model = Model(name=name, description=description)
         model.full_clean()
         model.save()
-        record(actor, "model.created", model, after={"name": name})
+        record(actor, "model.created", model, after={"name": name, "description": description})
     return model
 
 
@@ -70,8 +70,14 @@ def create_version(model: Model, *, actor: Actor, parent: ModelVersion | None = 
         version = ModelVersion(model=model, number=highest + 1, parent=parent, created_by=_user(actor), **fields)
         version.full_clean()
         version.save()
-        record(actor, "version.created", version, after={"number": version.number, "parent": parent and parent.pk})
+        after = {"number": version.number, "parent": parent and parent.pk, **_audited(version, fields)}
+        record(actor, "version.created", version, after=after)
     return version
+
+
+def _audited(version: ModelVersion, fields: dict) -> dict:
+    """The fields a version was created with, as the audit log keeps them (related rows by id)."""
+    return {name: getattr(version, f"{name}_id", getattr(version, name)) for name in fields}
 
 
 def update_version_notes(version: ModelVersion, *, notes: str, actor: Actor) -> ModelVersion:

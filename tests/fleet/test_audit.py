@@ -67,3 +67,17 @@ def test_it_never_lets_the_api_change_the_audit_log(method):
 
     assert (on_list.status_code, on_event.status_code) == (405, 405)
     assert AuditEvent.objects.get().after == event.after
+
+
+@pytest.mark.django_db
+def test_a_creation_records_what_was_created(operator):
+    client = token_client(operator)
+    model = client.post("/api/v1/models/", {"name": "audited", "description": "for the log"}, format="json").json()
+    response = client.post("/api/v1/versions/", {"model": model["name"], "notes": "first cut"}, format="json")
+    assert response.status_code == 201, response.json()
+
+    created = {e.action: e for e in AuditEvent.objects.filter(action__in=["model.created", "version.created"])}
+    assert created["model.created"].before is None
+    assert created["model.created"].after == {"name": "audited", "description": "for the log"}
+    assert created["version.created"].after["notes"] == "first cut"
+    assert created["version.created"].after["number"] == 1
