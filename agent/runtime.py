@@ -121,7 +121,9 @@ class LoadedModel:
 
     def _encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         assert self.tokenizer is not None
-        encodings = self.tokenizer.encode_batch(list(texts))
+        # encode_batch hands even one text to its thread pool: 137 µs against 47 µs for encode,
+        # for one MiniLM sentence on the 2-CPU dev box.
+        encodings = [self.tokenizer.encode(texts[0])] if len(texts) == 1 else self.tokenizer.encode_batch(list(texts))
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],
@@ -150,13 +152,14 @@ def pool(hidden: np.ndarray, mask: np.ndarray | None, pooling: str) -> np.ndarra
         pooled = hidden.mean(axis=1)
     else:
         weights = mask.astype(np.float32)[:, :, None]
-        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        # np.maximum, not np.clip: the same floor at a fraction of the call overhead.
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
     return pooled
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit: np.ndarray = vectors / np.clip(norms, 1e-12, None)
+    unit: np.ndarray = vectors / np.maximum(norms, 1e-12)
     return unit
 
 
