@@ -324,6 +324,12 @@ class Heartbeat(models.Model):
     class Meta:
         ordering = ["-received_at"]
         indexes = [models.Index(fields=["device", "-received_at"])]
+        constraints = [
+            # A heartbeat sent again (MQTT QoS 1 is at-least-once, the agent's outbox resends
+            # after an outage) is stored once. seq restarts when the agent does, so seq alone
+            # is not the key: the same seq and the same sent_at are the same message.
+            models.UniqueConstraint(fields=["device", "seq", "sent_at"], name="unique_heartbeat_message"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.device.device_id} #{self.seq}"

@@ -38,6 +38,8 @@ HEARTBEAT_COLUMNS = (
 # A device's last_seen moves forward at most this often: rewriting every device row on every
 # batch cost the bridge half its time (docs/benchmarks.md).
 LAST_SEEN_SLACK = timedelta(seconds=5)
+# The connection's own staging table for a batch on its way in (see _copy_heartbeats).
+INCOMING = "heartbeat_incoming"
 
 
 def heartbeat_row(item: ReceivedHeartbeat) -> Heartbeat:
@@ -71,21 +73,28 @@ def heartbeat_values(item: ReceivedHeartbeat) -> tuple[object, ...]:
 
 
 def store_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
-    """Store a batch in one transaction and bring each device's last-seen forward."""
+    """Store a batch in one transaction and bring each device's last-seen forward.
+
+    A heartbeat already stored (same device, seq and sent_at: a resend) is skipped; the
+    answer is how many were new.
+    """
     if not batch:
         return 0
     with transaction.atomic():
         newest = max(item.received_at for item in batch)
         pks = sorted({item.device_pk for item in batch})
         if connection.vendor == "postgresql":
-            _copy_heartbeats(batch)
+            stored = _copy_heartbeats(batch)
             _mark_seen_postgresql(pks, newest)
         else:
-            Heartbeat.objects.bulk_create([heartbeat_row(item) for item in batch], batch_size=1000)
+            before = Heartbeat.objects.filter(device__in=pks).count()
+            rows = [heartbeat_row(item) for item in batch]
+            Heartbeat.objects.bulk_create(rows, batch_size=1000, ignore_conflicts=True)
+            stored = Heartbeat.objects.filter(device__in=pks).count() - before
             Device.objects.filter(pk__in=pks).filter(
                 Q(online=False) | Q(last_seen__isnull=True) | Q(last_seen__lt=newest - LAST_SEEN_SLACK)
             ).update(online=True, last_seen=newest)
-    return len(batch)
+    return stored
 
 
 def _mark_seen_postgresql(pks: list[int], newest: datetime) -> None:
@@ -104,7 +113,7 @@ def _mark_seen_postgresql(pks: list[int], newest: datetime) -> None:
         )
 
 
-def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> None:
+def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
     # A field added to the model but not to HEARTBEAT_COLUMNS is stored with its default.
     extra = [f for f in Heartbeat._meta.concrete_fields if not f.primary_key and f.attname not in HEARTBEAT_COLUMNS]
     names = [Heartbeat._meta.get_field(c.removesuffix("_id") if c == "device_id" else c).column
@@ -115,10 +124,24 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> None:
     with connection.cursor() as cursor:
         # Telemetry, not state: a PostgreSQL crash may lose the last moment of heartbeats,
         # and in exchange a batch does not wait for its WAL flush (another 15% of the cost).
-        cursor.execute("SET LOCAL synchronous_commit = off")
-        with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+        # COPY cannot skip a row that breaks the unique constraint (a resent heartbeat), so the
+        # batch goes by COPY into a temporary table, then on with INSERT ... ON CONFLICT DO
+        # NOTHING. The table lives as long as the connection; the move empties it, so an outer
+        # transaction may store another batch. The SET and the CREATE share one round trip.
+        cursor.execute(
+            "SET LOCAL synchronous_commit = off;"
+            f" CREATE TEMPORARY TABLE IF NOT EXISTS {INCOMING} ON COMMIT DELETE ROWS"
+            f" AS SELECT {columns} FROM {table} WITH NO DATA"
+        )
+        with cursor.copy(f"COPY {INCOMING} ({columns}) FROM STDIN") as copy:
             for item in batch:
                 copy.write_row(heartbeat_values(item) + defaults)
+        cursor.execute(
+            f"WITH moved AS (DELETE FROM {INCOMING} RETURNING {columns})"
+            f" INSERT INTO {table} ({columns}) SELECT {columns} FROM moved ON CONFLICT DO NOTHING"
+        )
+        stored: int = cursor.rowcount
+    return stored
 
 
 def latest_heartbeat_at(device: Device) -> datetime | None:
