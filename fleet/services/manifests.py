@@ -61,7 +61,7 @@ def sign_version_manifests(version: ModelVersion, *, actor: Actor, dry_run: bool
         if dry_run or not artifacts:
             return Signed(locked, [a.pk for a in artifacts])
         # The very function publish_version signs with, given only the unsigned files.
-        signed = registry._sign_artifacts(locked, artifacts)
+        signed = registry.sign_artifacts(locked, artifacts)
         record(
             actor,
             "version.manifests_signed",

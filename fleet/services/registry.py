@@ -350,7 +350,7 @@ def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:
         if not changed:
             raise RegistryError(f"{locked.label} is already published.")
         locked.refresh_from_db()
-        signed = _sign_artifacts(locked, artifacts)
+        signed = sign_artifacts(locked, artifacts)
         record(
             actor,
             "version.published",
@@ -361,7 +361,7 @@ def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:
     return locked
 
 
-def _sign_artifacts(version: ModelVersion, artifacts: list[Artifact]) -> list[int]:
+def sign_artifacts(version: ModelVersion, artifacts: list[Artifact]) -> list[int]:
     """Sign the manifest of every file a device may fetch; the version is frozen, so they never change."""
     signed = []
     for artifact in artifacts:
