@@ -90,6 +90,8 @@ class Bridge:
         self.connected = threading.Event()
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        # device_id -> its newest hello not yet applied: applied in one transaction a flush.
+        self._hellos: dict[str, wire.Hello] = {}
         self._heartbeats: list[telemetry.ReceivedHeartbeat] = []
         self._states: list[deployments.ReceivedState] = []
         self._last_flush = time.monotonic()
@@ -157,13 +159,20 @@ class Bridge:
 
     def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
         if channel is wire.Channel.HELLO:
-            enrollment.require_accepted(device_id)  # under ENROLLMENT_REQUIRED only
-            device, created = devices.record_hello(message, answer=False)  # type: ignore[arg-type]  # channel fixes the type
-            self._greeted.add(device.pk)
-            self._device_pks[device_id] = device.pk
-            self._unknown_until.pop(device_id, None)
-            self.stats.add("hellos")
-        elif channel is wire.Channel.HEARTBEAT:
+            self._hellos[device_id] = message  # type: ignore[assignment]  # the channel fixes the type
+            if len(self._hellos) >= self.batch_size:
+                self._flush_hellos()
+            return
+        if device_id in self._hellos:
+            if channel is wire.Channel.PRESENCE and message.online:  # type: ignore[attr-defined]
+                # The agent sends it right behind its hello, which marks the device online anyway
+                # (and is refused with it if the device is not accepted). Flushing for it would
+                # make a connect storm one transaction a hello again.
+                self.stats.add("presence")
+                return
+            # The device's hello first: its heartbeat or report may be the first of a new device.
+            self._flush_hellos()
+        if channel is wire.Channel.HEARTBEAT:
             self._queue_heartbeat(device_id, message, received_at)  # type: ignore[arg-type]
         elif channel is wire.Channel.STATE:
             self._apply_state(device_id, message)  # type: ignore[arg-type]
@@ -225,11 +234,45 @@ class Bridge:
             self.flush()
 
     def flush(self) -> None:
-        """Store pending heartbeats, then apply pending state reports, each kind in one transaction."""
+        """Apply pending hellos, store pending heartbeats, then apply pending state reports,
+        each kind in one transaction."""
         self._last_flush = time.monotonic()
-        # Heartbeats first, so the stored series stays in the order the device sent it.
+        self._flush_hellos()
+        # Heartbeats before reports, so the stored series stays in the order the device sent it.
         self._flush_heartbeats()
         self._flush_states()
+
+    def _flush_hellos(self) -> None:
+        """Register or refresh the greeted devices at once; if the batch fails, each hello alone."""
+        if not self._hellos:
+            return
+        batch, self._hellos = list(self._hellos.values()), {}
+        outcomes: dict[str, int | enrollment.NotAccepted | None]
+        try:
+            outcomes = dict(devices.record_hellos(batch))
+        except Exception:
+            log.exception("applying %d hellos in one batch failed; applying them one by one", len(batch))
+            close_old_connections()
+            outcomes = {hello.device_id: self._greet_one(hello) for hello in batch}
+        for device_id, outcome in outcomes.items():
+            if isinstance(outcome, enrollment.NotAccepted):
+                self._refuse("not_accepted", wire.topic(device_id, wire.Channel.HELLO), str(outcome))
+            elif outcome is not None:
+                self._greeted.add(outcome)
+                self._device_pks[device_id] = outcome
+                self._unknown_until.pop(device_id, None)
+                self.stats.add("hellos")
+
+    def _greet_one(self, hello: wire.Hello) -> int | enrollment.NotAccepted | None:
+        try:
+            enrollment.require_accepted(hello.device_id)  # under ENROLLMENT_REQUIRED only
+            return devices.record_hello(hello, answer=False)[0].pk
+        except enrollment.NotAccepted as exc:
+            return exc
+        except Exception:
+            self.stats.add("errors")
+            log.exception("failed to apply the hello of %s", hello.device_id)
+            return None
 
     def _flush_states(self) -> None:
         """Apply the batch; if the batch fails as a whole, each report alone, so one cannot sink the rest."""
@@ -277,7 +320,7 @@ class Bridge:
         self.stats.add("heartbeats_stored", stored)
 
     def _answer_hellos(self) -> None:
-        """Publish the desired state of every device greeted since the last flush; each hello is committed."""
+        """Publish the desired state of every device greeted since the last flush; their hellos are committed."""
         if not self._greeted:
             return
         greeted, self._greeted = sorted(self._greeted), set()

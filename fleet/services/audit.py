@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import models
+from django.db import connection, models
+from django.utils import timezone
 
 from fleet.models import AuditEvent
 
@@ -64,3 +65,26 @@ def record(actor: Actor, action: str, obj: models.Model, **kwargs: Any) -> Audit
     event = audit_event(actor, action, obj, **kwargs)
     event.save()
     return event
+
+
+def record_many(events: Sequence[AuditEvent]) -> None:
+    """Store many audit rows at once, inside the caller's transaction; their ids are not read back.
+
+    On PostgreSQL one COPY: a fan-out writes a row per device assigned and per report applied,
+    and ``bulk_create`` of 10,000 rows cost about 1.5 s in Python against 0.2-0.3 s for COPY
+    (docs/benchmarks.md).
+    """
+    if not events:
+        return
+    if connection.vendor != "postgresql":
+        AuditEvent.objects.bulk_create(events, batch_size=1000)
+        return
+    now = timezone.now()
+    fields = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    with connection.cursor() as cursor, cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+        for event in events:
+            if event.created_at is None:
+                event.created_at = now
+            copy.write_row([f.get_db_prep_save(getattr(event, f.attname), connection) for f in fields])

@@ -22,10 +22,11 @@ from fleet.choices import (
     HardwareClass,
     InferenceTask,
     VariantQuality,
+    VersionStatus,
 )
 from fleet.lib import variants
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion, VariantPin
-from fleet.services.audit import Actor, audit_event, record
+from fleet.services.audit import Actor, audit_event, record, record_many
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ def _pinned(version: ModelVersion, device: Device) -> list[int]:
     return own + [p.artifact_id for p in pins if p.tag_id in tags]
 
 
+# What choosing a device's variant reads (_profile, _pinned), what callers read of the result.
+_ASSIGN_FIELDS = ("device_id", "arch", "os", "hardware_class", "ram_bytes", "providers", "cpu_flags",
+                  "current_version")  # fmt: skip
+
+
 def assign_version(
     version: ModelVersion,
     devices: Iterable[Device],
@@ -108,15 +114,30 @@ def assign_version(
     source_address: str | None = None,
 ) -> AssignmentResult:
     """Make ``version`` the desired one of each device; the devices hear of it after commit."""
-    if not version.is_published:
-        raise DeploymentError(f"{version.label} is a draft; publish it before assigning it to devices.")
-    artifacts = list(version.artifacts.all())
     result = AssignmentResult()
     created_by = None if isinstance(actor, str) or actor is None or not actor.is_authenticated else actor
     with transaction.atomic():
-        devices = list(Device.objects.select_for_update().filter(pk__in=[d.pk for d in devices]))
+        devices = list(Device.objects.select_for_update().filter(pk__in=[d.pk for d in devices]).only(*_ASSIGN_FIELDS))
+        # Lock the version and read its status again: an archive (or delete) committing
+        # between a check of the caller's copy and our insert would leave open deployments
+        # of a retired version. Under the lock either retention sees these deployments and
+        # refuses, or we see its change and refuse. Devices first, then the version: the
+        # order start_rollout takes them in, so the two cannot deadlock.
+        locked = ModelVersion.objects.select_for_update().filter(pk=version.pk).first()
+        if locked is None:
+            raise DeploymentError(f"{version.label} no longer exists.")
+        if locked.status == VersionStatus.DRAFT:
+            raise DeploymentError(f"{version.label} is a draft; publish it before assigning it to devices.")
+        if not locked.is_published:
+            raise DeploymentError(f"{version.label} is {locked.status}; only a published version goes to devices.")
+        artifacts = list(locked.artifacts.all())
+        # Devices alike get the same variant: a fleet of ten thousand is a handful of choices.
+        chosen: dict[tuple, Artifact | None] = {}
         for device in devices:
-            artifact = select_artifact(version, device, artifacts)
+            key = (_profile(device), tuple(_pinned(version, device)))
+            if key not in chosen:
+                chosen[key] = select_artifact(version, device, artifacts)
+            artifact = chosen[key]
             if artifact is None:
                 result.skipped[device.device_id] = (
                     f"{version.label} has no ready model artifact for hardware class "
@@ -142,7 +163,7 @@ def assign_version(
             )
             for d in result.deployments
         ]
-        AuditEvent.objects.bulk_create(events)
+        record_many(events)
         device_pks = [d.device.pk for d in result.deployments]
         transaction.on_commit(lambda: enqueue_desired(device_pks))
     return result
@@ -173,11 +194,16 @@ def current_deployments(device_pks: Iterable[int]) -> dict[int, Deployment]:
     rows = (
         Deployment.objects.filter(device__in=list(device_pks))
         .exclude(state=DeploymentState.SUPERSEDED)
-        .select_related("version__model", "artifact")
+        .select_related("version__model")
         .order_by("device_id", "-id")
     )
     for deployment in rows:
         found.setdefault(deployment.device_id, deployment)
+    # One object per artifact, not one per device: a fan-out's thousand deployments share one
+    # file, and its row (the chunk hashes) is most of what the join read.
+    artifacts = Artifact.objects.in_bulk({d.artifact_id for d in found.values()})
+    for deployment in found.values():
+        deployment.artifact = artifacts[deployment.artifact_id]
     return found
 
 
@@ -441,10 +467,14 @@ def record_states(batch: Sequence[ReceivedState]) -> list[Deployment | StaleRepo
         rows = {
             d.pk: d
             for d in Deployment.objects.select_for_update(of=("self",))
-            .select_related("artifact", "version__model", "device")
+            .select_related("device")
+            # What judging a report and its audit row read. A whole artifact row (its chunk
+            # hashes), version and device row per report cost more than the rest of the batch.
+            .only("state", "error", "version", "artifact", "device__device_id")
             .filter(pk__in=ids)
             .order_by("pk")
         }
+        _share_releases(rows.values())
         # deployment pk -> (its state before the batch, the fields the batch sets on it)
         changed: dict[int, tuple[str, dict]] = {}
         events: list[AuditEvent] = []
@@ -456,9 +486,20 @@ def record_states(batch: Sequence[ReceivedState]) -> list[Deployment | StaleRepo
             except StaleReport as exc:
                 outcomes.append(exc)
         _write_changes(changed)
-        AuditEvent.objects.bulk_create(events, batch_size=1000)
+        record_many(events)
         _apply_effects(effects)
     return outcomes
+
+
+def _share_releases(rows: Iterable[Deployment]) -> None:
+    """One version (with its model) and one artifact object for all the deployments of each:
+    two queries for a batch, where a fan-out's thousand reports share one of each."""
+    rows = list(rows)
+    versions = ModelVersion.objects.select_related("model").in_bulk({d.version_id for d in rows})
+    artifacts = Artifact.objects.only("version", "sha256").in_bulk({d.artifact_id for d in rows})
+    for deployment in rows:
+        deployment.version = versions[deployment.version_id]
+        deployment.artifact = artifacts[deployment.artifact_id]
 
 
 def _apply_report(rows, item: ReceivedState, now, changed, events, effects) -> Deployment:
@@ -497,12 +538,16 @@ def _write_changes(changed: dict[int, tuple[str, dict]]) -> None:
 
 
 def _apply_effects(effects: dict[int, list[tuple[str, Deployment]]]) -> None:
-    """What each device runs now: for activations alone, two UPDATEs for the whole batch."""
+    """What each device runs now: for activations alone, two UPDATEs for a fan-out's batch."""
     simple = {pk: done[-1][1] for pk, done in effects.items() if all(s == DeploymentState.ACTIVE for s, _ in done)}
     if simple:
-        running = [Device(pk=pk, current_version_id=d.version_id, current_artifact_id=d.artifact_id)
-                   for pk, d in simple.items()]  # fmt: skip
-        Device.objects.bulk_update(running, ["current_version", "current_artifact"], batch_size=1000)
+        # One UPDATE per version and artifact reached, not bulk_update: its CASE of a thousand
+        # WHENs cost seconds in Python for a thousand activations (docs/benchmarks.md).
+        running: dict[tuple[int, int], list[int]] = {}
+        for pk, d in simple.items():
+            running.setdefault((d.version_id, d.artifact_id), []).append(pk)
+        for (version_id, artifact_id), pks in sorted(running.items()):
+            Device.objects.filter(pk__in=sorted(pks)).update(current_version=version_id, current_artifact=artifact_id)
         Deployment.objects.filter(device__in=list(simple), state=DeploymentState.ACTIVE).exclude(
             pk__in=[d.pk for d in simple.values()]
         ).update(state=DeploymentState.SUPERSEDED)

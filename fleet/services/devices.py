@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from agent import wire
+from fleet.choices import EnrollmentState
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
-from fleet.services.audit import Actor, record
+from fleet.services.audit import Actor, audit_event, record, record_many
 from fleet.services.deployments import enqueue_desired
+from fleet.services.enrollment import NotAccepted
 
 
-def record_hello(hello: wire.Hello, *, now: datetime | None = None, answer: bool = True) -> tuple[Device, bool]:
-    """Create or refresh a device from its hello; the device is online from now."""
-    now = now or timezone.now()
+def _profile(hello: wire.Hello, now: datetime) -> dict:
+    """The device fields a hello sets; the name only if the hello gives one."""
     hw = hello.hardware
     profile = {
         "arch": hw.arch,
@@ -35,17 +38,62 @@ def record_hello(hello: wire.Hello, *, now: datetime | None = None, answer: bool
     }
     if hello.name:
         profile["name"] = hello.name
+    return profile
+
+
+def record_hello(hello: wire.Hello, *, now: datetime | None = None, answer: bool = True) -> tuple[Device, bool]:
+    """Create or refresh a device from its hello; the device is online from now."""
+    now = now or timezone.now()
+    hw = hello.hardware
+    profile = _profile(hello, now)
     with transaction.atomic():
         device, created = Device.objects.update_or_create(device_id=hello.device_id, defaults=profile)
         if created:
             record(f"device:{hello.device_id}", "device.registered", device, after={"arch": hw.arch, "os": hw.os})
         # Answer every hello with the desired state: the agent stops repeating its hello, and a
         # retained message the broker lost, or kept from another database, is put right.
-        # A caller that greets many devices at once (the bridge) passes answer=False and
-        # enqueues one batch for all of them after their commits.
+        # A caller that greets many devices at once (the bridge, falling back from
+        # record_hellos) passes answer=False and enqueues one batch for all of them.
         if answer:
             transaction.on_commit(lambda: enqueue_desired([device.pk]))
     return device, created
+
+
+def record_hellos(hellos: Sequence[wire.Hello], *, now: datetime | None = None) -> dict[str, int | NotAccepted]:
+    """``record_hello`` for many devices in one transaction: device id -> its pk, or why it was refused.
+
+    Three or four queries whatever the number: who is known (and, under ENROLLMENT_REQUIRED,
+    accepted), one upsert per shape of hello (with a name or without), one audit insert for the
+    devices that are new. A device's newest hello wins. Nothing is answered: the caller enqueues
+    the desired state of the greeted devices after commit.
+    """
+    now = now or timezone.now()
+    newest = {h.device_id: h for h in hellos}
+    outcomes: dict[str, int | NotAccepted] = {}
+    with transaction.atomic():
+        known = dict(Device.objects.filter(device_id__in=list(newest)).values_list("device_id", "enrollment"))
+        if settings.ENROLLMENT_REQUIRED:
+            for device_id, state in [(d, known.get(d)) for d in newest]:
+                if state != EnrollmentState.ACCEPTED:
+                    outcomes[device_id] = NotAccepted(f"{device_id} is {state or 'not enrolled'}")
+                    del newest[device_id]
+        # In device id order, so two bridges upserting overlapping batches lock rows in one order.
+        rows = [Device(device_id=d, **_profile(newest[d], now)) for d in sorted(newest)]
+        for named in (True, False):
+            group = [row for row in rows if bool(row.name) == named]
+            if not group:
+                continue
+            fields = [*_profile(newest[group[0].device_id], now)]
+            Device.objects.bulk_create(group, update_conflicts=True, unique_fields=["device_id"], update_fields=fields)
+        outcomes.update({row.device_id: row.pk for row in rows})
+        record_many(
+            [
+                audit_event(f"device:{row.device_id}", "device.registered", row, after={"arch": row.arch, "os": row.os})
+                for row in rows
+                if row.device_id not in known
+            ]
+        )
+    return outcomes
 
 
 def record_presence(device_id: str, presence: wire.Presence) -> bool:

@@ -110,9 +110,8 @@ def delete_version(version: ModelVersion, *, actor: Actor, reason: str = "") -> 
 
 
 def _lock(version: ModelVersion) -> ModelVersion:
-    # Lock the version: two retention requests, or a publish, would otherwise both act on the
-    # status they read. (An assignment does not lock it; one racing an archive makes a device
-    # run an archived version, which blockers() then names, and which is never offered again.)
+    # Lock the version: two retention requests, a publish, or an assignment
+    # (deployments.assign_version locks it too) would otherwise both act on the status they read.
     return ModelVersion.objects.select_for_update().select_related("model").get(pk=version.pk)
 
 

@@ -348,8 +348,11 @@ def running_rollout_ids() -> list[int]:
 
 
 def rollout_ids_for_deployments(deployment_ids: Iterable[int]) -> list[int]:
+    # order_by(): the model's ordering (stage, device) would join the DISTINCT and repeat a
+    # rollout once per member reported on, and the task judged it that many times.
     return list(
         RolloutDevice.objects.filter(deployment__in=list(deployment_ids), rollout__state=RolloutState.RUNNING)
+        .order_by()
         .values_list("rollout_id", flat=True)
         .distinct()
     )
@@ -437,7 +440,7 @@ def _size(stage: RolloutStage) -> gates.StageSize:
 
 
 def _assign(rollout: Rollout, device_ids: list[str], *, now: datetime) -> None:
-    devices = list(Device.objects.filter(device_id__in=device_ids))
+    devices = list(Device.objects.filter(device_id__in=device_ids).only("device_id", "current_version"))
     result = deployments.assign_version(
         rollout.version, devices, actor=f"rollout:{rollout.pk}", reason=f"rollout {rollout.pk}"
     )
@@ -557,7 +560,11 @@ def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
     counts = stage_counts(rollout)
     stages = list(rollout.stages.all())
     members = sum(c.targeted for c in counts.values())
-    fleet = max(members, selected_devices(rollout).count()) if rollout.state not in FINISHED_STATES else members
+    if rollout.state not in FINISHED_STATES:
+        # DISTINCT over the ids only: over every column of the devices it cost more than the rest together.
+        fleet = max(members, selected_devices(rollout).values("pk").count())
+    else:
+        fleet = members
     targets = gates.cumulative_targets(fleet, [_size(s) for s in stages]) if fleet else [0] * len(stages)
     out = []
     for stage, target in zip(stages, targets, strict=True):

@@ -9,11 +9,11 @@ from agent.runtime import ModelInfo, load_model
 from agent.selftest import run_selftest
 from fleet.choices import ArtifactRole, DeploymentState, VariantQuality
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion
-from fleet.services import deployments, pipeline, registry
+from fleet.services import deployments, pipeline, registry, rollouts
 from fleet.storage import get_store
 from fleet.tasks import publish_desired
 from tests.fleet.bert_fixtures import write_tiny_checkpoint
-from tests.fleet.helpers import add_ready_artifact, make_device, make_model, make_version
+from tests.fleet.helpers import add_ready_artifact, make_device, make_model, make_published_version, make_version
 
 
 def released(devices, name="embedder"):
@@ -49,6 +49,26 @@ def test_it_applies_a_batch_of_reports_in_order_with_few_queries(django_assert_m
     assert Device.objects.filter(current_version=version).count() == 20
     assert AuditEvent.objects.filter(action="deployment.downloading").count() == 20
     assert AuditEvent.objects.filter(action="deployment.active", actor_label="device:dev-3").count() == 1
+
+
+@pytest.mark.django_db
+def test_it_assigns_many_devices_with_a_fixed_number_of_queries(django_assert_max_num_queries, fake_publisher):
+    few = [make_device(f"few-{n}") for n in range(2)]
+    many = [make_device(f"many-{n}") for n in range(40)]
+    version = make_version(make_model("embedder"))
+    add_ready_artifact(version)
+    version = registry.publish_version(version, actor="system")
+    released(many, "before")  # what they replace is superseded in the same statement
+
+    with django_assert_max_num_queries(12):
+        deployments.assign_version(version, few, actor="system")
+    with django_assert_max_num_queries(12):
+        result = deployments.assign_version(version, many, actor="system")
+
+    assert len(result.deployments) == 40
+    assert Deployment.objects.filter(version=version, device__in=many, state=DeploymentState.PENDING).count() == 40
+    assert not Deployment.objects.filter(device__in=many).exclude(version=version).exclude(state="superseded").exists()
+    assert AuditEvent.objects.filter(action="deployment.assigned", object_repr__contains="many-").count() == 80
 
 
 @pytest.mark.django_db
@@ -150,3 +170,18 @@ def test_it_ships_no_selftest_for_a_version_without_an_evaluation_set(fake_publi
 
     assert desired.selftest is None
     assert desired.issued_at <= time.time()
+
+
+@pytest.mark.django_db
+def test_it_names_a_rollout_once_for_a_flush_of_reports_on_its_members(fake_publisher):
+    for n in range(5):
+        make_device(f"dev-{n}", tags=["lab"])
+    version = make_published_version()
+    stage = {"percent": 100, "min_soak_seconds": 3600}
+    rollout = rollouts.start_rollout(
+        rollouts.create_rollout(version, stages=[stage], actor="system", tags=["lab"]), actor="system"
+    )
+    reported = list(Deployment.objects.filter(version=version).values_list("pk", flat=True))
+
+    assert len(reported) == 5
+    assert rollouts.rollout_ids_for_deployments(reported) == [rollout.pk]

@@ -184,6 +184,7 @@ class TestBridgeUnderEnrollment:
             getattr(enrollment, f"{verdict}_device")(Device.objects.get(), actor="system")
 
         self.send(bridge, "dev-1", wire.Channel.HELLO, hello("dev-1"))
+        bridge.flush()
 
         assert bridge.stats.snapshot()["not_accepted"] == 1
         assert Device.objects.get().hardware_class == ""
@@ -205,11 +206,26 @@ class TestBridgeUnderEnrollment:
         assert Heartbeat.objects.count() == 1
         assert not Device.objects.get().online
 
+    def test_it_refuses_only_the_devices_not_accepted_in_a_flush_of_hellos(self, bridge, secret):
+        Agent().enroll(secret)
+        enrollment.accept_device(Device.objects.get(), actor="system")
+        Agent(device_id="dev-2").enroll(secret)
+
+        for device_id in ("dev-1", "dev-2", "dev-9"):
+            self.send(bridge, device_id, wire.Channel.HELLO, hello(device_id))
+        bridge.flush()
+
+        assert bridge.stats.snapshot()["not_accepted"] == 2
+        assert bridge.stats.snapshot()["hellos"] == 1
+        assert list(Device.objects.filter(online=True).values_list("device_id", flat=True)) == ["dev-1"]
+        assert not Device.objects.filter(device_id="dev-9").exists()
+
     def test_it_takes_an_accepted_device(self, bridge, secret):
         Agent().enroll(secret)
         enrollment.accept_device(Device.objects.get(), actor="system")
 
         self.send(bridge, "dev-1", wire.Channel.HELLO, hello("dev-1"))
+        bridge.flush()
 
         assert bridge.stats.snapshot().get("not_accepted", 0) == 0
         assert Device.objects.get().enrollment == EnrollmentState.ACCEPTED
