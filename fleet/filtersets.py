@@ -59,7 +59,9 @@ class ArtifactFilterSet(filters.FilterSet):
 
 
 class DeviceFilterSet(filters.FilterSet):
-    tag = filters.CharFilter(field_name="tags__name", distinct=True)
+    # No DISTINCT: a device carries a tag once, so the join gives one row per device. DISTINCT over
+    # every column (two of them JSON) made a tag's page and its count sort the whole fleet.
+    tag = filters.CharFilter(field_name="tags__name")
     hardware_class = filters.ChoiceFilter(choices=HardwareClass.choices)
     # What the device runs now, by version id or by model name.
     current_version = filters.NumberFilter(field_name="current_version")
