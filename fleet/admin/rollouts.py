@@ -1,17 +1,127 @@
 """Rollouts in the admin: stages, gate values, transitions for release managers."""
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
 from django.db.models import Count
+from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline
+from fleet.api.serializers import RolloutCreateSerializer
+from fleet.choices import HardwareClass, RolloutBaseline, VersionStatus
 from fleet.models import (
+    ModelVersion,
     Rollout,
     RolloutStage,
 )
 from fleet.services import rollouts
 from fleet.services.rollouts import RolloutError
+
+# What the add page offers before an operator changes anything: a canary, a quarter, everyone.
+DEFAULT_STAGES = [
+    {"name": "canary", "percent": 5, "min_soak_seconds": 600},
+    {"name": "quarter", "percent": 25, "min_soak_seconds": 600},
+    {"name": "everyone", "percent": 100, "min_soak_seconds": 0},
+]
+STAGE_ROWS = 6
+
+
+def _names(text: str) -> list[str]:
+    return sorted({name for name in text.replace(",", " ").split() if name})
+
+
+class RolloutCreateForm(forms.Form):
+    """The add page's input. It only collects: the API's serializer validates and the service creates."""
+
+    name = forms.CharField(required=False, max_length=200)
+    # Any version is accepted here and the serializer refuses one that is not published, so
+    # a version archived while the page was open gets the API's clear message, not "invalid choice".
+    version = forms.IntegerField(widget=forms.Select, help_text="Only published versions can be rolled out.")
+    tags = forms.CharField(required=False, max_length=2000, help_text="Devices carrying any of these tags.")
+    devices = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}), help_text="And/or device ids, comma-separated."
+    )
+    hardware_class = forms.ChoiceField(
+        choices=[("", "All selected devices"), *HardwareClass.choices], required=False, label="Only hardware class"
+    )
+    baseline = forms.ChoiceField(choices=RolloutBaseline.choices, initial=RolloutBaseline.PREVIOUS_VERSION)
+    max_per_minute = forms.IntegerField(initial=1000, help_text="New assignments in any 60 seconds.")
+    start = forms.BooleanField(required=False, initial=True, label="Start it now")
+    supersede = forms.BooleanField(
+        required=False, help_text="On start, abort any running or paused rollout that has some of these devices."
+    )
+    reason = forms.CharField(required=False, max_length=2000, help_text="Kept in the audit log of the start.")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        published = ModelVersion.objects.filter(status=VersionStatus.PUBLISHED).select_related("model")
+        self.fields["version"].widget.choices = [("", "---------")] + [
+            (v.pk, v.label) for v in published.order_by("model__name", "-number")
+        ]
+
+    def payload(self, stages: list[dict]) -> dict:
+        """The same body the API's POST /rollouts/ takes."""
+        data = self.cleaned_data
+        return {
+            "name": data["name"],
+            "version": data["version"],
+            "selector": {
+                "tags": _names(data["tags"]),
+                "devices": _names(data["devices"]),
+                "hardware_class": data["hardware_class"],
+            },
+            "baseline": data["baseline"],
+            "max_per_minute": data["max_per_minute"],
+            "stages": stages,
+        }
+
+
+class StageForm(forms.Form):
+    """One stage row; a row with no name and no size is left out."""
+
+    name = forms.CharField(required=False, max_length=64)
+    percent = forms.DecimalField(required=False, max_digits=5, decimal_places=2)
+    devices = forms.IntegerField(required=False)
+    min_soak_seconds = forms.IntegerField(initial=0, label="soak (s)")
+    success_percent = forms.DecimalField(initial=100, max_digits=5, decimal_places=2, label="success %")
+    failure_percent = forms.DecimalField(initial=0, max_digits=5, decimal_places=2, label="failure %")
+    failure_min_finished = forms.IntegerField(initial=1, label="failure judged after")
+    health_p95_ratio = forms.DecimalField(
+        required=False, max_digits=6, decimal_places=3, label="health p95 ratio", help_text="Blank: health gate off."
+    )
+    health_error_points = forms.DecimalField(initial=1, max_digits=5, decimal_places=2, label="health error points")
+    health_min_samples = forms.IntegerField(initial=100, label="health min samples")
+
+    def stage(self) -> dict | None:
+        data = self.cleaned_data
+        if not data or (data["name"] == "" and data["percent"] is None and data["devices"] is None):
+            return None
+        return {key: value for key, value in data.items() if value is not None}
+
+
+StageFormSet = forms.formset_factory(StageForm, extra=0, max_num=20)
+
+
+def _messages(errors, where: str = "") -> list[str]:
+    """A serializer's nested errors as sentences: "stages 2: Give each stage a 'percent'…"."""
+    if isinstance(errors, dict):
+        out = []
+        for key, value in errors.items():
+            # A list's errors come keyed by position from 0; an operator counts rows from 1.
+            label = "" if key == "non_field_errors" else str(key + 1) if isinstance(key, int) else str(key)
+            out += _messages(value, f"{where} {label}".strip())
+        return out
+    if isinstance(errors, list) and errors and not isinstance(errors[0], str):
+        out = []
+        for i, value in enumerate(errors):
+            out += _messages(value, f"{where} {i + 1}")
+        return out
+    return [f"{where}: {message}" if where else str(message) for message in errors]
 
 
 class RolloutStageInline(ReadOnlyInline):
@@ -40,7 +150,7 @@ class RolloutStageInline(ReadOnlyInline):
 
 @admin.register(Rollout)
 class RolloutAdmin(ReadOnlyAdmin):
-    """Rollouts are created through the API; here operators watch them and, with the release permission, act."""
+    """Operators watch rollouts here; release managers create, start and steer them."""
 
     list_display = ["__str__", "version", "state", "stage_display", "started_at", "finished_at", "created_by"]
     list_filter = ["state", ("version__model", admin.RelatedOnlyFieldListFilter)]
@@ -76,6 +186,65 @@ class RolloutAdmin(ReadOnlyAdmin):
 
     def has_release_permission(self, request) -> bool:
         return request.user.has_perm("fleet.release_rollout")
+
+    def has_add_permission(self, request) -> bool:
+        return request.user.has_perm("fleet.add_rollout")
+
+    def add_view(self, request, form_url="", extra_context=None):
+        """Create, and with the release permission start, a rollout: the API's validation and services."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        may_start = self.has_release_permission(request)
+        posted = request.method == "POST"
+        form = RolloutCreateForm(request.POST if posted else None, initial={"start": may_start})
+        stages = StageFormSet(request.POST if posted else None, prefix="stages", initial=self._initial_stages())
+        if posted and form.is_valid() and stages.is_valid():
+            rollout = self._create(request, form, stages, may_start=may_start)
+            if rollout is not None:
+                return HttpResponseRedirect(reverse("admin:fleet_rollout_change", args=[rollout.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            **(extra_context or {}),
+            "title": "Add rollout",
+            "opts": self.model._meta,
+            "form": form,
+            "stages": stages,
+            "may_start": may_start,
+            "media": self.media + form.media,
+        }
+        return TemplateResponse(request, "admin/fleet/rollout/add.html", context)
+
+    def _initial_stages(self) -> list[dict]:
+        return DEFAULT_STAGES + [{} for _ in range(STAGE_ROWS - len(DEFAULT_STAGES))]
+
+    def _create(self, request, form: RolloutCreateForm, stages, *, may_start: bool) -> Rollout | None:
+        data = form.cleaned_data
+        if data["start"] and not may_start:
+            form.add_error(None, "Starting a rollout needs the release permission; create it as a draft.")
+            return None
+        rows = [stage for stage in (f.stage() for f in stages.forms) if stage is not None]
+        serializer = RolloutCreateSerializer(data=form.payload(rows))
+        if not serializer.is_valid():
+            for message in _messages(serializer.errors):
+                form.add_error(None, message)
+            return None
+        try:
+            # One transaction: a start that is refused (a conflict) leaves no draft behind,
+            # and the operator resubmits the same form, e.g. with supersede.
+            with transaction.atomic():
+                rollout = rollouts.create_rollout(actor=request.user, **serializer.service_arguments())
+                if data["start"]:
+                    rollout = rollouts.start_rollout(
+                        rollout, actor=request.user, supersede=data["supersede"], reason=data["reason"]
+                    )
+        except (RolloutError, ValidationError) as exc:
+            for message in exc.messages if isinstance(exc, ValidationError) else [str(exc)]:
+                form.add_error(None, message)
+            return None
+        self.log_addition(request, rollout, [{"added": {}}])
+        done = "Created and started" if data["start"] else "Created the draft"
+        self.message_user(request, f"{done} {rollout}.", messages.SUCCESS)
+        return rollout
 
     @admin.display(description="stage")
     def stage_display(self, rollout: Rollout) -> str:

@@ -466,6 +466,10 @@ class RolloutSerializer(serializers.ModelSerializer):
     version = serializers.PrimaryKeyRelatedField(
         queryset=ModelVersion.objects.filter(status=VersionStatus.PUBLISHED),
         required=False,
+        error_messages={
+            "does_not_exist": "Version {pk_value} is not published (or does not exist): only a "
+            "published version can be rolled out."
+        },
         help_text="A published version; or give `alias` instead. With an alias, the version it names "
         "when the rollout starts.",
     )
@@ -541,6 +545,19 @@ class RolloutCreateSerializer(RolloutSerializer):
         if len(stages) > 20:
             raise serializers.ValidationError("At most 20 stages.")
         return stages
+
+    def service_arguments(self) -> dict:
+        """The validated request as ``rollouts.create_rollout``'s arguments; the API and the admin both use it."""
+        fields = dict(self.validated_data)
+        selector = fields.pop("selector")
+        return {
+            "version": fields.pop("version", None),
+            "stages": [dict(stage) for stage in fields.pop("stages")],
+            "tags": selector["tags"],
+            "device_ids": selector["devices"],
+            "hardware_class": selector["hardware_class"],
+            **fields,
+        }
 
 
 class RolloutActionSerializer(serializers.Serializer):

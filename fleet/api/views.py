@@ -390,17 +390,7 @@ class RolloutViewSet(
         return serializers.RolloutCreateSerializer if self.action == "create" else serializers.RolloutSerializer
 
     def perform_create(self, serializer):
-        fields = dict(serializer.validated_data)
-        selector = fields.pop("selector")
-        serializer.instance = rollouts.create_rollout(
-            fields.pop("version", None),
-            stages=[dict(stage) for stage in fields.pop("stages")],
-            tags=selector["tags"],
-            device_ids=selector["devices"],
-            hardware_class=selector["hardware_class"],
-            actor=self.request.user,
-            **fields,
-        )
+        serializer.instance = rollouts.create_rollout(actor=self.request.user, **serializer.service_arguments())
 
     def _act(self, request, service, body=serializers.RolloutActionSerializer):
         data = body(data=request.data)

@@ -2,11 +2,12 @@
 
 import os
 import shutil
+from decimal import Decimal
 
 import pytest
 
-from fleet.choices import DeploymentState
-from fleet.models import Deployment
+from fleet.choices import DeploymentState, RolloutState
+from fleet.models import Deployment, Rollout
 from tests.fleet.helpers import make_device, make_published_version
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -77,3 +78,32 @@ def test_it_shows_a_device_with_its_deployments_and_heartbeats(page, live_server
     page.screenshot(path=str(tmp_path / "device.png"), full_page=True)
     assert "Linux x86_64" in page.inner_text("body")
     assert "LAST HEARTBEATS" in page.inner_text("body").upper()
+
+
+def test_it_creates_and_starts_a_rollout_from_the_add_page(page, live_server, django_user_model, fake_publisher,
+                                                           tmp_path):  # fmt: skip
+    for i in range(4):
+        make_device(f"lab-{i}", tags=["lab"])
+    version = make_published_version("minilm-embedder")
+    log_in(page, live_server, django_user_model)
+
+    page.goto(f"{live_server.url}/admin/fleet/rollout/")
+    page.get_by_role("link", name="Add rollout").click()
+    page.wait_for_selector("text=Stages and gates")
+    page.fill("input[name=name]", "lab canary")
+    page.select_option("select[name=version]", str(version.pk))
+    page.fill("input[name=tags]", "lab")
+    page.fill("input[name=stages-0-health_p95_ratio]", "1.2")
+    page.fill("input[name=reason]", "release from the browser")
+    page.click("input[value='Create rollout']")
+
+    page.wait_for_selector("text=Created and started lab canary.")
+    page.screenshot(path=str(tmp_path / "rollout.png"), full_page=True)
+    rollout = Rollout.objects.get()
+    assert rollout.state == RolloutState.RUNNING
+    assert [(s.percent, s.health_p95_ratio) for s in rollout.stages.all()] == [
+        (Decimal(5), Decimal("1.2")),
+        (Decimal(25), None),
+        (Decimal(100), None),
+    ]
+    assert "canary (running)" in page.inner_text("body")
