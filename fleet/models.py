@@ -323,7 +323,13 @@ class Heartbeat(models.Model):
 
     class Meta:
         ordering = ["-received_at"]
-        indexes = [models.Index(fields=["device", "-received_at"])]
+        indexes = [
+            models.Index(fields=["device", "-received_at"]),
+            # The fleet-wide heartbeat list, newest first, and retention by age.
+            models.Index(fields=["-received_at"], name="heartbeat_received"),
+            # A rollout's health gate reads the heartbeats of its deployments.
+            models.Index(fields=["deployment_id_reported"], name="heartbeat_deployment"),
+        ]
         constraints = [
             # A heartbeat sent again (MQTT QoS 1 is at-least-once, the agent's outbox resends
             # after an outage) is stored once. seq restarts when the agent does, so seq alone

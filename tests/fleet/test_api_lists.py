@@ -2,6 +2,7 @@
 
 import pytest
 
+from fleet.api.pagination import Pages
 from fleet.models import AuditEvent
 from fleet.services import deployments
 from tests.fleet.helpers import add_ready_artifact, make_device, make_published_version, make_version, token_client
@@ -93,3 +94,15 @@ def test_it_serves_the_openapi_schema(client):
         "multipart/form-data" in schema["paths"]["/api/v1/versions/{id}/artifacts/"]["post"]["requestBody"]["content"]
     )
     assert client.get("/api/docs/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_a_page_is_capped_whatever_limit_is_asked(operator, monkeypatch):
+    assert Pages.max_limit == 1000
+    monkeypatch.setattr(Pages, "max_limit", 2)
+    for n in range(3):
+        make_device(f"paged-{n}")
+
+    body = token_client(operator).get("/api/v1/devices/?limit=100000").json()
+
+    assert body["count"] == 3 and len(body["results"]) == 2
