@@ -16,6 +16,7 @@ import multiprocessing
 import time
 from datetime import UTC, datetime
 
+import msgspec
 import paho.mqtt.client as mqtt
 
 from bench import harness
@@ -132,7 +133,11 @@ def heartbeat_batch(device_pks: list[int], count: int):
 
     now = datetime.now(tz=UTC)
     beats = [wire.decode(wire.Channel.HEARTBEAT, heartbeat_payload(f"d{n}", n)) for n in range(200)]
-    return [ReceivedHeartbeat(device_pks[n % len(device_pks)], beats[n % 200], now) for n in range(count)]
+    # Each row its own seq: a row repeating (device, seq, sent_at) is a resend, stored once.
+    return [
+        ReceivedHeartbeat(device_pks[n % len(device_pks)], msgspec.structs.replace(beats[n % 200], seq=n), now)
+        for n in range(count)
+    ]
 
 
 def database_ceilings(ctx: Context, device_pks: list[int], rows: int, batch: int = 500) -> tuple[float, float]:

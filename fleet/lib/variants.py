@@ -75,11 +75,18 @@ def precision_preference(profile: DeviceProfile) -> list[str]:
 
 
 def usable(profile: DeviceProfile, candidate: Candidate) -> bool:
-    """False for an int8 variant whose u8*s8 products saturate on this CPU."""
+    """False for an int8 variant the plane built without reduce_range, on a CPU without VNNI.
+
+    Such a variant's u8*s8 products saturate there. An uploaded int8 file carries no recipe:
+    how it was quantized is its uploader's knowledge, so it is offered (docs/models.md).
+    """
     if candidate.precision != "int8" or _arch(profile) != "x86_64":
         return True
+    parameters = candidate.recipe.get("parameters") if candidate.recipe else None
+    if not isinstance(parameters, dict):
+        return True
     has_vnni = bool({f.lower() for f in profile.cpu_flags} & _VNNI_FLAGS)
-    return has_vnni or bool(candidate.recipe.get("parameters", {}).get("reduce_range", False))
+    return has_vnni or bool(parameters.get("reduce_range", False))
 
 
 def choose_variant(

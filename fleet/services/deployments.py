@@ -117,7 +117,13 @@ def assign_version(
     result = AssignmentResult()
     created_by = None if isinstance(actor, str) or actor is None or not actor.is_authenticated else actor
     with transaction.atomic():
-        devices = list(Device.objects.select_for_update().filter(pk__in=[d.pk for d in devices]).only(*_ASSIGN_FIELDS))
+        # Devices in id order, as every writer of deployments takes them: see record_states.
+        devices = list(
+            Device.objects.select_for_update()
+            .filter(pk__in=[d.pk for d in devices])
+            .only(*_ASSIGN_FIELDS)
+            .order_by("pk")
+        )
         # Lock the version and read its status again: an archive (or delete) committing
         # between a check of the caller's copy and our insert would leave open deployments
         # of a retired version. Under the lock either retention sees these deployments and
@@ -411,6 +417,7 @@ def record_state(device: Device, report: wire.StateReport) -> Deployment:
     _check_report(report)
     now = timezone.now()
     with transaction.atomic():
+        _lock_devices([device.pk])
         deployment = Deployment.objects.select_for_update().filter(pk=report.deployment_id, device=device).first()
         if deployment is None:
             raise StaleReport(f"deployment {report.deployment_id} is not one of {device.device_id}'s")
@@ -464,6 +471,7 @@ def record_states(batch: Sequence[ReceivedState]) -> list[Deployment | StaleRepo
         # Under the lock the state read here is the one the write replaces: the batch's
         # compare-and-swap, without a conditional UPDATE per report.
         ids = sorted({item.report.deployment_id for item in batch})
+        _lock_devices(Deployment.objects.filter(pk__in=ids).values_list("device_id", flat=True))
         rows = {
             d.pk: d
             for d in Deployment.objects.select_for_update(of=("self",))
@@ -489,6 +497,14 @@ def record_states(batch: Sequence[ReceivedState]) -> list[Deployment | StaleRepo
         record_many(events)
         _apply_effects(effects)
     return outcomes
+
+
+def _lock_devices(pks: Iterable[int]) -> None:
+    """Lock these devices in id order before their deployments. assign_version takes a device,
+    then its deployments; a report that locked the deployment first and then updated the
+    device's current version would deadlock with it (seen when an assignment met the report
+    of the deployment it replaced)."""
+    list(Device.objects.select_for_update().filter(pk__in=list(pks)).order_by("pk").values_list("pk", flat=True))
 
 
 def _share_releases(rows: Iterable[Deployment]) -> None:

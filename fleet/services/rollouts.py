@@ -209,7 +209,12 @@ def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, re
         locked = _lock(rollout)
         # Lock the selected devices too: two rollouts starting at once over the same devices
         # would otherwise each see no conflict.
-        list(Device.objects.select_for_update().filter(pk__in=selected_devices(locked).values("pk")).values("pk"))
+        list(
+            Device.objects.select_for_update()
+            .filter(pk__in=selected_devices(locked).values("pk"))
+            .order_by("pk")
+            .values("pk")
+        )
         found = conflicts(locked)
         if found and not supersede:
             names = ", ".join(f"{device_id} (rollout {other})" for device_id, other in sorted(found.items())[:10])

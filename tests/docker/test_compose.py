@@ -3,6 +3,7 @@ reads what compose would run (``docker-compose config``) and starts the broker t
 container does, with docker/mosquitto/entrypoint.sh and secure.conf."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -20,6 +21,9 @@ def stack():
     result = subprocess.run(
         [COMPOSE, "-f", "docker/compose.yaml", "--env-file", "docker/.env.example", "config", "--format", "json"],
         cwd=REPO,
+        # A clean shell, as an operator's: compose interpolates ${MQTT_URL:-…} and the like
+        # from the environment, and the test run's own settings must not leak in.
+        env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root")},
         capture_output=True,
         text=True,
         check=True,

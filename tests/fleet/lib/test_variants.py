@@ -36,6 +36,12 @@ def test_it_gives_x86_64_without_vnni_only_a_reduced_range_int8():
     assert precision(x86("avx2"), family(FULL_RANGE_INT8)) == "int4"
 
 
+def test_it_offers_an_uploaded_int8_whose_quantization_it_does_not_know():
+    """No recipe: the uploader knows how it was built; refusing it left CPUs without VNNI with nothing."""
+    assert precision(x86("avx2"), family({})) == "int8"
+    assert precision(x86("avx2"), [Candidate(9, "int8", "any", 23 * MB)]) == "int8"
+
+
 def test_it_gives_int8_to_aarch64_with_dotprod_and_int4_without():
     with_dotprod = DeviceProfile("aarch64", "linux", "linux-aarch64", 4 * GB, (), frozenset({"neon", "asimddp"}))
     without = DeviceProfile("aarch64", "linux", "linux-aarch64", 4 * GB, (), frozenset({"neon"}))
