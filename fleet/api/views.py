@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Count, Prefetch
 from django.http import Http404
 from django.shortcuts import get_object_or_404
@@ -266,31 +267,41 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
     # subquery: PostgreSQL runs it for every row OFFSET skips.) The current deployment is the newest
     # not superseded: DISTINCT ON per device, cheaper to build and run than a sliced prefetch's
     # window function, with only the fields the page shows.
-    queryset = Device.objects.select_related("current_version__model").prefetch_related(
-        Prefetch("tags", to_attr="tag_list"),
-        Prefetch(
-            "deployments",
-            queryset=Deployment.objects.exclude(state=DeploymentState.SUPERSEDED)
-            .select_related("version__model")
-            .only(
-                "device",
-                "state",
-                "error",
-                "bytes_done",
-                "bytes_total",
-                "updated_at",
-                "version__number",
-                "version__model__name",
-            )
-            .order_by("device_id", "-id")
-            .distinct("device_id"),
-            to_attr="current_deployments",
-        ),
+    queryset = Device.objects.select_related("current_version__model")
+    current_deployments = (
+        Deployment.objects.exclude(state=DeploymentState.SUPERSEDED)
+        .select_related("version__model")
+        .only(
+            "device",
+            "state",
+            "error",
+            "bytes_done",
+            "bytes_total",
+            "updated_at",
+            "version__number",
+            "version__model__name",
+        )
+        .order_by("device_id", "-id")
     )
     serializer_class = serializers.DeviceSerializer
     filterset_class = filtersets.DeviceFilterSet
     lookup_field = "device_id"
     lookup_value_regex = r"[^/]+"
+
+    def get_queryset(self):
+        # DISTINCT ON is PostgreSQL's; elsewhere (the demo's SQLite) every open deployment
+        # comes, newest first, and the serializer takes the first.
+        current = self.current_deployments
+        if connection.vendor == "postgresql":
+            current = current.distinct("device_id")
+        return (
+            super()
+            .get_queryset()
+            .prefetch_related(
+                Prefetch("tags", to_attr="tag_list"), Prefetch("deployments", current, "current_deployments")
+            )
+        )
+
     action_permissions = {
         "tags": ["fleet.change_device"],
         "accept": ["fleet.change_device"],

@@ -1,13 +1,10 @@
 from django.db import migrations, models
 
-# Keep the first copy of each heartbeat stored twice before the constraint existed.
+# Keep the first copy of each heartbeat stored twice before the constraint existed (SQL that
+# PostgreSQL and the demo's SQLite both take).
 DELETE_DUPLICATES = """
-DELETE FROM fleet_heartbeat AS later
-USING fleet_heartbeat AS first
-WHERE later.device_id = first.device_id
-  AND later.seq = first.seq
-  AND later.sent_at = first.sent_at
-  AND later.id > first.id
+DELETE FROM fleet_heartbeat
+WHERE id NOT IN (SELECT MIN(id) FROM fleet_heartbeat GROUP BY device_id, seq, sent_at)
 """
 
 

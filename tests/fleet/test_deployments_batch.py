@@ -41,7 +41,7 @@ def test_it_applies_a_batch_of_reports_in_order_with_few_queries(django_assert_m
     batch.append(report("dev-0", made["dev-0"], "downloading"))  # back from active: refused
     batch.append(report("dev-1", made["dev-0"], "failed"))  # another device's deployment: refused
 
-    with django_assert_max_num_queries(10):
+    with django_assert_max_num_queries(11):
         outcomes = deployments.record_states(batch)
 
     assert [type(o).__name__ for o in outcomes[-2:]] == ["StaleReport", "StaleReport"]
