@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from django.db import connection, transaction
+import psycopg
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Max, Q
 
 from agent import wire
@@ -121,21 +122,32 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
     defaults = tuple(f.get_default() for f in extra)
     columns = ", ".join(connection.ops.quote_name(name) for name in names)
     table = connection.ops.quote_name(Heartbeat._meta.db_table)
+    rows = [heartbeat_values(item) + defaults for item in batch]
     with connection.cursor() as cursor:
         # Telemetry, not state: a PostgreSQL crash may lose the last moment of heartbeats,
         # and in exchange a batch does not wait for its WAL flush (another 15% of the cost).
+        cursor.execute("SET LOCAL synchronous_commit = off")
+        # Almost every batch holds no resend: COPY it straight in. One that does breaks the
+        # unique constraint, and only then goes the slower way below (measured by make bench:
+        # the staging table for every batch halved what one bridge stores).
+        try:
+            with transaction.atomic(), cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            return len(rows)
+        except (IntegrityError, psycopg.errors.UniqueViolation):
+            pass
         # COPY cannot skip a row that breaks the unique constraint (a resent heartbeat), so the
         # batch goes by COPY into a temporary table, then on with INSERT ... ON CONFLICT DO
         # NOTHING. The table lives as long as the connection; the move empties it, so an outer
-        # transaction may store another batch. The SET and the CREATE share one round trip.
+        # transaction may store another batch.
         cursor.execute(
-            "SET LOCAL synchronous_commit = off;"
-            f" CREATE TEMPORARY TABLE IF NOT EXISTS {INCOMING} ON COMMIT DELETE ROWS"
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {INCOMING} ON COMMIT DELETE ROWS"
             f" AS SELECT {columns} FROM {table} WITH NO DATA"
         )
         with cursor.copy(f"COPY {INCOMING} ({columns}) FROM STDIN") as copy:
-            for item in batch:
-                copy.write_row(heartbeat_values(item) + defaults)
+            for row in rows:
+                copy.write_row(row)
         cursor.execute(
             f"WITH moved AS (DELETE FROM {INCOMING} RETURNING {columns})"
             f" INSERT INTO {table} ({columns}) SELECT {columns} FROM moved ON CONFLICT DO NOTHING"

@@ -188,7 +188,7 @@ class TestMessages:
             bridge.handle(inbound("dev-1", wire.Channel.HEARTBEAT, heartbeat(seq=seq)))
         assert not Heartbeat.objects.exists()
 
-        with django_assert_max_num_queries(6):
+        with django_assert_max_num_queries(7):
             bridge.flush()
 
         assert Heartbeat.objects.count() == 50
