@@ -7,12 +7,15 @@ inference must return finite values of the shape the model declares.
 
 from __future__ import annotations
 
-from typing import Any, Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Final
 
 from agent import wire
 from agent.runtime import NUMPY_TYPES, LoadedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported by the checks that use it, like the runtime's: an idle agent never loads it.
 
 SMOKE_TEXT: Final = "edgefleet self-test"
 
@@ -41,6 +44,8 @@ def _run(model: LoadedModel, test: wire.SelfTest | None) -> None:
 
 
 def _smoke_embedding(model: LoadedModel) -> None:
+    import numpy as np
+
     (vector,) = model.embed([SMOKE_TEXT])
     _finite("embedding", np.asarray(vector))
     if model.dimensions is not None and len(vector) != model.dimensions:
@@ -48,6 +53,8 @@ def _smoke_embedding(model: LoadedModel) -> None:
 
 
 def _smoke_tensor(model: LoadedModel) -> None:
+    import numpy as np
+
     feed = {i.name: _zeros(i.name, i.type, i.shape) for i in model.session.get_inputs()}
     outputs = model.session.run(model.output_names, feed)
     for meta, value in zip(model.session.get_outputs(), outputs, strict=True):
@@ -57,6 +64,8 @@ def _smoke_tensor(model: LoadedModel) -> None:
 
 
 def _check_embeddings(model: LoadedModel, test: wire.SelfTest) -> None:
+    import numpy as np
+
     if len(test.embeddings) != len(test.texts):
         raise SelfTestFailed(f"self-test has {len(test.texts)} texts but {len(test.embeddings)} expected embeddings")
     got = np.asarray(model.embed(test.texts), dtype=np.float64)
@@ -74,6 +83,8 @@ def _check_embeddings(model: LoadedModel, test: wire.SelfTest) -> None:
 
 
 def _check_tensors(model: LoadedModel, test: wire.SelfTest) -> None:
+    import numpy as np
+
     if len(test.outputs) != len(test.inputs):
         raise SelfTestFailed(f"self-test has {len(test.inputs)} input cases but {len(test.outputs)} expected outputs")
     for index, (feed, expected) in enumerate(zip(test.inputs, test.outputs, strict=True)):
@@ -85,6 +96,8 @@ def _check_tensors(model: LoadedModel, test: wire.SelfTest) -> None:
 
 
 def _close(what: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> None:
+    import numpy as np
+
     if got.shape != want.shape:
         raise SelfTestFailed(f"{what}: shape {list(got.shape)}, expected {list(want.shape)}")
     _finite(what, got)
@@ -94,6 +107,8 @@ def _close(what: str, got: np.ndarray, want: np.ndarray, tolerance: float) -> No
 
 
 def _finite(what: str, array: np.ndarray) -> None:
+    import numpy as np
+
     if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
         raise SelfTestFailed(f"{what} holds NaN or infinite values")
 
@@ -107,6 +122,8 @@ def _shape_fits(what: str, shape: tuple[int, ...], declared: Any) -> None:
 
 
 def _zeros(name: str, onnx_type: str, shape: Any) -> np.ndarray:
+    import numpy as np
+
     dtype = NUMPY_TYPES.get(onnx_type)
     if dtype is None:
         raise SelfTestFailed(f"smoke test cannot feed input {name!r} of type {onnx_type}; ship a selftest")

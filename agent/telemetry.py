@@ -7,9 +7,9 @@ between a canary and the rest of the fleet.
 
 from __future__ import annotations
 
+import statistics
 import threading
 
-import numpy as np
 import psutil
 
 from agent import wire
@@ -54,7 +54,9 @@ class LatencyRecorder:
 def latency_stats(latencies: list[float]) -> wire.LatencyStats | None:
     if not latencies:
         return None
-    p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    # numpy's default (linear) percentiles, without importing numpy into an idle agent.
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    p50, p95, p99 = cuts[49], cuts[94], cuts[98]
     return wire.LatencyStats(
         count=len(latencies),
         p50_ms=round(float(p50), 3),

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import threading
 
-from agent.telemetry import HeartbeatBuilder, LatencyRecorder
+import numpy as np
+
+from agent.telemetry import HeartbeatBuilder, LatencyRecorder, latency_stats
 from tests.agent.fakes import FakeClock
 
 
@@ -16,6 +18,17 @@ def test_it_drains_counts_and_percentiles_of_the_window() -> None:
     assert latency is not None
     assert (latency.count, latency.max_ms) == (100, 100.0)
     assert 50 <= latency.p50_ms <= 51 and 95 <= latency.p95_ms <= 96 and 99 <= latency.p99_ms <= 100
+
+
+def test_its_percentiles_are_numpys_linear_ones() -> None:
+    latencies = [0.4, 7.25, 3.0, 12.5, 1.0, 9.75, 2.5]
+    stats = latency_stats(latencies)
+
+    assert stats is not None
+    want = [round(float(v), 3) for v in np.percentile(latencies, [50, 95, 99])]
+    assert [stats.p50_ms, stats.p95_ms, stats.p99_ms] == want
+    single = latency_stats([4.2])
+    assert single is not None and (single.p50_ms, single.p99_ms, single.max_ms) == (4.2, 4.2, 4.2)
 
 
 def test_it_starts_a_fresh_window_after_each_drain() -> None:
