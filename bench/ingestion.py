@@ -76,8 +76,9 @@ def bare_ceiling(ctx: Context, device_ids: list[str], *, subscribers: int, buffe
     sizes = ctx.sizes
     context = multiprocessing.get_context("fork")
     results = context.Queue()
+    seconds = sizes.ingest_ceiling_seconds + 3
     procs = [
-        context.Process(target=_bare_subscriber, args=(ctx.broker.port, buffered, sizes.ingest_ceiling_seconds + 3, results))
+        context.Process(target=_bare_subscriber, args=(ctx.broker.port, buffered, seconds, results))
         for _ in range(subscribers)
     ]
     for proc in procs:
