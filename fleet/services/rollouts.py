@@ -277,7 +277,14 @@ def promote_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Roll
         changed = Rollout.objects.filter(pk=locked.pk, state=RolloutState.RUNNING).update(soak_skipped=True)
         if changed != 1:
             raise RolloutError(f"Rollout {locked.pk} changed meanwhile; look again and retry.")
-        record(actor, "rollout.promote", locked, after={"stage": locked.current_stage}, reason=reason)
+        record(
+            actor,
+            "rollout.promote",
+            locked,
+            before={"stage": locked.current_stage, "soak_skipped": locked.soak_skipped},
+            after={"stage": locked.current_stage, "soak_skipped": True},
+            reason=reason,
+        )
         locked.refresh_from_db()
         _evaluate_locked(locked, now=timezone.now())
     return _fresh(rollout)

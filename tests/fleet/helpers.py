@@ -12,6 +12,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from agent import signing, wire
+from fleet.choices import Role
 from fleet.models import Artifact, Device, Model, ModelVersion
 from fleet.services import devices, registry
 
@@ -50,6 +51,16 @@ def make_member(username: str, role: str) -> User:
     user = make_user(username)
     user.groups.add(Group.objects.get(name=role))
     return user
+
+
+def make_release_manager(username: str = "rita") -> User:
+    """The release-manager role: versions, aliases, rollouts, deployments, pipelines and pins."""
+    return make_member(username, Role.RELEASE_MANAGER)
+
+
+def make_admin(username: str = "ada") -> User:
+    """The admin role: every fleet permission but rewriting the audit log, and users and tokens."""
+    return make_member(username, Role.ADMIN)
 
 
 def token_client(user: User | None) -> APIClient:
