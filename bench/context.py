@@ -49,7 +49,7 @@ QUICK = Sizes(
     api_requests=400,
 )
 
-# For the CI smoke test: checks that everything runs, not how fast.
+# The smallest sizes: checks that everything runs, not how fast (CI runs QUICK, as make bench-quick does).
 TINY = Sizes(
     ingest_seconds=3.0,
     ingest_ceiling_seconds=2.0,

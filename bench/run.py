@@ -110,7 +110,7 @@ def _flush_redis(url: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: about a minute")
-    parser.add_argument("--tiny", action="store_true", help="smallest sizes: the CI smoke test")
+    parser.add_argument("--tiny", action="store_true", help="smallest sizes: checks only that everything runs")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated, of {', '.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--database", default="edgefleet_bench", help="PostgreSQL database to create and drop")
