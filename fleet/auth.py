@@ -17,6 +17,10 @@ from django.conf import settings
 from django.contrib.auth.backends import ModelBackend
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from rest_framework.authtoken.models import Token
+
+from fleet.services.audit import record
 
 
 def _keys(request, username: str | None) -> list[tuple[str, int]]:
@@ -58,3 +62,16 @@ class RateLimitedModelBackend(ModelBackend):
         if user is None:
             _count_failure(request, username)
         return user
+
+
+def issue_token(user) -> Token:
+    """The user's API token, made on their first sign-in through the API; the making is audited.
+
+    The admin's token page records "token.added" against the user (fleet/admin/accounts.py):
+    this writes the same row, so either way a new credential is on record.
+    """
+    with transaction.atomic():
+        token, created = Token.objects.get_or_create(user=user)
+        if created:
+            record(user, "token.added", user, after={"user": user.get_username()}, reason="first API sign-in")
+    return token

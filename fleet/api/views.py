@@ -505,7 +505,9 @@ class TokenView(ObtainAuthToken):
     def post(self, request, *args, **kwargs):
         if auth.locked_out(request, str(request.data.get("username", ""))[:150] or None):
             raise Throttled(wait=settings.LOGIN_FAILURE_WINDOW, detail="Too many failed sign-ins; try again later.")
-        return super().post(request, *args, **kwargs)
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        return Response({"token": auth.issue_token(serializer.validated_data["user"]).key})
 
 
 class EnrollmentTokenViewSet(

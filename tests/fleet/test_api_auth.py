@@ -3,7 +3,7 @@
 import pytest
 from django.contrib.auth.models import Permission
 
-from fleet.models import Model
+from fleet.models import AuditEvent, Model
 from tests.fleet.helpers import make_device, make_published_version, make_version, token_client
 
 pytestmark = pytest.mark.django_db
@@ -17,6 +17,18 @@ def test_it_hands_out_a_token_for_a_username_and_password(operator):
     assert response.status_code == 200
     listing = token_client(None).get("/api/v1/models/", HTTP_AUTHORIZATION=f"Token {response.json()['token']}")
     assert listing.status_code == 200
+
+
+def test_it_audits_the_token_made_at_the_first_sign_in_only(operator):
+    credentials = {"username": "olivia", "password": "correct horse battery staple"}
+
+    first = token_client(None).post("/api/v1/auth/token/", credentials)
+    again = token_client(None).post("/api/v1/auth/token/", credentials)
+
+    assert first.json()["token"] == again.json()["token"]
+    event = AuditEvent.objects.get(action="token.added")
+    assert (event.actor, event.object_repr, event.source_address) == (operator, "olivia", "127.0.0.1")
+    assert event.after == {"user": "olivia"}
 
 
 def test_it_refuses_a_wrong_password():
