@@ -49,6 +49,9 @@ class Stats:
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # Counted for every message by paho's network thread alone: one writer needs no lock,
+        # and taking one per message was 4% of a saturated bridge's samples.
+        self.received = 0
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -56,7 +59,10 @@ class Stats:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._counts)
+            counts = dict(self._counts)
+        if self.received:
+            counts["received"] = self.received
+        return counts
 
 
 class ChunkRefused(Exception):
@@ -130,7 +136,7 @@ class Bridge:
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         item = Inbound(message.topic, message.payload, self.clock())
         target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
-        self.stats.add("received")
+        self.stats.received += 1
         while not self.stopping.is_set():
             try:
                 target.put(item, timeout=0.5)
