@@ -303,7 +303,9 @@ class Deployment(models.Model):
 class Heartbeat(models.Model):
     """One health and latency report of a device: the time series the gates read."""
 
-    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="heartbeats")
+    # No index of its own: (device, -received_at) below serves every lookup by device, and each
+    # index is one more write for every heartbeat stored.
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="heartbeats", db_index=False)
     received_at = models.DateTimeField()
     sent_at = models.DateTimeField()
     seq = models.PositiveBigIntegerField()
