@@ -8,6 +8,9 @@ and from which address.
 The writes come from the OpenAPI schema drf-spectacular generates: a new write endpoint
 fails ``test_it_has_a_row_for_every_write_in_the_schema`` until it has a row in WRITES
 (or, if nobody signs in to call it, in PUBLIC).
+
+test_roles.py asks the same of the router's routes on a missing object (a refusal must
+not tell whether the object exists); this file sends valid requests on real objects.
 """
 
 from __future__ import annotations
