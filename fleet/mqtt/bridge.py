@@ -297,7 +297,9 @@ class Bridge:
             if isinstance(outcome, deployments.StaleReport):
                 self._refuse("stale_report", wire.topic(item.device_id, wire.Channel.STATE), str(outcome))
             elif outcome is not None:
-                self.stats.add(f"state_{outcome.state}")
+                # By the state reported: two reports on one deployment in a batch (downloading,
+                # then active) share one outcome, which holds only the state the batch left.
+                self.stats.add(f"state_{item.report.state}")
                 if outcome.state in SETTLED_DEPLOYMENT_STATES:
                     self._settled_deployments.add(outcome.pk)
 

@@ -221,6 +221,8 @@ class TestMessages:
         assert dep.state == DeploymentState.ACTIVE
         assert dep.active_at is not None
         assert Device.objects.get(device_id="dev-1").current_version_id == dep.version_id
+        counts = bridge.stats.snapshot()
+        assert (counts["state_downloading"], counts["state_verifying"], counts["state_active"]) == (1, 1, 1)
 
     def test_it_never_moves_a_deployment_back(self, bridge, deployment):
         dep, _ = deployment
