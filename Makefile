@@ -18,7 +18,7 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
-	@echo "make lint   ruff and the migrations check"
+	@echo "make lint   ruff, mypy, the migrations check, docker/ files, agent wheels for every device platform"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml
@@ -44,6 +44,7 @@ lint: venv
 	$(TEST_ENV) DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres $(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
 	$(VENV)/bin/hadolint docker/Dockerfile.plane docker/Dockerfile.agent
+	PIP=$(VENV)/bin/pip bash scripts/check-agent-wheels.sh
 
 test: venv models services lint
 	$(TEST_ENV) $(VENV)/bin/pytest
