@@ -98,6 +98,8 @@ class Bridge:
         self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         # device_id -> its newest hello not yet applied: applied in one transaction a flush.
         self._hellos: dict[str, wire.Hello] = {}
+        # device id -> online, the latest presence of each since the last flush
+        self._presences: dict[str, bool] = {}
         self._heartbeats: list[telemetry.ReceivedHeartbeat] = []
         self._states: list[deployments.ReceivedState] = []
         self._last_flush = time.monotonic()
@@ -166,6 +168,8 @@ class Bridge:
     def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
         if channel is wire.Channel.HELLO:
             self._hellos[device_id] = message  # type: ignore[assignment]  # the channel fixes the type
+            # A device back after its last will: the hello, later, marks it online.
+            self._presences.pop(device_id, None)
             if len(self._hellos) >= self.batch_size:
                 self._flush_hellos()
             return
@@ -183,10 +187,11 @@ class Bridge:
         elif channel is wire.Channel.STATE:
             self._apply_state(device_id, message)  # type: ignore[arg-type]
         elif channel is wire.Channel.PRESENCE:
-            enrollment.require_accepted(device_id)  # a decommissioned device must not show as online
-            if not devices.record_presence(device_id, message):  # type: ignore[arg-type]
-                self._refuse("unknown_device", device_id, "presence from a device that never said hello")
+            # The latest of each device's, applied with the flush: a mass disconnect is a batch.
+            self._presences[device_id] = message.online  # type: ignore[attr-defined]
             self.stats.add("presence")
+            if len(self._presences) >= self.batch_size:
+                self.flush()
 
     # Under ENROLLMENT_REQUIRED, how stale the cache of accepted devices may get: a device
     # decommissioned while the bridge runs is refused within this many seconds.
@@ -244,9 +249,36 @@ class Bridge:
         each kind in one transaction."""
         self._last_flush = time.monotonic()
         self._flush_hellos()
-        # Heartbeats before reports, so the stored series stays in the order the device sent it.
+        # Heartbeats before reports, so the stored series stays in the order the device sent it;
+        # before presences, since storing a heartbeat marks its device online.
         self._flush_heartbeats()
+        self._flush_presences()
         self._flush_states()
+
+    def _flush_presences(self) -> None:
+        """Each device's latest presence at once; if the batch fails, each device alone."""
+        if not self._presences:
+            return
+        batch, self._presences = self._presences, {}
+        try:
+            applied, refused = devices.record_presences(batch)
+        except Exception:
+            log.exception("applying %d presences in one batch failed; applying them one by one", len(batch))
+            close_old_connections()
+            applied, refused = set(), set()
+            for device_id, online in batch.items():
+                try:
+                    one_applied, one_refused = devices.record_presences({device_id: online})
+                except Exception:
+                    self.stats.add("errors")
+                    log.exception("failed to apply the presence of %s", device_id)
+                    continue
+                applied |= one_applied
+                refused |= one_refused
+        for device_id in sorted(refused):
+            self._refuse("not_accepted", wire.topic(device_id, wire.Channel.PRESENCE), f"{device_id} is not accepted")
+        for device_id in sorted(set(batch) - applied - refused):
+            self._refuse("unknown_device", device_id, "presence from a device that never said hello")
 
     def _flush_hellos(self) -> None:
         """Register or refresh the greeted devices at once; if the batch fails, each hello alone."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -96,9 +96,35 @@ def record_hellos(hellos: Sequence[wire.Hello], *, now: datetime | None = None) 
     return outcomes
 
 
-def record_presence(device_id: str, presence: wire.Presence) -> bool:
-    """Mark a device offline on its last-will or clean goodbye; True if it was known."""
-    return bool(Device.objects.filter(device_id=device_id).update(online=presence.online))
+def record_presences(online: Mapping[str, bool]) -> tuple[set[str], set[str]]:
+    """Apply the latest presence of each device (its last will or goodbye, or an online)
+    in one transaction: one UPDATE for the devices coming online, one for those going off.
+
+    A mass disconnect (a broker restart, a site losing its uplink) delivers thousands of
+    last wills at once: one transaction each kept the bridge 30 s behind every other
+    message per 10,000 devices (docs/benchmarks.md).
+
+    Returns the ids applied and the ids refused because the device is not accepted (under
+    ENROLLMENT_REQUIRED: a decommissioned device must not show as online); an id in
+    neither never said hello.
+    """
+    known = dict(Device.objects.filter(device_id__in=list(online)).values_list("device_id", "enrollment"))
+    refused = (
+        {device_id for device_id, state in known.items() if state != EnrollmentState.ACCEPTED}
+        if settings.ENROLLMENT_REQUIRED
+        else set()
+    )
+    applied = set(known) - refused
+    with transaction.atomic():
+        # Rows locked in device id order first, as record_hellos takes them: two bridges
+        # applying overlapping batches cannot deadlock.
+        locked = Device.objects.select_for_update().filter(device_id__in=sorted(applied)).order_by("device_id")
+        list(locked.values_list("pk", flat=True))
+        for state in (True, False):
+            ids = sorted(device_id for device_id in applied if online[device_id] is state)
+            if ids:
+                Device.objects.filter(device_id__in=ids).update(online=state)
+    return applied, refused
 
 
 def set_tags(device: Device, names: list[str], *, actor: Actor) -> Device:

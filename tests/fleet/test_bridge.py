@@ -204,8 +204,34 @@ class TestMessages:
     def test_it_marks_a_device_offline_on_its_last_will(self, bridge):
         bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
         bridge.handle(inbound("dev-1", wire.Channel.PRESENCE, wire.Presence(device_id="dev-1", online=False)))
+        bridge.flush()
 
         assert not Device.objects.get(device_id="dev-1").online
+
+    def test_it_applies_a_mass_disconnect_in_one_batch(self, bridge, django_assert_max_num_queries):
+        for n in range(60):
+            bridge.handle(inbound(f"dev-{n}", wire.Channel.HELLO, hello(f"dev-{n}")))
+        bridge.flush()
+        bridge.handle(inbound("ghost", wire.Channel.PRESENCE, wire.Presence(device_id="ghost", online=False)))
+        for n in range(60):
+            will = wire.Presence(device_id=f"dev-{n}", online=False, reason="lost")
+            with django_assert_max_num_queries(0):
+                bridge.handle(inbound(f"dev-{n}", wire.Channel.PRESENCE, will))
+
+        with django_assert_max_num_queries(8):
+            bridge.flush()
+
+        assert not Device.objects.filter(online=True).exists()
+        assert bridge.stats.snapshot()["unknown_device"] == 1
+
+    def test_it_keeps_a_device_that_said_hello_after_its_last_will_online(self, bridge):
+        bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
+        bridge.flush()
+        bridge.handle(inbound("dev-1", wire.Channel.PRESENCE, wire.Presence(device_id="dev-1", online=False)))
+        bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
+        bridge.flush()
+
+        assert Device.objects.get(device_id="dev-1").online
 
     def test_it_moves_a_deployment_through_its_states(self, bridge, deployment):
         dep, data = deployment
