@@ -30,6 +30,7 @@ from bench import harness
 from bench.blaster import connect_packet
 from bench.context import Context
 from bench.fanout import wait_registered
+from bench.loop import leave_no_time_wait
 from bench.report import Figure, Section
 from bench.simulate import Options, simulate
 
@@ -50,6 +51,7 @@ def bare_connections(port: int, count: int, rate: float) -> int:
                 accepted += _read_connacks(selector, 0.001)
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                leave_no_time_wait(sock)
                 sock.sendall(connect_packet(f"bench-bare-conn-{n}"))
             except OSError:
                 break
