@@ -31,12 +31,24 @@ MAX_CHUNKS_PER_REQUEST: Final = 64
 # The largest chunk a manifest may name: well under the broker's 8 MiB message limit.
 MAX_CHUNK_BYTES: Final = 4 * 1024 * 1024
 
-DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")]
+# \Z, not $: "$" also matches before a trailing newline, and "dev-a\n" is not dev-a.
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")]
 Sha256 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=2000)]
-Count = Annotated[int, msgspec.Meta(ge=0)]
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# Every number has a range the plane can store: a heartbeat with requests = 2**31 or
+# sent_at = 1e12 is refused here, by the contract, rather than by the database in the
+# middle of a batch. Counts fit PostgreSQL's integer, big counts (bytes, sequence numbers,
+# ids) its bigint, and times are seconds since the epoch before 2100.
+MAX_COUNT: Final = 2**31 - 1
+MAX_BIG_COUNT: Final = 2**63 - 1
+MAX_TIMESTAMP: Final = 4_102_444_800.0
+MAX_MEASURE: Final = 1e15
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+BigCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_BIG_COUNT)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=MAX_TIMESTAMP)]
+# Finite, too: the bound refuses the infinity that a JSON number such as 1e999 decodes to.
+NonNegative = Annotated[float, msgspec.Meta(ge=0, le=MAX_MEASURE)]
 
 
 class WireError(ValueError):
@@ -105,21 +117,25 @@ class Message(msgspec.Struct, kw_only=True):
     device_id: DeviceId
 
 
+# As long as the plane's columns for them: a longer value is refused here, not by the database.
+Label = Annotated[str, msgspec.Meta(max_length=32)]
+
+
 class HardwareProfile(msgspec.Struct, kw_only=True):
-    arch: ShortText
-    os: ShortText
+    arch: Label
+    os: Label
     os_release: ShortText = ""
     cpu_model: ShortText = ""
     cpu_count: Count
     cpu_flags: Annotated[list[ShortText], msgspec.Meta(max_length=256)] = []
-    ram_bytes: Count
-    disk_free_bytes: Count = 0
+    ram_bytes: BigCount
+    disk_free_bytes: BigCount = 0
     providers: Annotated[list[ShortText], msgspec.Meta(max_length=32)]
-    agent_version: ShortText = ""
+    agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class ActiveModel(msgspec.Struct, kw_only=True):
-    deployment_id: Count
+    deployment_id: BigCount
     sha256: Sha256
 
 
@@ -127,7 +143,7 @@ class Hello(Message, kw_only=True):
     name: ShortText = ""
     hardware: HardwareProfile
     active: ActiveModel | None = None
-    sent_at: NonNegative
+    sent_at: Timestamp
 
 
 class LatencyStats(msgspec.Struct, kw_only=True):
@@ -139,29 +155,29 @@ class LatencyStats(msgspec.Struct, kw_only=True):
 
 
 class Heartbeat(Message, kw_only=True):
-    seq: Count
-    sent_at: NonNegative
+    seq: BigCount
+    sent_at: Timestamp
     interval_s: NonNegative
     uptime_s: NonNegative
     cpu_percent: NonNegative
-    mem_rss_bytes: Count
-    mem_available_bytes: Count
+    mem_rss_bytes: BigCount
+    mem_available_bytes: BigCount
     active: ActiveModel | None = None
     requests: Count = 0
     errors: Count = 0
     latency: LatencyStats | None = None
     # Telemetry messages this device's on-disk queue has dropped to stay in its bound, in total.
-    dropped: Count = 0
+    dropped: BigCount = 0
 
 
 class StateReport(Message, kw_only=True):
-    deployment_id: Count
+    deployment_id: BigCount
     state: DeploymentStateName
     sha256: Sha256 | None = None
     error: ErrorText = ""
-    bytes_done: Count = 0
-    bytes_total: Count = 0
-    sent_at: NonNegative
+    bytes_done: BigCount = 0
+    bytes_total: BigCount = 0
+    sent_at: Timestamp
 
 
 class Presence(Message, kw_only=True):
@@ -170,7 +186,7 @@ class Presence(Message, kw_only=True):
 
 
 class ChunkRequest(Message, kw_only=True):
-    deployment_id: Count
+    deployment_id: BigCount
     sha256: Sha256
     indexes: Annotated[list[Count], msgspec.Meta(min_length=1, max_length=MAX_CHUNKS_PER_REQUEST)]
 
@@ -184,7 +200,7 @@ class FileManifest(msgspec.Struct, kw_only=True):
     role: FileRole
     filename: ShortText
     sha256: Sha256
-    size: Count
+    size: BigCount
     chunk_size: Annotated[int, msgspec.Meta(ge=1024, le=MAX_CHUNK_BYTES)]
     chunks: list[Sha256]
     format: ShortText = "onnx"
@@ -230,12 +246,12 @@ class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
 class Desired(Message, kw_only=True):
     """What the device should run. Retained; ``deployment_id`` None means nothing."""
 
-    deployment_id: Count | None
+    deployment_id: BigCount | None
     model: ShortText = ""
     version: ShortText = ""
     files: list[FileManifest] = []
     inference: InferenceSpec = InferenceSpec()
-    issued_at: NonNegative
+    issued_at: Timestamp
     # Execution providers the version needs, every one (e.g. "CoreMLExecutionProvider");
     # a device without them reports ineligible. Empty: any device will do.
     providers: Annotated[list[ShortText], msgspec.Meta(max_length=8)] = []

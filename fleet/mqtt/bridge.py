@@ -12,28 +12,36 @@ can stop the process.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import paho.mqtt.client as mqtt
-from django.db import close_old_connections, connection
+from django.db import InterfaceError, OperationalError, connection
 
 from agent import wire
-from agent.manifest import layout
 from fleet import tasks
-from fleet.choices import SETTLED_DEPLOYMENT_STATES, ArtifactRole, ArtifactStatus
-from fleet.models import Artifact, Deployment, Device
+from fleet.choices import SETTLED_DEPLOYMENT_STATES
+from fleet.mqtt.chunks import ChunkLimits, ChunkServer
 from fleet.mqtt.client import connect
 from fleet.services import deployments, devices, enrollment, telemetry
 from fleet.storage import FilesystemStore
 
 log = logging.getLogger("fleet.bridge")
+
+T = TypeVar("T")
+R = TypeVar("R")
+# What a lost or restarting database raises. Anything else a batch raises is about what it holds.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+# Retries while the database is down back off up to this; nothing is taken from the broker meanwhile.
+MAX_DB_BACKOFF_S = 5.0
+# On SIGTERM with the database down, how long the bridge keeps trying before it gives up.
+STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +73,6 @@ class Stats:
         return counts
 
 
-class ChunkRefused(Exception):
-    """A chunk request the bridge will not serve; the text goes back to the agent."""
-
-
 class Bridge:
     """Built from a paho client and a store, so tests can hand it either."""
 
@@ -83,6 +87,7 @@ class Bridge:
         flush_seconds: float = 0.2,
         chunk_workers: int = 2,
         clock: Callable[[], float] = time.time,
+        chunk_limits: ChunkLimits | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -92,6 +97,7 @@ class Bridge:
         self.chunk_workers = chunk_workers
         self.clock = clock
         self.stats = Stats()
+        self.chunks = ChunkServer(client, store, self.stats, chunk_limits or ChunkLimits())
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
@@ -106,14 +112,16 @@ class Bridge:
         self._device_pks: dict[str, int] = {}
         self._unknown_until: dict[str, float] = {}
         self._accepted_checked_at = time.monotonic()
-        # (device_id, deployment_id, sha256) -> (path, chunk spans): what each device may read.
-        self._chunk_grants: dict[tuple[str, int, str], tuple[str, list[tuple[int, int]]]] = {}
-        self._layouts: dict[str, list[tuple[int, int]]] = {}
         # Deployments that settled since the last flush: their rollouts are judged once a flush.
         self._settled_deployments: set[int] = set()
         # Devices that said hello since the last flush: answered with their desired state in one batch,
         # so a fleet reconnecting after a broker restart is a few tasks, not one per device.
         self._greeted: set[int] = set()
+        # Messages taken while the database was unreachable: applied first once it answers.
+        self._retry: deque[Inbound] = deque()
+        self._db_failures = 0
+        self._db_retry_at = 0.0
+        self._stop_deadline = float("inf")
         self._threads: list[threading.Thread] = []
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -157,6 +165,9 @@ class Bridge:
             return
         try:
             self._apply(device_id, channel, message, item.received_at)
+        except TRANSIENT_DB_ERRORS as exc:
+            self._database_down("messages", exc)
+            self._retry.append(item)
         except deployments.StaleReport as exc:
             self._refuse("stale_report", item.topic, str(exc))
         except enrollment.NotAccepted as exc:
@@ -245,119 +256,125 @@ class Bridge:
             self.flush()
 
     def flush(self) -> None:
-        """Apply pending hellos, store pending heartbeats, then apply pending state reports,
-        each kind in one transaction."""
+        """Apply pending hellos, store pending heartbeats, then apply pending presences and state
+        reports, each kind in one transaction. While the database is down, everything is held."""
         self._last_flush = time.monotonic()
-        self._flush_hellos()
+        failures = self._db_failures
         # Heartbeats before reports, so the stored series stays in the order the device sent it;
         # before presences, since storing a heartbeat marks its device online.
-        self._flush_heartbeats()
-        self._flush_presences()
-        self._flush_states()
+        for step in (self._flush_hellos, self._flush_heartbeats, self._flush_presences, self._flush_states):
+            if self.database_down:
+                return
+            step()
+        if self._db_failures == failures:
+            self._db_failures = 0
+
+    # --- applying batches: one path for every kind ------------------------------------
+
+    def _apply_split(
+        self, kind: str, items: list[T], apply: Callable[[list[T]], R]
+    ) -> tuple[list[tuple[list[T], R]], list[T]]:
+        """Apply ``items`` as one batch; if the batch fails for what it holds, as batches of one.
+
+        An item that fails alone is dropped, counted as ``bad_<kind>`` and logged: one bad row
+        can never stop a kind of message for the whole fleet. If the database cannot be
+        reached, nothing is dropped: the items not applied come back as the second value,
+        to be tried again once the database answers. Returns the batches applied with their
+        results, and the items held.
+        """
+        try:
+            return [(items, apply(items))], []
+        except TRANSIENT_DB_ERRORS as exc:
+            self._database_down(kind, exc)
+            return [], items
+        except Exception:
+            if len(items) > 1:
+                log.warning("applying %d %s in one batch failed; applying them one by one", len(items), kind)
+        applied: list[tuple[list[T], R]] = []
+        for n, item in enumerate(items):
+            try:
+                applied.append(([item], apply([item])))
+            except TRANSIENT_DB_ERRORS as exc:
+                self._database_down(kind, exc)
+                return applied, items[n:]
+            except Exception:
+                self.stats.add(f"bad_{kind}")
+                log.exception("dropped one of %s that cannot be applied: %r", kind, item)
+        return applied, []
+
+    def _database_down(self, kind: str, exc: Exception) -> None:
+        """Hold what is pending and stop taking messages until the database answers again."""
+        self.stats.add("flush_failures")
+        self._db_failures += 1
+        delay = min(self.flush_seconds * 2**self._db_failures, MAX_DB_BACKOFF_S)
+        self._db_retry_at = time.monotonic() + delay
+        log.warning("the database is unreachable while applying %s (%s); retrying in %.1f s", kind, exc, delay)
+        # The connection is broken; the next query opens a new one.
+        connection.close()
+
+    @property
+    def database_down(self) -> bool:
+        return self._db_retry_at > time.monotonic()
 
     def _flush_presences(self) -> None:
-        """Each device's latest presence at once; if the batch fails, each device alone."""
+        """Each device's latest presence at once."""
         if not self._presences:
             return
         batch, self._presences = self._presences, {}
-        try:
-            applied, refused = devices.record_presences(batch)
-        except Exception:
-            log.exception("applying %d presences in one batch failed; applying them one by one", len(batch))
-            close_old_connections()
-            applied, refused = set(), set()
-            for device_id, online in batch.items():
-                try:
-                    one_applied, one_refused = devices.record_presences({device_id: online})
-                except Exception:
-                    self.stats.add("errors")
-                    log.exception("failed to apply the presence of %s", device_id)
-                    continue
-                applied |= one_applied
-                refused |= one_refused
-        for device_id in sorted(refused):
-            self._refuse("not_accepted", wire.topic(device_id, wire.Channel.PRESENCE), f"{device_id} is not accepted")
-        for device_id in sorted(set(batch) - applied - refused):
-            self._refuse("unknown_device", device_id, "presence from a device that never said hello")
+        done, held = self._apply_split(
+            "presences", list(batch.items()), lambda items: devices.record_presences(dict(items))
+        )
+        self._presences = {**dict(held), **self._presences}
+        for items, (applied, refused) in done:
+            for device_id in sorted(refused):
+                topic = wire.topic(device_id, wire.Channel.PRESENCE)
+                self._refuse("not_accepted", topic, f"{device_id} is not accepted")
+            for device_id in sorted({d for d, _ in items} - applied - refused):
+                self._refuse("unknown_device", device_id, "presence from a device that never said hello")
 
     def _flush_hellos(self) -> None:
-        """Register or refresh the greeted devices at once; if the batch fails, each hello alone."""
+        """Register or refresh the greeted devices at once."""
         if not self._hellos:
             return
         batch, self._hellos = list(self._hellos.values()), {}
-        outcomes: dict[str, int | enrollment.NotAccepted | None]
-        try:
-            outcomes = dict(devices.record_hellos(batch))
-        except Exception:
-            log.exception("applying %d hellos in one batch failed; applying them one by one", len(batch))
-            close_old_connections()
-            outcomes = {hello.device_id: self._greet_one(hello) for hello in batch}
-        for device_id, outcome in outcomes.items():
-            if isinstance(outcome, enrollment.NotAccepted):
-                self._refuse("not_accepted", wire.topic(device_id, wire.Channel.HELLO), str(outcome))
-            elif outcome is not None:
-                self._greeted.add(outcome)
-                self._device_pks[device_id] = outcome
-                self._unknown_until.pop(device_id, None)
-                self.stats.add("hellos")
-
-    def _greet_one(self, hello: wire.Hello) -> int | enrollment.NotAccepted | None:
-        try:
-            enrollment.require_accepted(hello.device_id)  # under ENROLLMENT_REQUIRED only
-            return devices.record_hello(hello, answer=False)[0].pk
-        except enrollment.NotAccepted as exc:
-            return exc
-        except Exception:
-            self.stats.add("errors")
-            log.exception("failed to apply the hello of %s", hello.device_id)
-            return None
+        done, held = self._apply_split("hellos", batch, devices.record_hellos)
+        self._hellos = {**{h.device_id: h for h in held}, **self._hellos}
+        for _, outcomes in done:
+            for device_id, outcome in outcomes.items():
+                if isinstance(outcome, enrollment.NotAccepted):
+                    self._refuse("not_accepted", wire.topic(device_id, wire.Channel.HELLO), str(outcome))
+                else:
+                    self._greeted.add(outcome)
+                    self._device_pks[device_id] = outcome
+                    self._unknown_until.pop(device_id, None)
+                    self.stats.add("hellos")
 
     def _flush_states(self) -> None:
-        """Apply the batch; if the batch fails as a whole, each report alone, so one cannot sink the rest."""
+        """Apply the pending state reports at once."""
         if not self._states:
             return
         batch, self._states = self._states, []
-        started = time.monotonic()
-        try:
-            outcomes = deployments.record_states(batch)
-            log.debug("applied %d state reports in %.3f s", len(batch), time.monotonic() - started)
-        except Exception:
-            log.exception("applying %d state reports in one batch failed; applying them one by one", len(batch))
-            close_old_connections()
-            outcomes = [self._record_one(item) for item in batch]
-        for item, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, deployments.StaleReport):
-                self._refuse("stale_report", wire.topic(item.device_id, wire.Channel.STATE), str(outcome))
-            elif outcome is not None:
+        done, held = self._apply_split("state_reports", batch, deployments.record_states)
+        self._states = held + self._states
+        for items, outcomes in done:
+            for item, outcome in zip(items, outcomes, strict=True):
+                if isinstance(outcome, deployments.StaleReport):
+                    self._refuse("stale_report", wire.topic(item.device_id, wire.Channel.STATE), str(outcome))
+                    continue
                 # By the state reported: two reports on one deployment in a batch (downloading,
                 # then active) share one outcome, which holds only the state the batch left.
                 self.stats.add(f"state_{item.report.state}")
                 if outcome.state in SETTLED_DEPLOYMENT_STATES:
                     self._settled_deployments.add(outcome.pk)
 
-    def _record_one(self, item: deployments.ReceivedState) -> Deployment | deployments.StaleReport | None:
-        try:
-            return deployments.record_state(Device(pk=item.device_pk, device_id=item.device_id), item.report)
-        except deployments.StaleReport as exc:
-            return exc
-        except Exception:
-            self.stats.add("errors")
-            log.exception("failed to apply a state report of %s", item.device_id)
-            return None
-
     def _flush_heartbeats(self) -> None:
-        """Store the pending heartbeats in one transaction; on failure keep them and retry later."""
+        """Store the pending heartbeats in one transaction."""
         if not self._heartbeats:
             return
-        try:
-            stored = telemetry.store_heartbeats(self._heartbeats)
-        except Exception:
-            self.stats.add("flush_failures")
-            log.exception("storing %d heartbeats failed; will retry", len(self._heartbeats))
-            close_old_connections()
-            return
-        self._heartbeats = []
-        self.stats.add("heartbeats_stored", stored)
+        batch, self._heartbeats = self._heartbeats, []
+        done, held = self._apply_split("heartbeats", batch, telemetry.store_heartbeats)
+        self._heartbeats = held + self._heartbeats
+        self.stats.add("heartbeats_stored", sum(stored for _, stored in done))
 
     def _answer_hellos(self) -> None:
         """Publish the desired state of every device greeted since the last flush; their hellos are committed."""
@@ -385,83 +402,50 @@ class Bridge:
         self.stats.add(reason)
         log.warning("refused (%s) on %s: %s", reason, where, detail)
 
-    def _db_loop(self) -> None:
-        while not (self.stopping.is_set() and self.inbox.empty()):
-            try:
-                self.handle(self.inbox.get(timeout=self.flush_seconds))
-            except queue.Empty:
-                pass
-            if time.monotonic() - self._last_flush >= self.flush_seconds:
-                self.flush()
-                # Once a flush interval, not per message: thousands of devices stay a few tasks a tick.
-                self._answer_hellos()
-                self._enqueue_rollout_evaluations()
+    def _tick(self) -> None:
         self.flush()
+        if self.database_down:
+            return
+        # Once a flush interval, not per message: thousands of devices stay a few tasks a tick.
         self._answer_hellos()
         self._enqueue_rollout_evaluations()
+
+    def _db_loop(self) -> None:
+        while not (self.stopping.is_set() and self.inbox.empty() and not self._retry):
+            if self.database_down:
+                # Take nothing more: the inbox fills, paho waits, and the broker holds the backlog.
+                if self.stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                    log.error("stopping with the database unreachable; %d message(s) not applied", self.held())
+                    break
+                time.sleep(0.05)
+                continue
+            if self._db_failures:
+                # Back from an outage: what was held goes in before anything new.
+                self._tick()
+                if self.database_down:
+                    continue
+            if self._retry:
+                self.handle(self._retry.popleft())
+            else:
+                try:
+                    self.handle(self.inbox.get(timeout=self.flush_seconds))
+                except queue.Empty:
+                    pass
+            if time.monotonic() - self._last_flush >= self.flush_seconds:
+                self._tick()
+        if not self.database_down:
+            self._tick()
         connection.close()
+
+    def held(self) -> int:
+        """Messages taken but not yet applied (the database thread's view)."""
+        pending = len(self._hellos) + len(self._presences) + len(self._heartbeats) + len(self._states)
+        return pending + len(self._retry)
 
     # --- chunk serving ----------------------------------------------------------------
 
     def serve_chunk_request(self, item: Inbound) -> None:
-        try:
-            device_id, _, request = wire.decode_from(item.topic, item.payload)
-        except wire.WireError as exc:
-            self._refuse("bad_message", item.topic, str(exc))
-            return
-        reply_topic = wire.topic(device_id, wire.Channel.CHUNK_DATA)
-        try:
-            self._serve(device_id, request, reply_topic)  # type: ignore[arg-type]  # the topic fixes the type
-        except ChunkRefused as exc:
-            self._refuse("chunk_refused", item.topic, str(exc))
-            frame = wire.encode_chunk(request.sha256, 0, str(exc).encode(), wire.ChunkKind.ERROR)
-            self.client.publish(reply_topic, frame, qos=1)
-        except Exception:
-            self.stats.add("errors")
-            log.exception("failed to serve chunks on %s", item.topic)
-
-    def _serve(self, device_id: str, request: wire.ChunkRequest, reply_topic: str) -> None:
-        path, spans = self._grant(device_id, request.deployment_id, request.sha256)
-        served = 0
-        with open(path, "rb") as f:
-            for index in request.indexes:
-                if index >= len(spans):
-                    raise ChunkRefused(f"chunk {index} is outside a file of {len(spans)} chunks")
-                offset, length = spans[index]
-                data = os.pread(f.fileno(), length, offset)
-                self.client.publish(reply_topic, wire.encode_chunk(request.sha256, index, data), qos=1)
-                served += len(data)
-        self.stats.add("chunks_served", len(request.indexes))
-        self.stats.add("chunk_bytes_served", served)
-
-    def _grant(self, device_id: str, deployment_id: int, sha256: str) -> tuple[str, list[tuple[int, int]]]:
-        """The file's path and chunk spans if this device's deployment includes it."""
-        key = (device_id, deployment_id, sha256)
-        if key in self._chunk_grants:
-            return self._chunk_grants[key]
-        deployment = (
-            Deployment.objects.select_related("artifact").filter(pk=deployment_id, device__device_id=device_id).first()
-        )
-        if deployment is None:
-            raise ChunkRefused(f"deployment {deployment_id} is not assigned to {device_id}")
-        allowed = Artifact.objects.filter(status=ArtifactStatus.READY, sha256=sha256).filter(
-            pk=deployment.artifact_id
-        ) | Artifact.objects.filter(
-            status=ArtifactStatus.READY, sha256=sha256, version=deployment.version_id, role=ArtifactRole.TOKENIZER
-        )
-        artifact = allowed.first()
-        if artifact is None:
-            raise ChunkRefused(f"file {sha256} is not part of deployment {deployment_id}")
-        if len(self._chunk_grants) > 10_000:
-            self._chunk_grants.clear()
-            self._layouts.clear()
-        # One span list a file, shared by every device's grant to it.
-        spans = self._layouts.get(sha256)
-        if spans is None:
-            spans = self._layouts[sha256] = layout(artifact.size, artifact.chunk_size, artifact.chunk_lengths)
-        grant = (str(self.store.path(artifact.storage_key)), spans)
-        self._chunk_grants[key] = grant
-        return grant
+        self.chunks.serve(item.topic, item.payload, self.stopping)
 
     def _chunk_loop(self) -> None:
         while not self.stopping.is_set():
@@ -487,6 +471,7 @@ class Bridge:
 
     def stop(self) -> None:
         """Stop taking messages, apply what is queued, store what is batched, disconnect."""
+        self._stop_deadline = time.monotonic() + STOP_GRACE_S
         self.stopping.set()
         self.client.disconnect()
         self.client.loop_stop()

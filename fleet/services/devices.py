@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from agent import wire
-from fleet.choices import EnrollmentState
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
 from fleet.services.audit import Actor, audit_event, record, record_many
 from fleet.services.deployments import enqueue_desired
-from fleet.services.enrollment import NotAccepted
+from fleet.services.enrollment import NotAccepted, may_speak
 
 
 def _profile(hello: wire.Hello, now: datetime) -> dict:
@@ -72,11 +70,10 @@ def record_hellos(hellos: Sequence[wire.Hello], *, now: datetime | None = None) 
     outcomes: dict[str, int | NotAccepted] = {}
     with transaction.atomic():
         known = dict(Device.objects.filter(device_id__in=list(newest)).values_list("device_id", "enrollment"))
-        if settings.ENROLLMENT_REQUIRED:
-            for device_id, state in [(d, known.get(d)) for d in newest]:
-                if state != EnrollmentState.ACCEPTED:
-                    outcomes[device_id] = NotAccepted(f"{device_id} is {state or 'not enrolled'}")
-                    del newest[device_id]
+        for device_id, state in [(d, known.get(d)) for d in newest]:
+            if not may_speak(state):
+                outcomes[device_id] = NotAccepted(f"{device_id} is {state or 'not enrolled'}")
+                del newest[device_id]
         # In device id order, so two bridges upserting overlapping batches lock rows in one order.
         rows = [Device(device_id=d, **_profile(newest[d], now)) for d in sorted(newest)]
         for named in (True, False):
@@ -117,11 +114,7 @@ def record_presences(online: Mapping[str, bool]) -> tuple[set[str], set[str]]:
             .order_by("device_id")
             .values_list("device_id", "enrollment")
         )
-        refused = (
-            {device_id for device_id, state in known.items() if state != EnrollmentState.ACCEPTED}
-            if settings.ENROLLMENT_REQUIRED
-            else set()
-        )
+        refused = {device_id for device_id, state in known.items() if not may_speak(state)}
         applied = set(known) - refused
         for state in (True, False):
             ids = sorted(device_id for device_id in applied if online[device_id] is state)

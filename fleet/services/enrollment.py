@@ -235,19 +235,28 @@ def _device_broker_url() -> str:
     return f"{'mqtts' if broker.tls else 'mqtt'}://{broker.host}:{broker.port}"
 
 
+def may_speak(enrollment_state: str | None) -> bool:
+    """The one answer to "may this device speak?", given its enrollment (None: never seen).
+
+    An accepted device may. A pending, rejected or decommissioned one may not, whatever
+    the settings: decommissioning must stop a device even where the broker does not check
+    logins. A device never seen may register by its hello only where enrollment is not
+    required (it is then accepted by default).
+    """
+    if enrollment_state is None:
+        return not settings.ENROLLMENT_REQUIRED
+    return enrollment_state == EnrollmentState.ACCEPTED
+
+
 def require_accepted(device_id: str) -> None:
-    """Under ENROLLMENT_REQUIRED, refuse a device that is not accepted (the bridge calls this)."""
-    if not settings.ENROLLMENT_REQUIRED:
-        return
+    """Refuse a device that may not speak (the bridge calls this)."""
     state = Device.objects.filter(device_id=device_id).values_list("enrollment", flat=True).first()
-    if state != EnrollmentState.ACCEPTED:
+    if not may_speak(state):
         raise NotAccepted(f"{device_id} is {state or 'not enrolled'}")
 
 
 def refused_device_pks(pks: Iterable[int]) -> set[int]:
-    """Of these devices, those no longer accepted (none unless ENROLLMENT_REQUIRED); the bridge calls this."""
-    if not settings.ENROLLMENT_REQUIRED:
-        return set()
+    """Of these known devices, those that may no longer speak; the bridge calls this."""
     return set(
         Device.objects.filter(pk__in=list(pks))
         .exclude(enrollment=EnrollmentState.ACCEPTED)

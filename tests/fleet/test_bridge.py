@@ -437,14 +437,14 @@ def test_it_answers_many_hellos_with_one_batch(bridge, django_capture_on_commit_
 
 
 @pytest.mark.django_db(transaction=True)  # the fallback closes a connection a failed batch left unusable
-def test_it_applies_the_good_hellos_of_a_flush_one_bad_hello_sank(bridge):
+def test_it_refuses_a_hello_whose_fields_the_plane_cannot_store(bridge):
     bad = hello("dev-bad")
-    bad.hardware.arch = "x" * 40  # within the wire's limit, beyond the column's
+    bad.hardware.arch = "x" * 40  # beyond the column's 32
     for message in (hello("dev-1"), bad, hello("dev-2")):
         bridge.handle(inbound(message.device_id, wire.Channel.HELLO, message))
 
     bridge.flush()
 
     assert sorted(Device.objects.values_list("device_id", flat=True)) == ["dev-1", "dev-2"]
-    assert bridge.stats.snapshot()["errors"] == 1
+    assert bridge.stats.snapshot()["bad_message"] == 1
     assert bridge.stats.snapshot()["hellos"] == 2

@@ -5,6 +5,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from fleet.mqtt.bridge import Bridge
+from fleet.mqtt.chunks import ChunkLimits
 from fleet.mqtt.client import make_client
 from fleet.storage import get_store
 
@@ -26,6 +27,7 @@ class Command(BaseCommand):
             batch_size=settings.BRIDGE_BATCH_SIZE,
             flush_seconds=settings.BRIDGE_FLUSH_SECONDS,
             chunk_workers=chunk_workers,
+            chunk_limits=ChunkLimits.from_settings(),
         )
         done = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
