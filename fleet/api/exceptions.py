@@ -5,6 +5,7 @@ from rest_framework import exceptions, status
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from fleet.mqtt.dynsec import DynSecError
 from fleet.services.aliases import AliasError, AliasNotFound
 from fleet.services.deployments import DeploymentError
 from fleet.services.registry import ArtifactRejected, RegistryError
@@ -34,6 +35,12 @@ def exception_handler(exc, context):
         exc = PayloadTooLarge(str(exc))
     elif isinstance(exc, ArtifactRejected):
         exc = exceptions.ValidationError({"file": [str(exc)]})
+    elif isinstance(exc, DynSecError):
+        exc = exceptions.APIException(
+            f"The broker did not take the change: {exc}. Try again; if it persists, "
+            "check the broker and the plane's admin login (MQTT_ADMIN_URL)."
+        )
+        exc.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(as_serializer_error(exc))
     return drf_exception_handler(exc, context)

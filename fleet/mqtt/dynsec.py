@@ -24,10 +24,28 @@ CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
 DEVICE_ROLE_PREFIX: Final = "edgefleet-device-"
 BRIDGE_ROLE: Final = "edgefleet-bridge"
+# Device logins live in a namespace of their own: no device id can name the plane's login, the
+# broker's admin or any other client the plane did not create for a device. ":" is not allowed
+# in a device id (agent.wire.DeviceId), so nothing outside the namespace starts this way by chance.
+DEVICE_LOGIN_PREFIX: Final = "device:"
+DEVICE_TEXTNAME: Final = "Edgefleet device {}"
+
+
+def device_username(device_id: str) -> str:
+    """The broker login of a device."""
+    return DEVICE_LOGIN_PREFIX + device_id
+
+
+def device_role(device_id: str) -> str:
+    return DEVICE_ROLE_PREFIX + device_id
 
 
 class DynSecError(Exception):
     """The broker refused a command; the text is the broker's reason."""
+
+
+class ForeignLogin(DynSecError):
+    """A broker login of that name exists and was not created by the plane for that device."""
 
 
 def _acl(acltype: str, topic: str, allow: bool = True, priority: int = 0) -> dict[str, Any]:
@@ -120,25 +138,40 @@ class DynSec:
             self.execute("addRoleACL", rolename=role, **acl)
 
     def add_device(self, device_id: str, password: str) -> None:
-        """A broker login for a device (username = device id) with a role of its own topics."""
-        role = DEVICE_ROLE_PREFIX + device_id
-        self._set_role(role, device_acls(device_id))
-        self.execute("createClient", username=device_id, password=password, roles=[{"rolename": role}])
+        """A broker login for a device, with a role of its own topics; fails if the login exists."""
+        self._set_role(device_role(device_id), device_acls(device_id))
+        self.execute(
+            "createClient",
+            username=device_username(device_id),
+            password=password,
+            textname=DEVICE_TEXTNAME.format(device_id),
+            roles=[{"rolename": device_role(device_id)}],
+        )
+
+    def _device_login(self, username: str, device_id: str) -> bool:
+        """Whether the login exists; raise DynSecError if it exists but is not this device's own.
+
+        The plane touches only a client it created for that very device: one whose only role
+        is the device's role. Any other client of that name is left exactly as it is.
+        """
+        found = self.execute("getClient", username=username, ignore=("Client not found",))
+        if found.get("error"):
+            return False
+        roles = [r.get("rolename") for r in found["data"]["client"].get("roles", [])]
+        if roles != [device_role(device_id)]:
+            raise ForeignLogin(f"broker login {username!r} is not {device_id}'s (roles {roles}); it is left untouched")
+        return True
 
     def set_device_password(self, device_id: str, password: str) -> None:
-        """Create the device's login, or give the existing one a new password."""
-        role = DEVICE_ROLE_PREFIX + device_id
-        self._set_role(role, device_acls(device_id))
-        created = self.execute(
-            "createClient",
-            username=device_id,
-            password=password,
-            roles=[{"rolename": role}],
-            ignore=("Client already exists",),
-        )
-        if created.get("error"):
-            self.execute("setClientPassword", username=device_id, password=password)
-            self.execute("enableClient", username=device_id)
+        """Create the device's login, or give the device's existing login a new password."""
+        username = device_username(device_id)
+        exists = self._device_login(username, device_id)
+        self._set_role(device_role(device_id), device_acls(device_id))
+        if not exists:
+            self.add_device(device_id, password)
+            return
+        self.execute("setClientPassword", username=username, password=password)
+        self.execute("enableClient", username=username)
 
     def add_bridge(self, username: str, password: str) -> None:
         self.execute("createClient", username=username, password=password, roles=[{"rolename": BRIDGE_ROLE}])
@@ -162,9 +195,18 @@ class DynSec:
 
     def disable_device(self, device_id: str) -> None:
         """Refuse the device's login from now on; the broker disconnects it at once."""
-        self.execute("disableClient", username=device_id)
+        self.execute("disableClient", username=device_username(device_id))
 
     def remove_device(self, device_id: str) -> None:
-        """Delete the device's login and role; the broker disconnects it at once."""
-        self.execute("deleteClient", username=device_id, ignore=("Client not found",))
-        self.execute("deleteRole", rolename=DEVICE_ROLE_PREFIX + device_id, ignore=("Role not found",))
+        """Delete the device's login and role; the broker disconnects it at once.
+
+        A login from before device logins had their namespace (named by the bare device id)
+        goes too, but only if it is that device's own.
+        """
+        self.execute("deleteClient", username=device_username(device_id), ignore=("Client not found",))
+        try:
+            if self._device_login(device_id, device_id):
+                self.execute("deleteClient", username=device_id)
+        except ForeignLogin:
+            pass
+        self.execute("deleteRole", rolename=device_role(device_id), ignore=("Role not found",))

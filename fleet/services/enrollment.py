@@ -25,11 +25,17 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent.enrollment import signed_message
+from agent.wire import parse_broker_url
 from fleet.choices import EnrollmentState
 from fleet.models import Device, EnrollmentToken
 from fleet.services.audit import Actor, record
 
 TOKEN_PREFIX = "eft_"
+# Device ids no device may take: they name, or look like, the broker logins of the plane itself.
+# Device logins have a namespace of their own (fleet.mqtt.dynsec.device_username); this is the
+# second wall, and it keeps audit rows and logs unambiguous.
+RESERVED_DEVICE_IDS = frozenset({"admin", "administrator", "root", "bridge", "plane", "broker", "mosquitto"})
+RESERVED_DEVICE_PREFIXES = ("edgefleet", "$", "sys")
 
 
 class EnrollmentError(Exception):
@@ -103,6 +109,17 @@ def _public_key(text: str) -> Ed25519PublicKey:
         raise EnrollmentError("public_key must be an Ed25519 public key: 32 bytes in base64") from None
 
 
+def check_device_id(device_id: str) -> None:
+    """Refuse an id reserved for the plane's own broker logins (the admin, the plane, the bridge)."""
+    lowered = device_id.lower()
+    plane_logins = {
+        (settings.MQTT_BROKER.username or "").lower(),
+        (parse_broker_url(settings.MQTT_ADMIN_URL).username or "").lower() if settings.MQTT_ADMIN_URL else "",
+    } - {""}
+    if lowered in RESERVED_DEVICE_IDS | plane_logins or lowered.startswith(RESERVED_DEVICE_PREFIXES):
+        raise EnrollmentError(f"{device_id!r} is reserved for the plane; choose another device id")
+
+
 def enroll(secret: str, *, device_id: str, public_key: str, name: str = "", now: datetime | None = None) -> Device:
     """Register a device as pending (or accepted, if the token says so) under a valid token.
 
@@ -111,6 +128,7 @@ def enroll(secret: str, *, device_id: str, public_key: str, name: str = "", now:
     """
     now = now or timezone.now()
     _public_key(public_key)
+    check_device_id(device_id)
     with transaction.atomic():
         # Lock the token: two devices racing for its last place would both take it.
         token = EnrollmentToken.objects.select_for_update().filter(token_hash=hash_token(secret)).first()
@@ -162,6 +180,9 @@ def decommission_device(device: Device, *, actor: Actor) -> Device:
     """Take the device out of the fleet: its broker login is removed, and the broker disconnects it."""
     allowed = (EnrollmentState.PENDING, EnrollmentState.ACCEPTED, EnrollmentState.REJECTED)
     with transaction.atomic():
+        # The lock issue_credentials holds across its broker call: a credentials request in
+        # flight finishes first, and its login is then removed here, not created after.
+        Device.objects.select_for_update().filter(pk=device.pk).first()
         device = _move(device, EnrollmentState.DECOMMISSIONED, allowed, actor=actor)
         Device.objects.filter(pk=device.pk).update(online=False)
         if settings.MQTT_DYNSEC:
@@ -208,24 +229,32 @@ def issue_credentials(device_id: str, *, timestamp_ms: int, signature: str, now:
         raise EnrollmentError("the signed timestamp is too far from the plane's clock")
     if device.enrollment == EnrollmentState.PENDING:
         return Credentials(device_id, device.enrollment)
-    if device.enrollment != EnrollmentState.ACCEPTED:
-        raise NotAccepted(f"{device_id} is {device.enrollment}")
-    # Compare-and-swap on the newest timestamp: a replayed or concurrent request gets nothing.
-    claimed = Device.objects.filter(
-        pk=device.pk, enrollment=EnrollmentState.ACCEPTED, credentials_signed_at__lt=timestamp_ms
-    ).update(credentials_signed_at=timestamp_ms)
-    if claimed != 1:
-        raise NotAccepted("this signed request was already used")
-    record(f"device:{device_id}", "device.credentials_issued", device, after={"signed_at": timestamp_ms})
-    if not settings.MQTT_DYNSEC:
-        # The broker does not check device logins: the device keeps the broker settings it has.
-        return Credentials(device_id, device.enrollment, broker_url=_device_broker_url())
-    password = secrets.token_urlsafe(24)
-    from fleet.mqtt.broker_admin import dynsec_session
+    with transaction.atomic():
+        # Held until the broker has the new password: a decommission racing this request waits
+        # for it and then removes the login, instead of removing nothing and seeing it created
+        # behind its back (decommission_device takes the same lock).
+        state = Device.objects.select_for_update().filter(pk=device.pk).values_list("enrollment", flat=True).first()
+        if state != EnrollmentState.ACCEPTED:
+            raise NotAccepted(f"{device_id} is {state}")
+        # Compare-and-swap on the newest timestamp: a replayed request gets nothing.
+        if (
+            Device.objects.filter(pk=device.pk, credentials_signed_at__lt=timestamp_ms).update(
+                credentials_signed_at=timestamp_ms
+            )
+            != 1
+        ):
+            raise NotAccepted("this signed request was already used")
+        record(f"device:{device_id}", "device.credentials_issued", device, after={"signed_at": timestamp_ms})
+        if not settings.MQTT_DYNSEC:
+            # The broker does not check device logins: the device keeps the broker settings it has.
+            return Credentials(device_id, state, broker_url=_device_broker_url())
+        password = secrets.token_urlsafe(24)
+        from fleet.mqtt.broker_admin import dynsec_session
+        from fleet.mqtt.dynsec import device_username
 
-    with dynsec_session() as dynsec:
-        dynsec.set_device_password(device_id, password)
-    return Credentials(device_id, device.enrollment, device_id, password, _device_broker_url())
+        with dynsec_session() as dynsec:
+            dynsec.set_device_password(device_id, password)
+    return Credentials(device_id, state, device_username(device_id), password, _device_broker_url())
 
 
 def _device_broker_url() -> str:

@@ -11,7 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet.mqtt.dynsec import DynSec, DynSecError
+from fleet.mqtt.dynsec import DynSec, DynSecError, device_username
 from tests.support import DYNSEC_PLUGIN, secure_mosquitto
 
 pytestmark = pytest.mark.skipif(not DYNSEC_PLUGIN.exists(), reason=f"{DYNSEC_PLUGIN} is not installed")
@@ -76,7 +76,9 @@ def clients(broker):
 
     def connect(username=None, password=None):
         password = password or (f"{username}-secret" if username else None)
-        client = Client(port, username, password)
+        # Devices log in under their namespaced login (dynsec.device_username); "dev-a" is device dev-a.
+        login = device_username(username) if username and username.startswith("dev-") else username
+        client = Client(port, login, password)
         opened.append(client)
         return client
 

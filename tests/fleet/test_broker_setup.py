@@ -82,10 +82,10 @@ def test_it_gives_the_plane_a_login_that_hears_devices_and_nothing_more(plane_se
     call_command("setup_broker", "--wait", "5")  # every start of the stack runs it again
 
     with dynsec_session() as dynsec:
-        dynsec.execute("deleteClient", username="dev-a", ignore=("Client not found",))
+        dynsec.execute("deleteClient", username="device:dev-a", ignore=("Client not found",))
         dynsec.add_device("dev-a", "dev-a-secret")
     plane = Client(shipped_broker, "edgefleet-plane", "plane-secret")
-    device = Client(shipped_broker, "dev-a", "dev-a-secret")
+    device = Client(shipped_broker, "device:dev-a", "dev-a-secret")
     opened += [plane, device]
     plane.subscribe("$share/edgefleet-plane/fleet/+/heartbeat")
     plane.subscribe("$CONTROL/dynamic-security/v1/response")  # the admin's channel, not the plane's

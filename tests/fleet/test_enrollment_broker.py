@@ -76,7 +76,7 @@ def test_it_gives_an_accepted_device_a_login_confined_to_its_own_topics(plane, o
     client_a.publish("fleet/dev-a/hello", b"mine")
     bridge.publish("fleet/dev-b/desired", b"for b")
 
-    assert (a["username"], a["broker_url"]) == ("dev-a", f"mqtt://127.0.0.1:{plane}")
+    assert (a["username"], a["broker_url"]) == ("device:dev-a", f"mqtt://127.0.0.1:{plane}")
     assert bridge.got() == [("fleet/dev-a/hello", b"mine")]
     assert client_b.got() == [("fleet/dev-b/desired", b"for b")]
     assert client_a.got() == []
@@ -89,8 +89,8 @@ def test_it_gives_a_new_password_on_each_signed_request_and_the_old_one_stops_wo
     second = agent.credentials().json()
 
     assert first["password"] != second["password"]
-    assert not Client(plane, "dev-c", first["password"]).accepted
-    client = Client(plane, "dev-c", second["password"])
+    assert not Client(plane, "device:dev-c", first["password"]).accepted
+    client = Client(plane, "device:dev-c", second["password"])
     opened.append(client)
     assert client.accepted
 
@@ -103,7 +103,7 @@ def test_it_never_lets_a_rejected_or_pending_device_connect(plane, opened):
     assert pending.credentials().status_code == 202
     assert rejected.credentials().status_code == 403
     for device_id in ("dev-p", "dev-r"):
-        client = Client(plane, device_id, "any-guess")
+        client = Client(plane, f"device:{device_id}", "any-guess")
         opened.append(client)
         assert not client.accepted
 
@@ -125,3 +125,114 @@ def test_it_disconnects_a_decommissioned_device_at_once(plane, opened):
     opened.append(again)
     assert not again.accepted
     assert not Device.objects.get(device_id="dev-d").online
+
+
+# --- Issue #13, item 1: a device id never takes over a broker login that is not its own --------
+
+
+@pytest.mark.parametrize("device_id", ["admin", "bridge", "edgefleet-plane", "Edgefleet-x", "ADMIN"])
+def test_it_refuses_to_enroll_a_device_id_reserved_for_the_plane(plane, device_id):
+    _, secret = enrollment.create_token(name="t", expires_in=timedelta(hours=1), actor="system", auto_approve=True)
+
+    response = Agent(device_id).enroll(secret)
+
+    assert response.status_code == 400
+    assert "reserved" in str(response.json())
+    assert not Device.objects.filter(device_id=device_id).exists()
+
+
+def test_it_gives_a_device_a_login_of_its_own_even_when_its_id_names_another_client(plane, opened):
+    # "plane-7" names a broker login of the plane's (say, a second bridge's) that is not reserved.
+    with dynsec_session() as dynsec:
+        dynsec.execute("deleteClient", username="plane-7", ignore=("Client not found",))
+        dynsec.add_bridge("plane-7", "plane-7-secret")
+    creds = enrolled("plane-7").credentials().json()
+
+    device = Client(plane, creds["username"], creds["password"])
+    real_plane = Client(plane, "plane-7", "plane-7-secret")
+    opened += [device, real_plane]
+    real_plane.subscribe("fleet/+/hello")
+    device.subscribe("fleet/+/hello")
+    device.publish("fleet/plane-7/hello", b"mine")
+
+    assert creds["username"] == "device:plane-7"
+    assert real_plane.accepted, "the plane's login keeps its password and its role"
+    assert real_plane.got() == [("fleet/plane-7/hello", b"mine")]
+    assert device.got() == [], "the device does not hear what the plane hears"
+
+
+def test_it_never_touches_a_login_in_the_device_namespace_that_it_did_not_create(plane, opened):
+    with dynsec_session() as dynsec:
+        dynsec.execute("deleteClient", username="device:dev-planted", ignore=("Client not found",))
+        dynsec.add_bridge("device:dev-planted", "planted-secret")  # someone else's client, with the bridge's role
+    agent = enrolled("dev-planted")
+
+    response = agent.credentials()
+
+    assert response.status_code == 503
+    planted = Client(plane, "device:dev-planted", "planted-secret")
+    opened.append(planted)
+    assert planted.accepted
+
+
+# --- Issue #13, item 7: a credentials request racing a decommission leaves no login -------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_leaves_no_login_when_credentials_race_a_decommission(plane, opened, monkeypatch):
+    import threading
+
+    from fleet.mqtt import broker_admin
+
+    agent = enrolled("dev-race")
+    real_session = broker_admin.dynsec_session
+    paused, go = threading.Event(), threading.Event()
+
+    class Paused:
+        """The real DynSec, held just before it sets the device's password."""
+
+        def __init__(self, dynsec):
+            self.dynsec = dynsec
+
+        def set_device_password(self, *args):
+            paused.set()
+            go.wait(10)
+            self.dynsec.set_device_password(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.dynsec, name)
+
+    def session(*args, **kwargs):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def wrapped():
+            with real_session(*args, **kwargs) as dynsec:
+                yield Paused(dynsec)
+
+        return wrapped()
+
+    monkeypatch.setattr(broker_admin, "dynsec_session", session)
+    answers = {}
+
+    def fetch():
+        answers["credentials"] = agent.credentials()
+
+    def decommission():
+        answers["decommission"] = enrollment.decommission_device(Device.objects.get(device_id="dev-race"), actor="op")
+
+    fetching = threading.Thread(target=fetch)
+    fetching.start()
+    assert paused.wait(10)
+    deciding = threading.Thread(target=decommission)
+    deciding.start()
+    deciding.join(0.5)  # it waits for the credentials request, or (before the fix) finished already
+    go.set()
+    fetching.join(10)
+    deciding.join(10)
+
+    creds = answers["credentials"].json()
+    late = Client(plane, creds["username"], creds["password"])
+    opened.append(late)
+    assert Device.objects.get(device_id="dev-race").enrollment == "decommissioned"
+    assert not late.accepted
