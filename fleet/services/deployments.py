@@ -19,6 +19,7 @@ from fleet.choices import (
     ArtifactRole,
     ArtifactStatus,
     DeploymentState,
+    EnrollmentState,
     HardwareClass,
     InferenceTask,
     VariantQuality,
@@ -102,7 +103,7 @@ def _pinned(version: ModelVersion, device: Device) -> list[int]:
 
 # What choosing a device's variant reads (_profile, _pinned), what callers read of the result.
 _ASSIGN_FIELDS = ("device_id", "arch", "os", "hardware_class", "ram_bytes", "providers", "cpu_flags",
-                  "current_version")  # fmt: skip
+                  "current_version", "enrollment")  # fmt: skip
 
 
 def assign_version(
@@ -140,6 +141,10 @@ def assign_version(
         # Devices alike get the same variant: a fleet of ten thousand is a handful of choices.
         chosen: dict[tuple, Artifact | None] = {}
         for device in devices:
+            if device.enrollment != EnrollmentState.ACCEPTED:
+                # It would never fetch the version nor report on it: a stage holding it never passes.
+                result.skipped[device.device_id] = f"{device.device_id} is {device.enrollment}, not accepted"
+                continue
             key = (_profile(device), tuple(_pinned(version, device)))
             if key not in chosen:
                 chosen[key] = select_artifact(version, device, artifacts)

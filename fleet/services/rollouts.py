@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
+from django.db.models import Count, Exists, F, FloatField, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, RolloutBaseline, RolloutState
+from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, EnrollmentState, RolloutBaseline, RolloutState
 from fleet.lib import gates
 from fleet.models import (
     Alias,
@@ -140,7 +140,9 @@ def selected_devices(rollout: Rollout) -> QuerySet[Device]:
         match |= Q(tags__name__in=rollout.selector_tags)
     if rollout.selector_device_ids:
         match |= Q(device_id__in=rollout.selector_device_ids)
-    devices = Device.objects.filter(match)
+    # Only devices that may speak: a pending or decommissioned device never reports, so a stage
+    # counting it would never pass.
+    devices = Device.objects.filter(match, enrollment=EnrollmentState.ACCEPTED)
     if rollout.selector_hardware_class:
         devices = devices.filter(hardware_class=rollout.selector_hardware_class)
     return devices.distinct()
@@ -610,11 +612,15 @@ def _inference(beats: QuerySet[Heartbeat]) -> gates.Inference:
 
 
 def _candidate_beats(rollout: Rollout, stage: RolloutStage) -> QuerySet[Heartbeat]:
-    """Heartbeats the stage's devices sent while running the rollout's deployment."""
-    deployment_ids = rollout.members.filter(stage_index=stage.index, deployment__isnull=False).values_list(
-        "deployment_id", flat=True
-    )
-    return Heartbeat.objects.filter(deployment_id_reported__in=list(deployment_ids))
+    """Heartbeats the stage's devices sent while running the rollout's deployment.
+
+    A heartbeat names the deployment it ran, and a device could name anyone's: only a
+    heartbeat whose sender is that deployment's own device counts.
+    """
+    members = rollout.members.filter(stage_index=stage.index, deployment__isnull=False)
+    deployment_ids = list(members.values_list("deployment_id", flat=True))
+    own = Deployment.objects.filter(pk=OuterRef("deployment_id_reported"), device_id=OuterRef("device_id"))
+    return Heartbeat.objects.filter(Exists(own), deployment_id_reported__in=deployment_ids)
 
 
 def _baseline_beats(rollout: Rollout, stage: RolloutStage) -> QuerySet[Heartbeat]:

@@ -187,3 +187,30 @@ def test_it_marks_ineligible_devices_without_failing_the_stage(fleet):
     counts = rollouts.stage_counts(rollout)
     assert counts[0].ineligible == 1 and counts[0].failures == 0
     assert not Deployment.objects.filter(version=v2).exclude(state=DeploymentState.PENDING).exists()
+
+
+def test_it_credits_a_heartbeat_only_to_the_senders_own_deployment(fleet):
+    # Issue #13, item 3: a device that names another device's deployment in its heartbeats
+    # used to decide that deployment's health gate, and rolled a rollout back.
+    v1, v2 = helpers.make_published_version(), helpers.make_published_version()
+    sims = fleet(3, running=v1)
+    for sim in sims:
+        sim.beat(p95_ms=10, count=100)
+    wait_until(lambda: _stored(sims, 3), timeout=10, what="baseline heartbeats")
+    rollout = _rollout(
+        v2, [{"device_count": 1, "health_p95_ratio": "1.2", "health_min_samples": 100}, {"percent": 100}]
+    )
+    rollouts.start_rollout(rollout, actor="system")
+    canary = next(s for s in sims if s.device_id == _canary(rollout))
+    forger = next(s for s in sims if s is not canary)
+    wait_until(lambda: _runs(canary, v2), timeout=10, what="the canary on the new version")
+
+    forger.active = canary.active  # claims to run the canary's deployment
+    forger.beat(p95_ms=500, count=1000)
+    canary.beat(p95_ms=10, count=200)
+    wait_until(lambda: _stored(sims, 5), timeout=10, what="the forged and the real heartbeat")
+    rollouts.evaluate_rollout(rollout.pk)
+
+    rollout.refresh_from_db()
+    assert rollout.state != RolloutState.ROLLED_BACK, rollout.reason
+    assert rollout.current_stage == 1
