@@ -160,6 +160,7 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BEAT_SCHEDULE = {
     "mark-offline-devices": {"task": "fleet.mark_offline_devices", "schedule": 30.0},
+    "reconcile-deployments": {"task": "fleet.reconcile_deployments", "schedule": 60.0},
     # Soak times end and rate-limited stages fill up without any device report.
     "evaluate-rollouts": {"task": "fleet.evaluate_rollouts", "schedule": 15.0},
 }

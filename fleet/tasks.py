@@ -13,7 +13,7 @@ from django.conf import settings
 from agent import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
-from fleet.services import devices, registry, rollouts
+from fleet.services import devices, reconcile, registry, rollouts
 from fleet.services.deployments import desired_messages
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ def publish_desired(device_pks: list[int]) -> int:
 @shared_task(name="fleet.mark_offline_devices")
 def mark_offline_devices() -> int:
     return devices.mark_offline_devices(older_than=timedelta(seconds=settings.DEVICE_OFFLINE_AFTER))
+
+
+@shared_task(name="fleet.reconcile_deployments")
+def reconcile_deployments() -> dict[str, int]:
+    """Repair deployments from what devices report they run; republish lost desired messages."""
+    done = reconcile.reconcile_deployments()
+    return {"activated": len(done.activated), "republished": len(done.republished), "drifted": len(done.drifted)}
 
 
 @shared_task(name="fleet.evaluate_rollout")
