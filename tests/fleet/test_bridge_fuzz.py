@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import wire
+from fleet.models import Heartbeat
 from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.storage import get_store
 from tests.fleet.test_bridge import FakeClient, heartbeat, hello
@@ -112,4 +113,67 @@ def test_it_survives_every_malformed_message(data, channel):
     assert bridge.stats.snapshot().get("flush_failures", 0) == 0
     # Still working: a good heartbeat is taken.
     deliver(bridge, wire.Channel.HEARTBEAT, wire.encode(heartbeat(seq=99)))
+    assert bridge.stats.snapshot().get("errors", 0) == 0
+
+
+# --- Issue #13: numbers at and past every limit, ids at the edge of the pattern ---------------
+
+EDGE_NUMBERS = st.sampled_from(
+    [-1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64, 10**30, 1e12, 4.1e9, 1e15, 1e16, 1e308,
+     -0.0, 0.5, "1", None, True, [], {}]
+)  # fmt: skip
+EDGE_IDS = st.sampled_from(
+    ["d" * 64, "d" * 65, "dev-1\n", "dev-1\x00", "-dev", "dev 1", "dév-1", "", "dev/1", "$SYS", "dev-1\r\n"]
+)
+
+
+def numeric_paths(value, path=()):
+    """Every path to a number inside a JSON value (the fields a range applies to)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        yield path
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            yield from numeric_paths(inner, (*path, key))
+    elif isinstance(value, list):
+        for n, inner in enumerate(value):
+            yield from numeric_paths(inner, (*path, n))
+
+
+def replaced(value, path, new):
+    if not path:
+        return new
+    copy = list(value) if isinstance(value, list) else dict(value)
+    copy[path[0]] = replaced(value[path[0]], path[1:], new)
+    return copy
+
+
+@st.composite
+def at_the_edges(draw, channel: wire.Channel) -> bytes:
+    """A valid message with numbers set at or past their limits, and perhaps an id at the pattern's edge."""
+    message = dict(TEMPLATES[channel])
+    paths = list(numeric_paths(message))
+    for path in draw(st.lists(st.sampled_from(paths), min_size=1, max_size=3)):
+        message = replaced(message, path, draw(EDGE_NUMBERS))
+    if draw(st.booleans()):
+        message["device_id"] = draw(EDGE_IDS)
+    return json.dumps(message).encode()
+
+
+@FUZZ
+@given(data=st.data(), channel=st.sampled_from(wire.AGENT_CHANNELS))
+def test_it_never_stops_storing_whatever_numbers_or_ids_a_message_carries(data, channel):
+    bridge = new_bridge()
+    bridge.flush()
+    before = Heartbeat.objects.filter(seq=12345).count()  # examples share the test's transaction
+
+    check_one(bridge, channel, data.draw(at_the_edges(channel)))
+    bridge.flush()
+
+    # Nothing is held for ever, and a good heartbeat sent next is stored.
+    deliver(bridge, wire.Channel.HEARTBEAT, wire.encode(heartbeat(seq=12345)))
+    bridge.flush()
+    assert bridge.held() == 0
+    assert Heartbeat.objects.filter(seq=12345).count() == before + 1
     assert bridge.stats.snapshot().get("errors", 0) == 0
