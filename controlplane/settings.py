@@ -130,7 +130,7 @@ MQTT_CLIENT_PREFIX = env_str("MQTT_CLIENT_PREFIX", "edgefleet-plane")
 BRIDGE_QUEUE_SIZE = env_int("BRIDGE_QUEUE_SIZE", 20_000, minimum=1)
 BRIDGE_BATCH_SIZE = env_int("BRIDGE_BATCH_SIZE", 500, minimum=1)
 BRIDGE_FLUSH_SECONDS = env_int("BRIDGE_FLUSH_MS", 200, minimum=1) / 1000
-# What one device may be sent of model files (fleet/mqtt/chunks.py, docs/security.md): bytes a
+# What one device may be sent of model files (fleet/bridge/chunks.py, docs/security.md): bytes a
 # second with a burst, and bytes the broker has not yet acknowledged; and all devices together.
 BRIDGE_CHUNK_DEVICE_RATE = env_int("BRIDGE_CHUNK_DEVICE_RATE", 256 * 2**20, minimum=1)
 BRIDGE_CHUNK_DEVICE_BURST = env_int("BRIDGE_CHUNK_DEVICE_BURST", 64 * 2**20, minimum=4 * 2**20)

@@ -3,8 +3,8 @@ from django.core.cache import cache
 
 from agent import wire
 from controlplane.celery import app as celery_app
+from fleet.bridge.transport import Bridge
 from fleet.mqtt import publisher
-from fleet.mqtt.bridge import Bridge
 from fleet.mqtt.client import make_client
 from fleet.storage import get_store
 from tests.fleet import helpers

@@ -6,9 +6,10 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent import wire
+from fleet.bridge.ingest import Inbound
+from fleet.bridge.transport import Bridge
 from fleet.choices import DeploymentState
 from fleet.models import AuditEvent, Deployment, Device, Heartbeat
-from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.mqtt.client import make_client
 from fleet.services import deployments, registry
 from fleet.storage import get_store
@@ -431,7 +432,7 @@ def test_it_answers_many_hellos_with_one_batch(bridge, django_capture_on_commit_
         bridge.flush()
     assert fake_publisher.messages == []
 
-    bridge._answer_hellos()
+    bridge.ingest._answer_hellos()
 
     assert sorted(topic for topic, _, _ in fake_publisher.messages) == [f"fleet/dev-{n}/desired" for n in range(5)]
 

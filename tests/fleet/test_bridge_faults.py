@@ -10,11 +10,11 @@ import pytest
 from django.db import connection
 
 from agent import wire
+from fleet.bridge import chunks
+from fleet.bridge.chunks import ChunkLimits
+from fleet.bridge.transport import Bridge
 from fleet.choices import EnrollmentState
 from fleet.models import Device, Heartbeat
-from fleet.mqtt import chunks
-from fleet.mqtt.bridge import Bridge
-from fleet.mqtt.chunks import ChunkLimits
 from fleet.services import telemetry
 from fleet.storage import get_store
 from tests.fleet.test_bridge import FakeClient, deployment, heartbeat, hello, inbound  # noqa: F401  (fixture)
@@ -80,7 +80,9 @@ def test_it_drops_only_the_row_the_database_refuses_and_keeps_storing(bridge):
     at = datetime.now(tz=UTC)
     bad = heartbeat(seq=2)
     bad.requests = 2**31  # as if the contract had let it through: the column is a 32-bit integer
-    bridge._heartbeats += [telemetry.ReceivedHeartbeat(pk, m, at) for m in (heartbeat(seq=1), bad, heartbeat(seq=3))]
+    bridge.ingest._heartbeats += [
+        telemetry.ReceivedHeartbeat(pk, m, at) for m in (heartbeat(seq=1), bad, heartbeat(seq=3))
+    ]
 
     bridge.flush()
     bridge.handle(inbound("dev-1", wire.Channel.HEARTBEAT, heartbeat(seq=4)))
@@ -99,9 +101,9 @@ def test_it_holds_what_it_took_while_the_database_is_lost_and_stores_it_once_aft
     kill_backend(my_backend_pid())
 
     bridge.flush()
-    assert bridge.database_down
+    assert bridge.ingest.database_down
     assert bridge.held() == 5
-    bridge._db_retry_at = 0  # the backoff has passed
+    bridge.ingest._db_retry_at = 0  # the backoff has passed
     bridge.flush()
 
     assert sorted(Heartbeat.objects.values_list("seq", flat=True)) == [1, 2, 3, 4, 5]

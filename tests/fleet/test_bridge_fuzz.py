@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import wire
+from fleet.bridge.ingest import Inbound
+from fleet.bridge.transport import Bridge
 from fleet.models import Heartbeat
-from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.storage import get_store
 from tests.fleet.test_bridge import FakeClient, heartbeat, hello
 

@@ -10,9 +10,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.core.management import call_command
 
 from agent import wire
+from fleet.bridge.ingest import Inbound
+from fleet.bridge.transport import Bridge
 from fleet.choices import EnrollmentState
 from fleet.models import AuditEvent, Device, EnrollmentToken, Heartbeat
-from fleet.mqtt.bridge import Bridge, Inbound
 from fleet.services import enrollment
 from fleet.storage import get_store
 from tests.fleet.helpers import make_member, token_client
@@ -197,7 +198,7 @@ class TestBridgeUnderEnrollment:
         bridge.flush()
 
         enrollment.decommission_device(Device.objects.get(), actor="system")
-        bridge.enrollment_recheck_seconds = 0  # the cache of accepted devices is checked at once
+        bridge.ingest.enrollment_recheck_seconds = 0  # the cache of accepted devices is checked at once
         self.send(bridge, "dev-1", wire.Channel.HEARTBEAT, heartbeat("dev-1", seq=2))
         self.send(bridge, "dev-1", wire.Channel.PRESENCE, wire.Presence(device_id="dev-1", online=True))
         bridge.flush()

@@ -4,8 +4,8 @@ import threading
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from fleet.mqtt.bridge import Bridge
-from fleet.mqtt.chunks import ChunkLimits
+from fleet.bridge.chunks import ChunkLimits
+from fleet.bridge.transport import Bridge
 from fleet.mqtt.client import make_client
 from fleet.storage import get_store
 

@@ -1,12 +1,11 @@
-"""The MQTT bridge: consumes what agents send, serves their chunk requests.
+"""The bridge's database side: every agent message applied, each kind in batches.
 
-paho's network thread only routes each message into a bounded queue. One thread
-applies JSON messages to the database, batching heartbeats; a small pool serves
-chunks from the artifact store. A full queue blocks paho's thread, so the broker
-holds the backlog (QoS 1) instead of the bridge dropping it.
-
-A bad message is counted, logged and dropped on its own; nothing an agent sends
-can stop the process.
+One thread runs ``Ingest.run``: it decodes each message against the wire contract,
+keeps hellos, heartbeats, presences and state reports in batches, and applies each
+batch in one transaction through the services (devices, telemetry, deployments). A
+batch that fails for what it holds is applied again as batches of one, and the item
+that fails alone is dropped and counted; a database that cannot be reached holds
+everything and stops the thread taking more, so the broker keeps the backlog.
 """
 
 from __future__ import annotations
@@ -15,22 +14,19 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
-import paho.mqtt.client as mqtt
 from django.db import InterfaceError, OperationalError, connection
 
 from agent import wire
 from fleet import tasks
+from fleet.bridge.stats import Stats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES
-from fleet.mqtt.chunks import ChunkLimits, ChunkServer
-from fleet.mqtt.client import connect
 from fleet.services import deployments, devices, enrollment, telemetry
-from fleet.storage import FilesystemStore
 
 log = logging.getLogger("fleet.bridge")
 
@@ -40,8 +36,6 @@ R = TypeVar("R")
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 # Retries while the database is down back off up to this; nothing is taken from the broker meanwhile.
 MAX_DB_BACKOFF_S = 5.0
-# On SIGTERM with the database down, how long the bridge keeps trying before it gives up.
-STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,57 +45,13 @@ class Inbound:
     received_at: float
 
 
-class Stats:
-    """Thread-safe counters: what came in, what was stored, what was refused and why."""
+class Ingest:
+    """The database thread: applies agent messages, each kind in batches, and queues their follow-ups."""
 
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        # Counted for every message by paho's network thread alone: one writer needs no lock,
-        # and taking one per message was 4% of a saturated bridge's samples.
-        self.received = 0
-
-    def add(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[key] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            counts = dict(self._counts)
-        if self.received:
-            counts["received"] = self.received
-        return counts
-
-
-class Bridge:
-    """Built from a paho client and a store, so tests can hand it either."""
-
-    def __init__(
-        self,
-        client: mqtt.Client,
-        store: FilesystemStore,
-        *,
-        shared: bool = True,
-        queue_size: int = 20_000,
-        batch_size: int = 500,
-        flush_seconds: float = 0.2,
-        chunk_workers: int = 2,
-        clock: Callable[[], float] = time.time,
-        chunk_limits: ChunkLimits | None = None,
-    ) -> None:
-        self.client = client
-        self.store = store
-        self.shared = shared
+    def __init__(self, stats: Stats, *, batch_size: int = 500, flush_seconds: float = 0.2) -> None:
+        self.stats = stats
         self.batch_size = batch_size
         self.flush_seconds = flush_seconds
-        self.chunk_workers = chunk_workers
-        self.clock = clock
-        self.stats = Stats()
-        self.chunks = ChunkServer(client, store, self.stats, chunk_limits or ChunkLimits())
-        self.stopping = threading.Event()
-        self.connected = threading.Event()
-        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
-        self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         # device_id -> its newest hello not yet applied: applied in one transaction a flush.
         self._hellos: dict[str, wire.Hello] = {}
         # device id -> online, the latest presence of each since the last flush
@@ -121,40 +71,8 @@ class Bridge:
         self._retry: deque[Inbound] = deque()
         self._db_failures = 0
         self._db_retry_at = 0.0
-        self._stop_deadline = float("inf")
-        self._threads: list[threading.Thread] = []
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-
-    # --- paho's thread: route only -------------------------------------------------
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            log.error("broker refused the bridge: %s", reason_code)
-            return
-        subscriptions = wire.plane_subscriptions(shared=self.shared)
-        client.subscribe([(s, 1) for s in subscriptions])
-        self.connected.set()
-        log.info("bridge connected; subscribed to %s", ", ".join(subscriptions))
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
-        if not self.stopping.is_set():
-            log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
-
-    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        item = Inbound(message.topic, message.payload, self.clock())
-        target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
-        self.stats.received += 1
-        while not self.stopping.is_set():
-            try:
-                target.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                self.stats.add("backpressure_waits")
-
-    # --- the database thread --------------------------------------------------------
+        # Set by the transport on SIGTERM: how long to keep trying a database that is down.
+        self.stop_deadline = float("inf")
 
     def handle(self, item: Inbound) -> None:
         """Apply one agent message. Never raises: a failure is counted and logged."""
@@ -402,7 +320,7 @@ class Bridge:
         self.stats.add(reason)
         log.warning("refused (%s) on %s: %s", reason, where, detail)
 
-    def _tick(self) -> None:
+    def tick(self) -> None:
         self.flush()
         if self.database_down:
             return
@@ -410,31 +328,32 @@ class Bridge:
         self._answer_hellos()
         self._enqueue_rollout_evaluations()
 
-    def _db_loop(self) -> None:
-        while not (self.stopping.is_set() and self.inbox.empty() and not self._retry):
+    def run(self, inbox: queue.Queue[Inbound], stopping: threading.Event) -> None:
+        """The database thread's loop, until ``stopping`` is set and the inbox is drained."""
+        while not (stopping.is_set() and inbox.empty() and not self._retry):
             if self.database_down:
                 # Take nothing more: the inbox fills, paho waits, and the broker holds the backlog.
-                if self.stopping.is_set() and time.monotonic() >= self._stop_deadline:
+                if stopping.is_set() and time.monotonic() >= self.stop_deadline:
                     log.error("stopping with the database unreachable; %d message(s) not applied", self.held())
                     break
                 time.sleep(0.05)
                 continue
             if self._db_failures:
                 # Back from an outage: what was held goes in before anything new.
-                self._tick()
+                self.tick()
                 if self.database_down:
                     continue
             if self._retry:
                 self.handle(self._retry.popleft())
             else:
                 try:
-                    self.handle(self.inbox.get(timeout=self.flush_seconds))
+                    self.handle(inbox.get(timeout=self.flush_seconds))
                 except queue.Empty:
                     pass
             if time.monotonic() - self._last_flush >= self.flush_seconds:
-                self._tick()
+                self.tick()
         if not self.database_down:
-            self._tick()
+            self.tick()
         connection.close()
 
     def held(self) -> int:
@@ -443,38 +362,3 @@ class Bridge:
         return pending + len(self._retry)
 
     # --- chunk serving ----------------------------------------------------------------
-
-    def serve_chunk_request(self, item: Inbound) -> None:
-        self.chunks.serve(item.topic, item.payload, self.stopping)
-
-    def _chunk_loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                item = self.chunk_inbox.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            self.serve_chunk_request(item)
-        connection.close()
-
-    # --- lifecycle ----------------------------------------------------------------
-
-    def start(self) -> None:
-        connect(self.client)
-        self.client.loop_start()
-        self._threads = [threading.Thread(target=self._db_loop, name="bridge-db", daemon=True)]
-        self._threads += [
-            threading.Thread(target=self._chunk_loop, name=f"bridge-chunks-{n}", daemon=True)
-            for n in range(self.chunk_workers)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        """Stop taking messages, apply what is queued, store what is batched, disconnect."""
-        self._stop_deadline = time.monotonic() + STOP_GRACE_S
-        self.stopping.set()
-        self.client.disconnect()
-        self.client.loop_stop()
-        for thread in self._threads:
-            thread.join(timeout=30)
-        log.info("bridge stopped: %s", self.stats.snapshot())

@@ -1,0 +1,144 @@
+"""The MQTT bridge's transport: paho's thread routes, worker threads apply and serve.
+
+paho's network thread only routes each message into a bounded queue: agent messages
+to the database thread (``fleet.bridge.ingest``), chunk requests to a small pool
+(``fleet.bridge.chunks``). A full queue blocks paho's thread, so the broker holds the
+backlog (QoS 1) instead of the bridge dropping it.
+
+A bad message is counted, logged and dropped on its own; nothing an agent sends
+can stop the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+from django.db import connection
+
+from agent import wire
+from fleet.bridge.chunks import ChunkLimits, ChunkServer
+from fleet.bridge.ingest import Inbound, Ingest
+from fleet.bridge.stats import Stats
+from fleet.mqtt.client import connect
+from fleet.storage import FilesystemStore
+
+log = logging.getLogger("fleet.bridge")
+
+# On SIGTERM with the database down, how long the bridge keeps trying before it gives up.
+STOP_GRACE_S = 10.0
+
+
+class Bridge:
+    """Built from a paho client and a store, so tests can hand it either."""
+
+    def __init__(
+        self,
+        client: mqtt.Client,
+        store: FilesystemStore,
+        *,
+        shared: bool = True,
+        queue_size: int = 20_000,
+        batch_size: int = 500,
+        flush_seconds: float = 0.2,
+        chunk_workers: int = 2,
+        clock: Callable[[], float] = time.time,
+        chunk_limits: ChunkLimits | None = None,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.shared = shared
+        self.chunk_workers = chunk_workers
+        self.clock = clock
+        self.stats = Stats()
+        self.ingest = Ingest(self.stats, batch_size=batch_size, flush_seconds=flush_seconds)
+        self.chunks = ChunkServer(client, store, self.stats, chunk_limits or ChunkLimits())
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        self._threads: list[threading.Thread] = []
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+
+    # --- paho's thread: route only -------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the bridge: %s", reason_code)
+            return
+        subscriptions = wire.plane_subscriptions(shared=self.shared)
+        client.subscribe([(s, 1) for s in subscriptions])
+        self.connected.set()
+        log.info("bridge connected; subscribed to %s", ", ".join(subscriptions))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self.stopping.is_set():
+            log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        item = Inbound(message.topic, message.payload, self.clock())
+        target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
+        self.stats.received += 1
+        while not self.stopping.is_set():
+            try:
+                target.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                self.stats.add("backpressure_waits")
+
+    # --- the database thread and the chunk pool ---------------------------------------
+
+    def handle(self, item: Inbound) -> None:
+        """Apply one agent message (the database thread's job). Never raises."""
+        self.ingest.handle(item)
+
+    def flush(self) -> None:
+        self.ingest.flush()
+
+    def held(self) -> int:
+        return self.ingest.held()
+
+    def serve_chunk_request(self, item: Inbound) -> None:
+        """Serve one chunk request (a chunk worker's job). Never raises."""
+        self.chunks.serve(item.topic, item.payload, self.stopping)
+
+    def _chunk_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                item = self.chunk_inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.serve_chunk_request(item)
+        connection.close()
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        connect(self.client)
+        self.client.loop_start()
+        self._threads = [
+            threading.Thread(target=self.ingest.run, args=(self.inbox, self.stopping), name="bridge-db", daemon=True)
+        ]
+        self._threads += [
+            threading.Thread(target=self._chunk_loop, name=f"bridge-chunks-{n}", daemon=True)
+            for n in range(self.chunk_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop taking messages, apply what is queued, store what is batched, disconnect."""
+        self.ingest.stop_deadline = time.monotonic() + STOP_GRACE_S
+        self.stopping.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        log.info("bridge stopped: %s", self.stats.snapshot())
