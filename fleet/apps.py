@@ -16,3 +16,5 @@ class FleetConfig(AppConfig):
 
     def ready(self) -> None:
         post_migrate.connect(_sync_roles, sender=self, dispatch_uid="fleet.sync_roles")
+        # Celery learns the tasks here, so no other module needs to import them (fleet/jobs.py).
+        import fleet.tasks  # noqa: F401

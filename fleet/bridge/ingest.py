@@ -23,7 +23,7 @@ from typing import TypeVar
 from django.db import InterfaceError, OperationalError, connection
 
 from agent import wire
-from fleet import tasks
+from fleet import jobs
 from fleet.bridge.stats import Stats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES
 from fleet.services import deployments, devices, enrollment, telemetry
@@ -311,7 +311,7 @@ class Ingest:
             return
         settled, self._settled_deployments = sorted(self._settled_deployments), set()
         try:
-            tasks.evaluate_rollouts_of_deployments.delay(settled)
+            jobs.enqueue("fleet.evaluate_rollouts_of_deployments", settled)
         except Exception:
             self.stats.add("enqueue_failures")
             log.exception("queueing the rollout evaluation of %d deployment(s) failed", len(settled))

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent import wire
+from fleet import jobs
 from fleet.choices import (
     DEPLOYMENT_PROGRESS,
     OPEN_DEPLOYMENT_STATES,
@@ -182,11 +183,9 @@ def assign_version(
 
 def enqueue_desired(device_pks: list[int]) -> None:
     """Queue publishing these devices' desired state; call it only after commit."""
-    from fleet.tasks import publish_desired
-
     # Keep each task small enough to retry cheaply.
     for start in range(0, len(device_pks), 1000):
-        publish_desired.delay(device_pks[start : start + 1000])
+        jobs.enqueue("fleet.publish_desired", device_pks[start : start + 1000])
 
 
 def current_deployment(device: Device) -> Deployment | None:

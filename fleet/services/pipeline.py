@@ -16,6 +16,7 @@ import numpy as np
 from django.db import transaction
 from django.utils import timezone
 
+from fleet import jobs
 from fleet.choices import (
     OPEN_PIPELINE_STATES,
     ArtifactRole,
@@ -120,7 +121,7 @@ def start_pipeline(
         kinds = [PipelineStepKind.EVALUATION_SET, *[k for k in VARIANT_KINDS if k in variants]]
         PipelineStep.objects.bulk_create([PipelineStep(pipeline=pipeline, kind=k) for k in kinds])
         record(actor, "pipeline.started", pipeline, after=pipeline.options)
-        transaction.on_commit(lambda: _enqueue("run_pipeline", pipeline.pk))
+        transaction.on_commit(lambda: jobs.enqueue("fleet.run_pipeline", pipeline.pk))
     return pipeline
 
 
@@ -135,12 +136,6 @@ def _fp32_source(version: ModelVersion) -> Artifact:
     if source is None:
         raise PipelineError(f"{version.label} has no ready fp32 model artifact to build variants from.")
     return source
-
-
-def _enqueue(task_name: str, object_id: int) -> None:
-    from fleet import tasks
-
-    getattr(tasks, task_name).delay(object_id)
 
 
 # --- Steps ------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ def run_pipeline(pipeline_id: int) -> Pipeline | None:
         for variant in pipeline.steps.exclude(kind=PipelineStepKind.EVALUATION_SET).filter(
             state=PipelineStepState.PENDING
         ):
-            transaction.on_commit(lambda pk=variant.pk: _enqueue("build_variant", pk))
+            transaction.on_commit(lambda pk=variant.pk: jobs.enqueue("fleet.build_variant", pk))
     return pipeline
 
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from agent import wire
 from agent.manifest import build_manifest
-from fleet import signing
+from fleet import jobs, signing
 from fleet.choices import (
     OPEN_PIPELINE_STATES,
     ArtifactRole,
@@ -138,7 +138,7 @@ def add_artifact(
             record(actor, "artifact.uploaded", artifact, after={"filename": filename, "size": incoming.size})
             if signature:
                 _update_breaking(locked)
-            transaction.on_commit(lambda: _enqueue_processing(artifact.pk))
+            transaction.on_commit(lambda: jobs.enqueue("fleet.process_artifact", artifact.pk))
     except BaseException:
         store.delete(incoming.key)
         raise
@@ -278,12 +278,6 @@ def _build_manifest(path: Path, role: str) -> wire.FileManifest:
     """Hash ``path`` chunk by chunk, cut as the settings say (fleet/lib/chunking.py)."""
     lengths = chunk_lengths(path, chunking=settings.ARTIFACT_CHUNKING, average=settings.ARTIFACT_CHUNK_SIZE)
     return build_manifest(path, role=role, chunk_size=settings.ARTIFACT_CHUNK_SIZE, lengths=lengths)  # type: ignore[arg-type]  # evaluation sets never reach the wire
-
-
-def _enqueue_processing(artifact_id: int) -> None:
-    from fleet.tasks import process_artifact
-
-    process_artifact.delay(artifact_id)
 
 
 def process_artifact(artifact_id: int) -> Artifact | None:

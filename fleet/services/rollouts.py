@@ -372,14 +372,6 @@ def rollout_ids_for_deployments(deployment_ids: Iterable[int]) -> list[int]:
     )
 
 
-def enqueue_evaluations(rollout_ids: Iterable[int]) -> None:
-    """Queue an evaluation of each rollout; call it only after commit."""
-    from fleet.tasks import evaluate_rollout as task
-
-    for rollout_id in sorted(set(rollout_ids)):
-        task.delay(rollout_id)
-
-
 def _evaluate_locked(rollout: Rollout, *, now: datetime) -> None:
     stages = list(rollout.stages.all())
     # Each pass either stops or moves one stage on, so this ends within len(stages) passes.

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Max, Q
+from django.db.models import Q
 
 from agent import wire
 from fleet.models import Device, Heartbeat
@@ -154,7 +154,3 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
         )
         stored: int = cursor.rowcount
     return stored
-
-
-def latest_heartbeat_at(device: Device) -> datetime | None:
-    return device.heartbeats.aggregate(at=Max("received_at"))["at"]
