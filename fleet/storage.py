@@ -15,6 +15,8 @@ from typing import BinaryIO, NamedTuple, Protocol
 
 from django.conf import settings
 
+from fleet import errors
+
 
 class Incoming(NamedTuple):
     """A file saved under ``incoming/``, hashed while it was written."""
@@ -32,8 +34,8 @@ class ArtifactStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
 
-class TooLarge(ValueError):
-    pass
+class TooLarge(errors.TooLarge):
+    """An upload past ARTIFACT_MAX_BYTES."""
 
 
 class FilesystemStore:

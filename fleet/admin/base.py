@@ -5,10 +5,7 @@ from django.db import models
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseRedirect
 
-from fleet.services import aliases
-from fleet.services.deployments import DeploymentError
-from fleet.services.registry import ArtifactRejected, RegistryError
-from fleet.storage import TooLarge
+from fleet.errors import ServiceError
 
 RECENT_ROWS = 10
 
@@ -26,7 +23,7 @@ class ServiceErrorsMixin:
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
             return super().changeform_view(request, object_id, form_url, extra_context)
-        except (RegistryError, DeploymentError, TooLarge, ArtifactRejected, aliases.AliasError) as exc:
+        except ServiceError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
 

@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 
 from fleet.admin.base import RECENT_ROWS, ReadOnlyInline, RecentFormSet
 from fleet.choices import VersionStatus
+from fleet.errors import ServiceError
 from fleet.models import (
     Deployment,
     Device,
@@ -15,9 +16,7 @@ from fleet.models import (
     ModelVersion,
     slug_validator,
 )
-from fleet.mqtt.dynsec import DynSecError
 from fleet.services import deployments, devices, enrollment
-from fleet.services.deployments import DeploymentError
 
 
 class DeviceTagsForm(forms.ModelForm):
@@ -162,7 +161,7 @@ class DeviceAdmin(admin.ModelAdmin):
                     reason=form.cleaned_data["reason"],
                     source_address=request.META.get("REMOTE_ADDR"),
                 )
-            except DeploymentError as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
                 return None
             self._report_assignment(request, version, result)
@@ -191,7 +190,7 @@ class DeviceAdmin(admin.ModelAdmin):
             try:
                 service(device, actor=request.user)
                 changed += 1
-            except (enrollment.EnrollmentError, DynSecError) as exc:
+            except ServiceError as exc:
                 self.message_user(request, f"{device}: {exc}", messages.ERROR)
         self.message_user(request, f"{done} {changed} device(s).", messages.SUCCESS if changed else messages.WARNING)
 

@@ -11,6 +11,7 @@ from django.utils.html import format_html
 
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline, ServiceErrorsMixin, _adopt
 from fleet.choices import VersionStatus
+from fleet.errors import ServiceError
 from fleet.models import (
     Alias,
     AliasMove,
@@ -21,7 +22,6 @@ from fleet.models import (
     VariantEvaluation,
 )
 from fleet.services import aliases, pipeline, registry, retention
-from fleet.services.registry import RegistryError
 
 
 class AliasInline(ReadOnlyInline):
@@ -204,7 +204,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
         for version in queryset.select_related("model"):
             try:
                 registry.publish_version(version, actor=request.user)
-            except RegistryError as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"Published {version.label}.", messages.SUCCESS)
@@ -214,7 +214,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
         for version in queryset.select_related("model"):
             try:
                 retention.archive_version(version, actor=request.user, reason="archived in the admin")
-            except retention.RetentionRefused as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"Archived {version.label}.", messages.SUCCESS)
@@ -228,7 +228,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
             label = version.label
             try:
                 retention.delete_version(version, actor=request.user, reason="deleted in the admin")
-            except retention.RetentionRefused as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"Deleted {label}.", messages.SUCCESS)
@@ -238,7 +238,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
         for version in queryset.select_related("model"):
             try:
                 started = pipeline.start_pipeline(version, actor=request.user)
-            except RegistryError as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"Queued pipeline {started.pk} for {version.label}.", messages.SUCCESS)

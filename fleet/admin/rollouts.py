@@ -14,13 +14,13 @@ from django.utils.safestring import mark_safe
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline
 from fleet.api.serializers import RolloutCreateSerializer
 from fleet.choices import HardwareClass, RolloutBaseline, VersionStatus
+from fleet.errors import ServiceError
 from fleet.models import (
     ModelVersion,
     Rollout,
     RolloutStage,
 )
 from fleet.services import rollouts
-from fleet.services.rollouts import RolloutError
 
 # What the add page offers before an operator changes anything: a canary, a quarter, everyone.
 DEFAULT_STAGES = [
@@ -237,7 +237,7 @@ class RolloutAdmin(ReadOnlyAdmin):
                     rollout = rollouts.start_rollout(
                         rollout, actor=request.user, supersede=data["supersede"], reason=data["reason"]
                     )
-        except (RolloutError, ValidationError) as exc:
+        except (ServiceError, ValidationError) as exc:
             for message in exc.messages if isinstance(exc, ValidationError) else [str(exc)]:
                 form.add_error(None, message)
             return None
@@ -284,7 +284,7 @@ class RolloutAdmin(ReadOnlyAdmin):
         for rollout in queryset:
             try:
                 service(rollout, actor=request.user)
-            except RolloutError as exc:
+            except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
                 self.message_user(request, f"{done} {rollout}.", messages.SUCCESS)

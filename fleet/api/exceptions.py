@@ -1,46 +1,25 @@
-"""Service errors as HTTP answers: a refused state change is a conflict, not a server error."""
+"""Domain errors as HTTP answers, in one place: each ServiceError carries its status (fleet/errors.py)."""
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from rest_framework import exceptions, status
+from rest_framework import exceptions
 from rest_framework.serializers import as_serializer_error
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from fleet.mqtt.dynsec import DynSecError
-from fleet.services.aliases import AliasError, AliasNotFound
-from fleet.services.deployments import DeploymentError
-from fleet.services.registry import ArtifactRejected, RegistryError
-from fleet.services.retention import RetentionRefused
-from fleet.services.rollouts import RolloutError
-from fleet.storage import TooLarge
+from fleet.errors import ServiceError
 
 
-class Conflict(exceptions.APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The current state does not allow this change."
-    default_code = "conflict"
+class ServiceRefused(exceptions.APIException):
+    """A ServiceError as DRF answers it: its status, and its text (under its field, if it names one)."""
 
-
-class PayloadTooLarge(exceptions.APIException):
-    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
-    default_detail = "The upload is too large."
-    default_code = "too_large"
+    def __init__(self, error: ServiceError) -> None:
+        self.status_code = error.status
+        detail = {error.field: [str(error)]} if error.field else str(error)
+        super().__init__(detail=detail, code=type(error).__name__)
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, AliasNotFound):
-        exc = exceptions.NotFound(str(exc))
-    elif isinstance(exc, RegistryError | DeploymentError | RolloutError | AliasError | RetentionRefused):
-        exc = Conflict(str(exc))
-    elif isinstance(exc, TooLarge):
-        exc = PayloadTooLarge(str(exc))
-    elif isinstance(exc, ArtifactRejected):
-        exc = exceptions.ValidationError({"file": [str(exc)]})
-    elif isinstance(exc, DynSecError):
-        exc = exceptions.APIException(
-            f"The broker did not take the change: {exc}. Try again; if it persists, "
-            "check the broker and the plane's admin login (MQTT_ADMIN_URL)."
-        )
-        exc.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    if isinstance(exc, ServiceError):
+        exc = ServiceRefused(exc)
     elif isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(as_serializer_error(exc))
     return drf_exception_handler(exc, context)

@@ -12,7 +12,7 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action, api_view, permission_classes
-from rest_framework.exceptions import APIException, PermissionDenied, Throttled
+from rest_framework.exceptions import Throttled
 from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
@@ -21,7 +21,6 @@ from rest_framework.throttling import ScopedRateThrottle
 
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
-from fleet.api.exceptions import PayloadTooLarge
 from fleet.choices import DeploymentState, EnrollmentState
 from fleet.models import (
     Alias,
@@ -38,6 +37,7 @@ from fleet.models import (
     VariantPin,
 )
 from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
+from fleet.storage import TooLarge
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -198,7 +198,7 @@ class VersionViewSet(
     def artifacts(self, request, pk=None):
         # Refuse an oversize upload before Django spools it to disk.
         if int(request.META.get("CONTENT_LENGTH") or 0) > settings.ARTIFACT_MAX_BYTES + _UPLOAD_OVERHEAD_BYTES:
-            raise PayloadTooLarge(f"the file is over the {settings.ARTIFACT_MAX_BYTES}-byte limit")
+            raise TooLarge(f"the file is over the {settings.ARTIFACT_MAX_BYTES}-byte limit")
         version = self.get_object()
         upload = serializers.ArtifactUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
@@ -537,11 +537,6 @@ class EnrollmentTokenViewSet(
         return Response(self.get_serializer(self.get_queryset().get(pk=pk)).data)
 
 
-class EnrollmentRefused(APIException):
-    status_code = status.HTTP_400_BAD_REQUEST
-    default_code = "enrollment_refused"
-
-
 class EnrollView(GenericAPIView):
     """An agent asks to join the fleet with an enrollment token and its public key (no user login)."""
 
@@ -556,10 +551,7 @@ class EnrollView(GenericAPIView):
         data = serializers.EnrollSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
-        try:
-            device = enrollment.enroll(fields.pop("token"), **fields)
-        except enrollment.EnrollmentError as exc:
-            raise EnrollmentRefused(str(exc)) from None
+        device = enrollment.enroll(fields.pop("token"), **fields)
         return Response({"device_id": device.device_id, "state": device.enrollment}, status=status.HTTP_202_ACCEPTED)
 
 
@@ -582,12 +574,7 @@ class CredentialsView(GenericAPIView):
     def post(self, request, device_id):
         data = serializers.CredentialsRequestSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        try:
-            issued = enrollment.issue_credentials(device_id, **data.validated_data)
-        except enrollment.NotAccepted as exc:
-            raise PermissionDenied(str(exc)) from None
-        except enrollment.EnrollmentError as exc:
-            raise EnrollmentRefused(str(exc)) from None
+        issued = enrollment.issue_credentials(device_id, **data.validated_data)
         if issued.state != EnrollmentState.ACCEPTED:
             return Response({"device_id": device_id, "state": issued.state}, status=status.HTTP_202_ACCEPTED)
         return Response(serializers.CredentialsSerializer(issued).data)

@@ -19,6 +19,7 @@ from typing import Any, Final
 import paho.mqtt.client as mqtt
 
 from agent import wire
+from fleet.errors import Unavailable
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
@@ -40,8 +41,14 @@ def device_role(device_id: str) -> str:
     return DEVICE_ROLE_PREFIX + device_id
 
 
-class DynSecError(Exception):
+class DynSecError(Unavailable):
     """The broker refused a command; the text is the broker's reason."""
+
+    def __str__(self) -> str:
+        return (
+            f"the broker did not take the change: {super().__str__()}. Try again; if it persists, check the "
+            "broker and the plane's admin login (MQTT_ADMIN_URL)"
+        )
 
 
 class ForeignLogin(DynSecError):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from django.db import transaction
 
+from fleet.errors import ServiceError
 from fleet.models import Alias, AliasMove, Model, ModelVersion
 from fleet.services.audit import Actor, actor_fields, record
 
 
-class AliasError(Exception):
+class AliasError(ServiceError):
     """An alias move the current state does not allow; the text says why."""
 
 
 class AliasNotFound(AliasError):
+    status = 404
+
     """``model:ref`` names no version and no alias."""
 
 

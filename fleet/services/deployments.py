@@ -26,6 +26,7 @@ from fleet.choices import (
     VariantQuality,
     VersionStatus,
 )
+from fleet.errors import ServiceError
 from fleet.lib import variants
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion, VariantPin
 from fleet.services.audit import Actor, audit_event, record, record_many
@@ -33,7 +34,7 @@ from fleet.services.audit import Actor, audit_event, record, record_many
 log = logging.getLogger(__name__)
 
 
-class DeploymentError(Exception):
+class DeploymentError(ServiceError):
     """An assignment the current state does not allow; the text says why."""
 
 
@@ -362,7 +363,7 @@ def file_manifest(artifact: Artifact) -> wire.FileManifest:
     )
 
 
-class StaleReport(Exception):
+class StaleReport(ServiceError):
     """A state report for a deployment that is replaced, finished, or not this device's."""
 
 

@@ -27,6 +27,7 @@ from django.utils import timezone
 from agent.enrollment import signed_message
 from agent.wire import parse_broker_url
 from fleet.choices import EnrollmentState
+from fleet.errors import Forbidden, Invalid
 from fleet.models import Device, EnrollmentToken
 from fleet.services.audit import Actor, record
 
@@ -38,12 +39,14 @@ RESERVED_DEVICE_IDS = frozenset({"admin", "administrator", "root", "bridge", "pl
 RESERVED_DEVICE_PREFIXES = ("edgefleet", "$", "sys")
 
 
-class EnrollmentError(Exception):
+class EnrollmentError(Invalid):
     """The request cannot be granted; the text says why, and is safe to show the caller."""
 
 
 class NotAccepted(EnrollmentError):
     """The device is not (or not yet, or no longer) accepted."""
+
+    status = Forbidden.status
 
 
 def hash_token(token: str) -> str:

@@ -22,6 +22,7 @@ from fleet.choices import (
     VariantQuality,
     VersionStatus,
 )
+from fleet.errors import Invalid, ServiceError
 from fleet.lib.chunking import chunk_lengths
 from fleet.lib.onnx_check import InvalidModel, inspect_onnx
 from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin, VersionTag
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.TOKENIZER)
 
 
-class RegistryError(Exception):
+class RegistryError(ServiceError):
     """A registry change that the current state does not allow; the text says why."""
 
 
@@ -43,8 +44,10 @@ class DuplicateArtifact(RegistryError):
     """The same file (same sha256) is already an artifact of the version."""
 
 
-class ArtifactRejected(ValueError):
+class ArtifactRejected(Invalid, ValueError):
     """An uploaded file that is not what it claims to be: not ONNX, truncated, an unloadable opset."""
+
+    field = "file"
 
 
 def _user(actor: Actor):

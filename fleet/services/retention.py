@@ -12,6 +12,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from fleet.choices import OPEN_DEPLOYMENT_STATES, RolloutState, VersionStatus
+from fleet.errors import ServiceError
 from fleet.models import Artifact, Deployment, Device, ModelVersion, Pipeline, PipelineStep, Rollout, VariantEvaluation
 from fleet.services.audit import Actor, record
 from fleet.storage import get_store
@@ -19,7 +20,7 @@ from fleet.storage import get_store
 UNFINISHED_ROLLOUT_STATES = (RolloutState.DRAFT, RolloutState.RUNNING, RolloutState.PAUSED)
 
 
-class RetentionRefused(Exception):
+class RetentionRefused(ServiceError):
     """The version is still needed; the text names every reason."""
 
 

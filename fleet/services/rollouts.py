@@ -21,6 +21,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, EnrollmentState, RolloutBaseline, RolloutState
+from fleet.errors import ServiceError
 from fleet.lib import gates
 from fleet.models import (
     Alias,
@@ -43,7 +44,7 @@ RATE_WINDOW = timedelta(minutes=1)
 FINISHED_STATES = (RolloutState.COMPLETED, RolloutState.ABORTED, RolloutState.ROLLED_BACK)
 
 
-class RolloutError(Exception):
+class RolloutError(ServiceError):
     """A rollout change the current state does not allow; the text says why."""
 
 
