@@ -14,7 +14,14 @@ from rest_framework.authtoken.models import Token
 from tests.fleet import helpers
 
 # The plane's own fixtures: the bridge on the test's broker, eager Celery, per-test artifacts and signing key.
-from tests.fleet.conftest import artifact_root, eager_celery, fresh_login_failures, plane, signing_key  # noqa: F401
+from tests.fleet.conftest import (  # noqa: F401
+    artifact_root,
+    eager_celery,
+    fake_publisher,
+    fresh_login_failures,
+    plane,
+    signing_key,
+)
 
 
 @dataclass
