@@ -227,7 +227,7 @@ class _Checker:
         for key_node, value_node in node.value:
             key = str(self.value(key_node))
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else f"; expected one of {', '.join(allowed)}"
                 self.fail(key_node, where, f"unknown key '{key}'{hint}")
             elif key in out:
