@@ -9,6 +9,8 @@ import pytest
 from edgefleet_client import Client, errors, spec
 from edgefleet_client.watch import HELD, Watch
 
+from tests.support import REPO
+
 
 class FakePlane:
     """Answers like the plane; the first ``failures`` artifact uploads fail as ``failure`` says."""
@@ -154,3 +156,13 @@ def test_a_stage_held_with_its_device_counts_moving_is_not_held_yet():
     verdict = watcher.observe(progress(1))
     assert verdict is not None and verdict.code == HELD
     assert "held for 10 s" in verdict.message
+
+
+def test_the_rollout_file_of_docs_cli_md_is_valid():
+    text = (REPO / "docs" / "cli.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+    loaded = spec.load(example, "docs/cli.md")
+
+    assert loaded.version == "minilm-embedder:3"
+    assert [stage.get("name") for stage in loaded.body["stages"]] == ["canary", "quarter", "everyone"]
