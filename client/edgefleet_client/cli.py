@@ -552,7 +552,9 @@ def progress_table(progress: Json) -> Table:
 
 def _gate(gate: Json) -> str:
     colour = {"pass": "green", "fail": "red", "inconclusive": "yellow"}.get(gate["verdict"], "white")
-    numbers = "" if gate["value"] is None else f" {gate['value']:g} vs {gate['threshold']:g}"
+    numbers = "" if gate["value"] is None else f" {gate['value']:g}"
+    if gate["value"] is not None and gate["threshold"] is not None:
+        numbers += f" vs {gate['threshold']:g}"
     return f"[{colour}]{gate['gate']} {gate['verdict']}[/]{numbers}: {gate['detail']}"
 
 
