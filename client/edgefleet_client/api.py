@@ -117,6 +117,10 @@ class Client:
         self.http.headers["Authorization"] = f"Token {self.token}"
         return self.token
 
+    def signing_key(self) -> Json:
+        """The public key that signs every published file's manifest (agents' ``plane_public_key``)."""
+        return cast(Json, self.get("/signing-key/"))
+
     # --- Models and versions ---------------------------------------------------------
 
     def list_models(self, *, name: str | None = None, limit: int | None = None) -> list[Json]:
