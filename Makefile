@@ -27,8 +27,7 @@ $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/d
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
-	# The API client and the edgefleet CLI (its requirements are pinned in dev.txt).
-	$(PY) -m pip install --quiet --no-deps -e ./client
+	$(PY) -m pip install --quiet --no-deps -e ./client  # the client and CLI; dev.txt pins what they need
 	touch $@
 
 venv: $(VENV)/.installed
