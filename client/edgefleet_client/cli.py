@@ -142,7 +142,7 @@ def cli(ctx: click.Context, url: str | None, token: str | None, profile: str | N
 def login(username: str, password: str, make_default: bool) -> None:
     """Sign in with a username and password and store the API token in a profile."""
     s = settings()
-    target = config.resolve(s.url, None, s.profile)
+    target = config.resolve(s.url, None, s.profile, new_profile=True)
     with Client(target.url) as client:
         token = client.login(username, password)
     path = config.save_profile(target.profile, target.url, token, make_default=make_default)

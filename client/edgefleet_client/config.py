@@ -50,12 +50,15 @@ def read_config(path: Path | None = None) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc}. Fix it, or delete it and run `edgefleet login` again.") from None
 
 
-def resolve(url: str | None, token: str | None, profile: str | None) -> Target:
-    """Flags win over the environment, which wins over the profile's settings."""
+def resolve(url: str | None, token: str | None, profile: str | None, *, new_profile: bool = False) -> Target:
+    """Flags win over the environment, which wins over the profile's settings.
+
+    A profile named but not saved is an error, unless ``new_profile`` (``login`` creates it).
+    """
     config = read_config()
     name = profile or os.environ.get("EDGEFLEET_PROFILE") or config.get("default_profile") or "default"
     profiles = config.get("profiles", {})
-    if profile and profile not in profiles:
+    if profile and profile not in profiles and not new_profile:
         raise ConfigError(f"no profile '{profile}' in {config_path()}: run `edgefleet login --profile {profile}`")
     saved = profiles.get(name, {})
     found_url = url or os.environ.get("EDGEFLEET_URL") or saved.get("url")

@@ -134,6 +134,21 @@ def test_login_stores_the_token_in_a_profile_readable_by_its_owner_only(run, pla
     assert listed.code == 0 and listed.json() == []
 
 
+def test_login_saves_a_named_profile_and_commands_use_it(run, plane_url, config_home):
+    user = helpers.make_release_manager()
+    user.set_password("s3cret-pass")
+    user.save()
+
+    saved = run("--profile", "lab", "login", "--username", "rita", "--password", "s3cret-pass", url=plane_url)
+    listed = run("--profile", "lab", "-o", "json", "devices", "list")
+    missing = run("--profile", "prod", "devices", "list")
+
+    assert saved.code == 0, saved.stderr
+    assert listed.code == 0 and listed.json() == []
+    assert missing.code == 1
+    assert "no profile 'prod' in" in missing.stderr and "run `edgefleet login --profile prod`" in missing.stderr
+
+
 def test_login_with_a_wrong_password_says_so(run, plane_url, config_home):
     helpers.make_release_manager()
 
