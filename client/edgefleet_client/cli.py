@@ -502,7 +502,11 @@ def _watch(client: Client, rollout_id: int, *, timeout: float | None, hold_timeo
                 continue
             verdict = watcher.observe(progress)
             if live is not None:
-                live.update(progress_table(progress), refresh=True)
+                table = progress_table(progress)
+                if watcher.held_since is not None:
+                    held = watcher.clock() - watcher.held_since
+                    table.caption = f"held {held:.0f} s (exit 3 at {hold_timeout:.0f} s)"
+                live.update(table, refresh=True)
             elif not as_json:
                 line = summary(progress)
                 if line != last_line:
@@ -530,11 +534,13 @@ def summary(progress: Json) -> str:
         gates = " ".join(f"{g['gate']}={g['verdict']}" for g in stage["gates"])
         devices = f"{c['active']}/{c['targeted']} active" + (f", {c['failed']} failed" if c["failed"] else "")
         stages.append(f"[{stage['index'] + 1} {stage['name']} {stage['status']}: {devices}; {gates}]")
-    return f"rollout {progress['id']} {progress['state']} " + " ".join(stages)
+    held = " (held: soak over, a gate undecided)" if watch.holding_gates(progress) else ""
+    return f"rollout {progress['id']} {progress['state']}{held} " + " ".join(stages)
 
 
 def progress_table(progress: Json) -> Table:
-    table = Table(title=f"rollout {progress['id']}: {progress['state']} (fleet {progress['fleet']})")
+    reason = f": {progress['reason']}" if progress.get("reason") else ""
+    table = Table(title=f"rollout {progress['id']}: {progress['state']} (fleet {progress['fleet']}){reason}")
     for heading in ("stage", "status", "soak left", "devices", "gates"):
         table.add_column(heading)
     for stage in progress["stages"]:
@@ -545,8 +551,6 @@ def progress_table(progress: Json) -> Table:
         soak = stage["soak_remaining_s"]
         table.add_row(f"{stage['index'] + 1} {stage['name']} ({stage['size']})", stage["status"],
                       "—" if soak is None else f"{soak:.0f} s", devices, gates)  # fmt: skip
-    if progress.get("reason"):
-        table.caption = progress["reason"]
     return table
 
 

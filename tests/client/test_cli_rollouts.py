@@ -111,6 +111,7 @@ def test_it_exits_3_when_a_starved_canary_holds_past_the_hold_timeout(lab, run, 
     assert Rollout.objects.get().state == RolloutState.RUNNING
     assert "stage 1 (canary) has been held for" in result.stderr
     assert "health inconclusive" in result.stderr
+    assert "running (held: soak over, a gate undecided)" in result.stdout  # the log line a CI job shows
 
 
 def test_watch_output_json_gives_the_outcome_and_the_last_progress(lab, run, plane_url, release_token, tmp_path):
