@@ -103,3 +103,19 @@ def test_enrollment_tokens_and_the_audit_log(run, plane_url):
     assert revoked.json()["revoked_at"] and EnrollmentToken.objects.get().revoked_at
     assert audit.code == 0, audit.stderr
     assert {e["action"] for e in audit.json()} >= {"enrollment_token.created", "enrollment_token.revoked"}
+
+
+def test_optimize_wait_answers_the_finished_pipeline(run, plane_url, release_token):
+    version = helpers.make_version(helpers.make_model("embedder"))
+    helpers.add_ready_artifact(version, helpers.onnx_bytes("fp32", weights=64))
+
+    result = run("-o", "json", "versions", "optimize", version.label, "--variant", "int8", "--wait",
+                 url=plane_url, token=release_token)  # fmt: skip
+
+    assert result.code == 0, result.stderr
+    pipeline = result.json()
+    assert pipeline["state"] == "succeeded"
+    assert [(step["kind"], step["state"]) for step in pipeline["steps"]] == [
+        ("evaluation_set", "done"),
+        ("int8", "done"),
+    ]
