@@ -157,3 +157,28 @@ def test_login_with_a_wrong_password_says_so(run, plane_url, config_home):
     assert result.code == 1
     assert "error: the plane refused the token (400: Unable to log in with provided credentials.)" in result.stderr
     assert not (config_home / "edgefleet" / "config.toml").exists()
+
+
+def test_the_environment_wins_over_a_saved_profile(run, plane_url, release_token, config_home, monkeypatch):
+    path = config_home / "edgefleet" / "config.toml"
+    path.parent.mkdir(parents=True)
+    path.write_text(f'default_profile = "old"\n[profiles.old]\nurl = "http://127.0.0.1:{free_port()}"\ntoken = "x"\n')
+    monkeypatch.setenv("EDGEFLEET_URL", plane_url)
+    monkeypatch.setenv("EDGEFLEET_TOKEN", release_token)
+
+    result = run("-o", "json", "models", "list")
+
+    assert result.code == 0, result.stderr
+    assert result.json() == []
+
+
+def test_a_broken_config_file_is_named(run, config_home):
+    path = config_home / "edgefleet" / "config.toml"
+    path.parent.mkdir(parents=True)
+    path.write_text("[profiles.default\nurl = 1\n")
+
+    result = run("models", "list")
+
+    assert result.code == 1
+    assert f"error: cannot read {path}: " in result.stderr
+    assert "Fix it, or delete it and run `edgefleet login` again." in result.stderr
