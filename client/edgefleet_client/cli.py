@@ -117,9 +117,10 @@ class Group(click.Group):
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", envvar="EDGEFLEET_URL", help="The plane, e.g. http://localhost:8000 [env EDGEFLEET_URL]")
-@click.option("--token", envvar="EDGEFLEET_TOKEN", help="An API token [env EDGEFLEET_TOKEN]")
-@click.option("--profile", envvar="EDGEFLEET_PROFILE", help="A profile of ~/.config/edgefleet/config.toml")
+# The environment and profiles are read by config.resolve, which knows which one a setting came from.
+@click.option("--url", help="The plane, e.g. http://localhost:8000 [env EDGEFLEET_URL]")
+@click.option("--token", help="An API token [env EDGEFLEET_TOKEN]")
+@click.option("--profile", help="A profile of ~/.config/edgefleet/config.toml [env EDGEFLEET_PROFILE]")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", help="table or json")
 @click.version_option("0.1.0", prog_name="edgefleet")
 @click.pass_context
@@ -168,6 +169,7 @@ MODEL_COLUMNS = [("name", lambda m: m["name"]), ("versions", lambda m: m["versio
 @click.option("--name", help="Only models whose name contains this")
 @output_option
 def models_list(name: str | None) -> None:
+    """The registry's models, with how many versions each has."""
     show(settings().client().list_models(name=name), MODEL_COLUMNS)
 
 
@@ -176,6 +178,7 @@ def models_list(name: str | None) -> None:
 @click.option("--description", default="")
 @output_option
 def models_create(name: str, description: str) -> None:
+    """A new model (lower-case letters, digits, '.', '_' and '-')."""
     show(settings().client().create_model(name, description), MODEL_COLUMNS)
 
 
@@ -202,6 +205,7 @@ VERSION_COLUMNS = [
 @click.option("--status", type=click.Choice(["draft", "published", "archived"]))
 @output_option
 def versions_list(model: str | None, status: str | None) -> None:
+    """Versions, newest first."""
     show(settings().client().list_versions(model=model, status=status), VERSION_COLUMNS)
 
 
@@ -334,6 +338,7 @@ def alias_set(name: str, version: str, reason: str) -> None:
 @click.argument("model")
 @output_option
 def alias_list(model: str) -> None:
+    """A model's aliases and the versions they name."""
     show(settings().client().list_aliases(model), ALIAS_COLUMNS)
 
 
@@ -366,6 +371,7 @@ DEVICE_COLUMNS = [
 @output_option
 def devices_list(tag: str | None, online: bool | None, hardware_class: str | None, model: str | None,
                  limit: int | None) -> None:  # fmt: skip
+    """Devices of the fleet; a device's tags are plain names (`--tag lab`)."""
     found = (
         settings()
         .client()
@@ -378,6 +384,7 @@ def devices_list(tag: str | None, online: bool | None, hardware_class: str | Non
 @click.argument("device_id")
 @output_option
 def devices_show(device_id: str) -> None:
+    """One device: hardware, tags, what it runs and its current deployment."""
     show(settings().client().get_device(device_id))
 
 
@@ -404,6 +411,7 @@ ROLLOUT_COLUMNS = [
 @click.option("--model")
 @output_option
 def rollouts_list(state: str | None, model: str | None) -> None:
+    """Rollouts, newest first."""
     show(settings().client().list_rollouts(state=state, model=model), ROLLOUT_COLUMNS)
 
 
@@ -411,6 +419,7 @@ def rollouts_list(state: str | None, model: str | None) -> None:
 @click.argument("rollout_id", type=int)
 @output_option
 def rollouts_show(rollout_id: int) -> None:
+    """One rollout: version, state, current stage and reason."""
     show(settings().client().get_rollout(rollout_id), ROLLOUT_COLUMNS)
 
 
@@ -615,6 +624,7 @@ TOKEN_COLUMNS = [("id", lambda t: t["id"]), ("name", lambda t: t["name"]), ("pre
 @enrollment_tokens.command("list")
 @output_option
 def tokens_list() -> None:
+    """Enrollment tokens (never their secrets)."""
     show(settings().client().list_enrollment_tokens(), TOKEN_COLUMNS)
 
 
@@ -640,6 +650,7 @@ def tokens_create(name: str, expires_in_hours: int, auto_approve: bool, max_devi
 @click.argument("token_id", type=int)
 @output_option
 def tokens_revoke(token_id: int) -> None:
+    """Revoke a token: no new device may enroll with it."""
     show(settings().client().revoke_enrollment_token(token_id), TOKEN_COLUMNS)
 
 
