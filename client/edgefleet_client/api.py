@@ -22,6 +22,7 @@ Progress = Callable[[int, int], None]
 
 # Connection troubles and these statuses are worth another try; anything else is an answer.
 RETRY_STATUSES = frozenset({502, 503, 504})
+UPLOAD_ANSWER_SECONDS = 600.0
 
 
 class Client:
@@ -190,10 +191,10 @@ class Client:
                 with path.open("rb") as raw:
                     stream = ProgressReader(raw, path.stat().st_size, progress)
                     files = {"file": (path.name, stream, "application/octet-stream")}
-                    return cast(
-                        Json,
-                        self.request("POST", f"/versions/{version_id}/artifacts/", data=fields, files=files),
-                    )
+                    # The plane checks a model file (loads it) before it answers: give a big one time.
+                    timeout = httpx.Timeout(self.http.timeout.connect, read=UPLOAD_ANSWER_SECONDS)
+                    endpoint = f"/versions/{version_id}/artifacts/"
+                    return cast(Json, self.request("POST", endpoint, data=fields, files=files, timeout=timeout))
             except (errors.Unreachable, errors.ServerError) as exc:
                 if attempt == retries or (isinstance(exc, errors.ServerError) and exc.status not in RETRY_STATUSES):
                     raise
