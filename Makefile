@@ -21,12 +21,13 @@ help:
 	@echo "make lint   ruff, mypy, the migrations check, docker/ files, agent wheels for every device platform"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
-$(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml
+$(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: install python3.11 (or set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip install --quiet --no-deps -e ./client  # the client and CLI; dev.txt pins what they need
 	touch $@
 
 venv: $(VENV)/.installed

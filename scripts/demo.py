@@ -16,19 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from edgefleet_client import Client, EdgefleetError, NotFound  # noqa: E402
 
 from scripts.embedded_broker import EmbeddedBroker  # noqa: E402
 
@@ -165,69 +165,20 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-# --- The API client -------------------------------------------------------------------
-
-
-class Api:
-    def __init__(self, base: str, token: str = "") -> None:
-        self.base = base
-        self.token = token
-
-    def call(self, method: str, path: str, body: dict | None = None, *, files: dict | None = None):
-        headers = {"Authorization": f"Token {self.token}"} if self.token else {}
-        data = None
-        if files is not None:
-            data, content_type = multipart(body or {}, files)
-            headers["Content-Type"] = content_type
-        elif body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raise DemoFailed(f"{method} {path} -> {exc.code}: {exc.read().decode(errors='replace')[:500]}") from None
-
-    def get(self, path: str):
-        return self.call("GET", path)
-
-    def post(self, path: str, body: dict | None = None, **kwargs):
-        return self.call("POST", path, body, **kwargs)
-
-
-def multipart(fields: dict, files: dict[str, Path]) -> tuple[bytes, str]:
-    boundary = secrets.token_hex(16)
-    parts = []
-    for name, value in fields.items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for name, path in files.items():
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n"
-        )
-        parts.append(head.encode() + path.read_bytes() + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 # --- The scenario ---------------------------------------------------------------------
 
 
-def register_model(api: Api) -> dict:
+def register_model(api: Client) -> dict:
     """What an API client does to release a model: model, version, files, publish."""
-    if not api.get("/models/?name=minilm-embedder")["results"]:
-        api.post("/models/", {"name": "minilm-embedder", "description": "all-MiniLM-L6-v2 sentence embeddings"})
-    version = api.post(
-        "/versions/",
-        {
-            "model": "minilm-embedder",
-            "notes": "all-MiniLM-L6-v2, int8 ONNX, registered by make demo",
-            "task": "embedding",
-            "pooling": "mean",
-            "normalize": True,
-            "max_length": 256,
-        },
+    if not api.list_models(name="minilm-embedder"):
+        api.create_model("minilm-embedder", "all-MiniLM-L6-v2 sentence embeddings")
+    version = api.create_version(
+        "minilm-embedder",
+        notes="all-MiniLM-L6-v2, int8 ONNX, registered by make demo",
+        task="embedding",
+        pooling="mean",
+        normalize=True,
+        max_length=256,
     )
     say(f"created version {version['label']}; uploading the int8 ONNX model (22 MB) and its tokenizer")
     uploads = [
@@ -235,24 +186,13 @@ def register_model(api: Api) -> dict:
         ({"role": "tokenizer", "format": "tokenizer.json"}, MODEL_DIR / "tokenizer.json"),
     ]
     for fields, path in uploads:
-        artifact = api.post(f"/versions/{version['id']}/artifacts/", fields, files={"file": path})
-        artifact = wait_until(
-            lambda a=artifact: ready_or_none(api.get(f"/artifacts/{a['id']}/")),
-            timeout=120,
-            what=f"processing of {path.name}",
-        )
+        artifact = api.wait_artifact(api.upload_artifact(version["id"], path, **fields)["id"], timeout=120)
         say(f"  {path.name}: {artifact['size']:,} bytes, sha256 {artifact['sha256'][:16]}…, ready")
-    return api.post(f"/versions/{version['id']}/publish/")
+    return api.publish_version(version["id"])
 
 
-def ready_or_none(artifact: dict) -> dict | None:
-    if artifact["status"] == "failed":
-        raise DemoFailed(f"artifact {artifact['id']} failed: {artifact['error']}")
-    return artifact if artifact["status"] == "ready" else None
-
-
-def deploy(api: Api, version: dict, device_id: str) -> dict:
-    result = api.post(f"/versions/{version['id']}/assign/", {"devices": [device_id]})
+def deploy(api: Client, version: dict, device_id: str) -> dict:
+    result = api.assign_version(version["id"], devices=[device_id])
     if result["skipped"]:
         raise DemoFailed(f"assignment skipped: {result['skipped']}")
     deployment_id = result["deployments"][0]["id"]
@@ -260,7 +200,7 @@ def deploy(api: Api, version: dict, device_id: str) -> dict:
     last = [""]
 
     def active():
-        deployment = api.get(f"/deployments/{deployment_id}/")
+        deployment = api.get_deployment(deployment_id)
         if deployment["state"] != last[0]:
             say(f"  deployment {deployment_id}: {deployment['state']}")
             last[0] = deployment["state"]
@@ -288,9 +228,9 @@ def infer(agent_port: int) -> None:
         raise DemoFailed("the embeddings do not rank the similar sentence first")
 
 
-def heartbeat_with_latency(api: Api, device_id: str) -> dict:
+def heartbeat_with_latency(api: Client, device_id: str) -> dict:
     def found():
-        beats = api.get(f"/heartbeats/?device={device_id}&limit=20")["results"]
+        beats = api.list_heartbeats(device=device_id, limit=20)
         return next((b for b in beats if b["latency_count"]), None)
 
     beat = wait_until(found, timeout=60, what="a heartbeat with inference latency")
@@ -348,7 +288,7 @@ def main() -> int:
                 procs.check()
                 time.sleep(1)
         return 0
-    except DemoFailed as exc:
+    except (DemoFailed, EdgefleetError) as exc:
         say(f"FAILED: {exc}")
         for name in procs.procs:
             say(f"--- last lines of {name}.log ---\n{procs.tail(name)}")
@@ -381,9 +321,9 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     if procs.env["REDIS_URL"]:
         procs.start("worker", PYTHON, "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
                     "-l", "info", "-s", str(var / "celerybeat-schedule"))  # fmt: skip
-    api = Api(f"http://127.0.0.1:{args.web_port}/api/v1", token)
+    api = Client(f"http://127.0.0.1:{args.web_port}", token, timeout=60)
     wait_until(lambda: (procs.check(), port_open(args.web_port))[1], timeout=60, what="the plane answering")
-    key = api.get("/signing-key/")["public_key"]
+    key = api.signing_key()["public_key"]
     say(f"the plane signs every published file's manifest; the agent trusts its key {key[:12]}…")
     device_id = args.device_id
     config = var / "agent.toml"
@@ -411,11 +351,11 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     say(f"logs:     {var / 'logs'}")
 
 
-def device_seen(api: Api, device_id: str) -> bool:
+def device_seen(api: Client, device_id: str) -> bool:
     try:
-        api.get(f"/devices/{device_id}/")
+        api.get_device(device_id)
         return True
-    except DemoFailed:
+    except NotFound:
         return False
 
 

@@ -2,7 +2,7 @@
 
 from django.db.models import Q
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema_field
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from fleet.api.fields import IdentityUrlField
@@ -702,6 +702,8 @@ class MoveAliasSerializer(serializers.Serializer):
     )
 
 
+# Not "VersionTags": generators name Version's inline `tags` object that, and drop Version as a duplicate.
+@extend_schema_serializer(component_name="VersionTagsRequest")
 class VersionTagsSerializer(serializers.Serializer):
     tags = serializers.DictField(
         child=serializers.CharField(max_length=200, allow_blank=True),

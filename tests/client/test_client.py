@@ -1,0 +1,168 @@
+"""The client's own logic, on a fake transport (fast): upload retries, error reasons, the rollout file."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from edgefleet_client import Client, errors, spec
+from edgefleet_client.watch import HELD, Watch
+
+from tests.support import REPO
+
+
+class FakePlane:
+    """Answers like the plane; the first ``failures`` artifact uploads fail as ``failure`` says."""
+
+    def __init__(self, failures: int, failure: str) -> None:
+        self.failures = failures
+        self.failure = failure
+        self.uploads: list[bytes] = []
+        self.stored: list[dict] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/api/v1/artifacts/":
+            found = [a for a in self.stored if a["sha256"] == request.url.params["sha256"]]
+            return httpx.Response(200, json={"count": len(found), "next": None, "results": found})
+        assert request.url.path == "/api/v1/versions/7/artifacts/"
+        body = request.read()
+        self.uploads.append(body)
+        if self.failures and self.failure == "lost answer":
+            self.failures -= 1
+            self.stored.append({"id": 1, "sha256": SHA256})
+            raise httpx.ReadError("connection reset")
+        if self.failures:
+            self.failures -= 1
+            return httpx.Response(503, text="<html>upstream unavailable</html>")
+        self.stored.append({"id": 1, "sha256": SHA256})
+        return httpx.Response(201, json={"id": 1, "status": "processing"})
+
+
+DATA = b"model bytes " * 1000
+SHA256 = __import__("hashlib").sha256(DATA).hexdigest()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(DATA)
+    return path
+
+
+def _client(plane: FakePlane) -> Client:
+    return Client("http://plane.test", "t", transport=httpx.MockTransport(plane), sleep=lambda s: None)
+
+
+def test_it_retries_an_upload_the_plane_could_not_take_and_reports_progress(model_file):
+    plane = FakePlane(failures=2, failure="503")
+    seen: list[tuple[int, int]] = []
+
+    artifact = _client(plane).upload_artifact(7, model_file, progress=lambda done, total: seen.append((done, total)))
+
+    assert artifact == {"id": 1, "status": "processing"}
+    assert len(plane.uploads) == 3 and all(DATA in body for body in plane.uploads)
+    assert seen[-1] == (len(DATA), len(DATA))
+
+
+def test_it_does_not_upload_twice_when_only_the_answer_was_lost(model_file):
+    plane = FakePlane(failures=1, failure="lost answer")
+
+    artifact = _client(plane).upload_artifact(7, model_file)
+
+    assert artifact == {"id": 1, "sha256": SHA256}
+    assert len(plane.uploads) == 1
+
+
+def test_it_gives_up_after_its_retries_with_a_message(model_file):
+    plane = FakePlane(failures=5, failure="503")
+
+    with pytest.raises(errors.ServerError) as raised:
+        _client(plane).upload_artifact(7, model_file, retries=2)
+
+    assert len(plane.uploads) == 3
+    assert str(raised.value) == (
+        "POST /versions/7/artifacts/ failed (503): the server answered with an HTML page, not the API's JSON: "
+        "is the URL the plane's?"
+    )
+
+
+def test_it_flattens_drf_errors_into_one_line():
+    body = {"stages": [{}, {"non_field_errors": ["Give each stage a 'percent'."]}], "name": ["Too long."]}
+
+    assert errors.reason_of(body) == "stages 2: Give each stage a 'percent'.; name: Too long."
+    assert errors.reason_of({"detail": "Not found."}) == "Not found."
+
+
+def test_a_rollout_file_becomes_the_apis_body():
+    loaded = spec.load(
+        "name: r\nversion: embedder:3\nselector: {tags: [lab], hardware_class: linux-x86_64}\nmax_per_minute: 50\n"
+        "stages:\n"
+        "  - {name: canary, devices: 1, min_soak_seconds: 60,\n"
+        "     gates: {failure: {percent: 0, min_finished: 1}, health: {p95_ratio: 1.2, min_samples: 200}}}\n"
+        "  - {percent: 100, gates: {success: {percent: 95}}}\n"
+    )
+
+    assert loaded.version == "embedder:3"
+    assert loaded.stage_lines == [6, 8]
+    assert json.loads(json.dumps(loaded.body)) == {
+        "name": "r",
+        "selector": {"tags": ["lab"], "hardware_class": "linux-x86_64"},
+        "max_per_minute": 50,
+        "stages": [
+            {"name": "canary", "devices": 1, "min_soak_seconds": 60, "failure_percent": "0",
+             "failure_min_finished": 1, "health_p95_ratio": "1.2", "health_min_samples": 200},
+            {"percent": "100", "success_percent": "95"},
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "rollout.yaml:1: the file is empty"),
+        ("version: [1\n", "rollout.yaml:2: not valid YAML"),
+        ("alias: m:3\nselector: {tags: [a]}\nstages: [{percent: 9}]\n", "rollout.yaml:1: alias: 'm:3' names"),
+        ("version: 1\nselector: {tags: [a]}\nstages: []\n", "rollout.yaml:3: stages: a list of at least one stage"),
+        ("version: 1\nselector: {tags: [a]}\nstages: [{percent: 0}]\n", "rollout.yaml:3: stages[1].percent: expected"),
+        ("version: 1\nselector: {tags: [a]}\nbaseline: last\nstages: [{percent: 5}]\n", "rollout.yaml:3: baseline:"),
+        ("version: 1\nselector: {tags: [a]}\nstages: [{percent: 5, gates: {health: {p95: 2}}}]\n",
+         "unknown key 'p95' (did you mean 'p95_ratio'?)"),
+    ],
+)  # fmt: skip
+def test_a_bad_rollout_file_is_refused_with_the_line(text, problem):
+    with pytest.raises(spec.SpecInvalid) as raised:
+        spec.load(text)
+
+    assert problem in str(raised.value)
+
+
+def test_a_stage_held_with_its_device_counts_moving_is_not_held_yet():
+    now = [0.0]
+    watcher = Watch(timeout=None, hold_timeout=10, clock=lambda: now[0])
+
+    def progress(active: int) -> dict:
+        gates = [{"gate": "health", "verdict": "inconclusive", "detail": "5 samples; need 100"}]
+        stage = {"index": 0, "name": "canary", "status": "running", "soak_remaining_s": 0.0,
+                 "counts": {"active": active}, "gates": gates}  # fmt: skip
+        return {"state": "running", "current_stage": 0, "stages": [stage]}
+
+    assert watcher.observe(progress(0)) is None
+    now[0] = 9
+    assert watcher.observe(progress(1)) is None  # a device moved: the hold clock starts again
+    now[0] = 18
+    assert watcher.observe(progress(1)) is None
+    now[0] = 19
+    verdict = watcher.observe(progress(1))
+    assert verdict is not None and verdict.code == HELD
+    assert "held for 10 s" in verdict.message
+
+
+def test_the_rollout_file_of_docs_cli_md_is_valid():
+    text = (REPO / "docs" / "cli.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+    loaded = spec.load(example, "docs/cli.md")
+
+    assert loaded.version == "minilm-embedder:3"
+    assert [stage.get("name") for stage in loaded.body["stages"]] == ["canary", "quarter", "everyone"]
