@@ -31,7 +31,10 @@ def dynsec_session(timeout: float = 10.0) -> Iterator[DynSec]:
         connected.set()
 
     client.on_connect = on_connect
-    client.connect(broker.host, broker.port)
+    try:
+        client.connect(broker.host, broker.port)
+    except OSError as exc:
+        raise DynSecError(f"cannot reach the broker at {broker.host}:{broker.port} ({exc})") from None
     client.loop_start()
     try:
         if not connected.wait(timeout) or refused:
