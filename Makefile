@@ -18,7 +18,7 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
-	@echo "make lint   ruff, mypy, the migrations check, docker/ files, agent wheels for every device platform"
+	@echo "make lint   ruff, mypy, import contracts, the migrations check, docker/ files, agent wheels for every device platform"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml client/pyproject.toml
@@ -42,6 +42,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(TEST_ENV) DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres $(PY) manage.py makemigrations --check --dry-run
 	$(VENV)/bin/docker-compose -f docker/compose.yaml --env-file docker/.env.example config --quiet
 	$(VENV)/bin/hadolint docker/Dockerfile.plane docker/Dockerfile.agent
