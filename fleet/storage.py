@@ -95,5 +95,6 @@ class FilesystemStore:
         return key
 
 
-def get_store() -> FilesystemStore:
+def get_store() -> ArtifactStore:
+    """The configured artifact store. Callers hold it as an ArtifactStore, so another (S3) can replace it."""
     return FilesystemStore(Path(settings.ARTIFACT_ROOT))

@@ -28,7 +28,7 @@ from agent.manifest import layout
 from fleet.choices import ArtifactRole, ArtifactStatus, EnrollmentState
 from fleet.models import Artifact, Deployment
 from fleet.services.enrollment import may_speak
-from fleet.storage import FilesystemStore
+from fleet.storage import ArtifactStore
 
 log = logging.getLogger("fleet.bridge")
 
@@ -151,7 +151,7 @@ def _acknowledged(info: Any) -> bool:
 class ChunkServer:
     """Answers each chunk request with the chunks a device may read, within its budget."""
 
-    def __init__(self, client: Any, store: FilesystemStore, stats: Counter, limits: ChunkLimits) -> None:
+    def __init__(self, client: Any, store: ArtifactStore, stats: Counter, limits: ChunkLimits) -> None:
         self.client = client
         self.store = store
         self.stats = stats

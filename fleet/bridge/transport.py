@@ -25,7 +25,7 @@ from fleet.bridge.chunks import ChunkLimits, ChunkServer
 from fleet.bridge.ingest import Inbound, Ingest
 from fleet.bridge.stats import Stats
 from fleet.mqtt.client import connect
-from fleet.storage import FilesystemStore
+from fleet.storage import ArtifactStore
 
 log = logging.getLogger("fleet.bridge")
 
@@ -39,7 +39,7 @@ class Bridge:
     def __init__(
         self,
         client: mqtt.Client,
-        store: FilesystemStore,
+        store: ArtifactStore,
         *,
         shared: bool = True,
         queue_size: int = 20_000,

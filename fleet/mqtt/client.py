@@ -26,7 +26,7 @@ class BufferedClient(mqtt.Client):
     Stock paho 2.2 reads a packet with three recv calls (command byte, length
     bytes, body) and one select per packet; at thousands of heartbeats a second
     those syscalls are most of the bridge's receive cost (docs/benchmarks.md).
-    This overrides paho's private ``_sock_recv`` (pinned in requirements/agent.txt)
+    This overrides paho's private ``_sock_recv`` (pinned in requirements/plane.txt)
     to serve those reads from a buffer, and drains the buffer on each readable event.
 
     It also overrides the private ``_packet_queue``: for every packet queued, paho
