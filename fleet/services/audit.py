@@ -29,13 +29,19 @@ def source_address(address: str | None) -> Iterator[None]:
         _source_address.reset(token)
 
 
+def acting_user(actor: Actor) -> AbstractBaseUser | None:
+    """The signed-in user behind an actor; None for a device, the system or an anonymous caller."""
+    if isinstance(actor, str) or actor is None or not actor.is_authenticated:
+        return None
+    return actor  # type: ignore[return-value]  # is_authenticated is True only on a real user
+
+
 def actor_fields(actor: Actor) -> dict[str, Any]:
     """A user is stored by reference and by name; a device or the system by name only."""
-    if isinstance(actor, str):
-        return {"actor": None, "actor_label": actor}
-    if actor is None or not actor.is_authenticated:
-        return {"actor": None, "actor_label": "system"}
-    return {"actor": actor, "actor_label": f"user:{actor.get_username()}"}
+    user = acting_user(actor)
+    if user is not None:
+        return {"actor": user, "actor_label": f"user:{user.get_username()}"}
+    return {"actor": None, "actor_label": actor if isinstance(actor, str) else "system"}
 
 
 def audit_event(

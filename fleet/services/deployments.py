@@ -29,7 +29,7 @@ from fleet.choices import (
 from fleet.errors import ServiceError
 from fleet.lib import variants
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion, VariantPin
-from fleet.services.audit import Actor, audit_event, record, record_many
+from fleet.services.audit import Actor, acting_user, audit_event, record, record_many
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def assign_version(
 ) -> AssignmentResult:
     """Make ``version`` the desired one of each device; the devices hear of it after commit."""
     result = AssignmentResult()
-    created_by = None if isinstance(actor, str) or actor is None or not actor.is_authenticated else actor
+    created_by = acting_user(actor)
     with transaction.atomic():
         # Devices in id order, as every writer of deployments takes them: see record_states.
         devices = list(

@@ -29,7 +29,7 @@ from agent.wire import parse_broker_url
 from fleet.choices import EnrollmentState
 from fleet.errors import Forbidden, Invalid
 from fleet.models import Device, EnrollmentToken
-from fleet.services.audit import Actor, record
+from fleet.services.audit import Actor, acting_user, record
 
 TOKEN_PREFIX = "eft_"
 # Device ids no device may take: they name, or look like, the broker logins of the plane itself.
@@ -69,7 +69,7 @@ def create_token(
             expires_at=timezone.now() + expires_in,
             auto_approve=auto_approve,
             max_devices=max_devices,
-            created_by=actor if getattr(actor, "is_authenticated", False) else None,
+            created_by=acting_user(actor),
         )
         record(actor, "enrollment_token.created", token, after=_token_fields(token))
     return token, secret

@@ -32,7 +32,7 @@ from fleet.choices import (
 from fleet.lib import bert_onnx, evaluation, quantize
 from fleet.models import Artifact, Model, ModelVersion, Pipeline, PipelineStep, VariantEvaluation
 from fleet.services import registry
-from fleet.services.audit import Actor, record
+from fleet.services.audit import Actor, acting_user, record
 from fleet.storage import get_store
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def start_pipeline(
             version=locked,
             source=source,
             options={"variants": variants, "int4_block_size": int4_block_size},
-            created_by=registry._user(actor),
+            created_by=acting_user(actor),
         )
         kinds = [PipelineStepKind.EVALUATION_SET, *[k for k in VARIANT_KINDS if k in variants]]
         PipelineStep.objects.bulk_create([PipelineStep(pipeline=pipeline, kind=k) for k in kinds])

@@ -26,7 +26,7 @@ from fleet.errors import Invalid, ServiceError
 from fleet.lib.chunking import chunk_lengths
 from fleet.lib.onnx_check import InvalidModel, inspect_onnx
 from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin, VersionTag
-from fleet.services.audit import Actor, record
+from fleet.services.audit import Actor, acting_user, record
 from fleet.services.deployments import file_manifest
 from fleet.storage import get_store
 
@@ -50,11 +50,6 @@ class ArtifactRejected(Invalid, ValueError):
     field = "file"
 
 
-def _user(actor: Actor):
-    """The user behind an actor, or None for a device or the system."""
-    return actor if not isinstance(actor, str) and actor and actor.is_authenticated else None
-
-
 def create_model(*, name: str, description: str = "", actor: Actor) -> Model:
     with transaction.atomic():
         model = Model(name=name, description=description)
@@ -70,7 +65,7 @@ def create_version(model: Model, *, actor: Actor, parent: ModelVersion | None = 
         # Lock the model row: two concurrent creates would otherwise take the same number.
         Model.objects.select_for_update().get(pk=model.pk)
         highest = model.versions.aggregate(n=Max("number"))["n"] or 0
-        version = ModelVersion(model=model, number=highest + 1, parent=parent, created_by=_user(actor), **fields)
+        version = ModelVersion(model=model, number=highest + 1, parent=parent, created_by=acting_user(actor), **fields)
         version.full_clean()
         version.save()
         after = {"number": version.number, "parent": parent and parent.pk, **_audited(version, fields)}
@@ -134,7 +129,7 @@ def add_artifact(
                 sha256=incoming.sha256,
                 signature=signature,
                 storage_key=incoming.key,
-                created_by=_user(actor),
+                created_by=acting_user(actor),
             )
             artifact.full_clean()
             artifact.save()
@@ -264,7 +259,7 @@ def _create_generated(
             derived_from=derived_from,
             recipe=recipe or {},
             signature=signature,
-            created_by=_user(actor),
+            created_by=acting_user(actor),
         )
         record(
             actor,
@@ -378,7 +373,12 @@ def pin_variant(
     """Make ``artifact`` the variant its version gives this device, or every device with this tag."""
     with transaction.atomic():
         pin = VariantPin(
-            version=artifact.version, artifact=artifact, device=device, tag=tag, reason=reason, created_by=_user(actor)
+            version=artifact.version,
+            artifact=artifact,
+            device=device,
+            tag=tag,
+            reason=reason,
+            created_by=acting_user(actor),
         )
         pin.full_clean()
         pin.save()

@@ -34,7 +34,7 @@ from fleet.models import (
     RolloutStage,
 )
 from fleet.services import deployments
-from fleet.services.audit import Actor, record
+from fleet.services.audit import Actor, acting_user, record
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def create_rollout(
         raise RolloutError(f"{version.label} is a draft; publish it before rolling it out.")
     if not stages:
         raise RolloutError("A rollout needs at least one stage.")
-    user = actor if not isinstance(actor, str) and actor and actor.is_authenticated else None
+    user = acting_user(actor)
     with transaction.atomic():
         rollout = Rollout(
             name=name,
