@@ -154,6 +154,26 @@ class LatencyStats(msgspec.Struct, kw_only=True):
     max_ms: NonNegative
 
 
+# Generation telemetry: bounded, so one absurd figure is refused at decode, never stored.
+GenerationCount = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Milliseconds = Annotated[float, msgspec.Meta(ge=0, le=86_400_000.0)]
+TokensPerSecond = Annotated[float, msgspec.Meta(ge=0, le=1_000_000.0)]
+
+
+class GenerationStats(msgspec.Struct, kw_only=True):
+    """A generative model's chat completions since the last heartbeat."""
+
+    requests: GenerationCount
+    errors: GenerationCount = 0
+    # Tokens generated (prompt tokens not counted).
+    tokens: GenerationCount = 0
+    # Time to first token: from the request's arrival (queueing included) to its first generated token.
+    ttft_p50_ms: Milliseconds = 0.0
+    ttft_p95_ms: Milliseconds = 0.0
+    # Per request: generated tokens after the first, over the time they took.
+    decode_tps_p50: TokensPerSecond = 0.0
+
+
 class Heartbeat(Message, kw_only=True):
     seq: BigCount
     sent_at: Timestamp
@@ -168,6 +188,8 @@ class Heartbeat(Message, kw_only=True):
     latency: LatencyStats | None = None
     # Telemetry messages this device's on-disk queue has dropped to stay in its bound, in total.
     dropped: BigCount = 0
+    # Generative models only, and only when some chat completion ran since the last heartbeat.
+    generation: GenerationStats | None = None
 
 
 class StateReport(Message, kw_only=True):

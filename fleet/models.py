@@ -322,6 +322,14 @@ class Heartbeat(models.Model):
     p95_ms = models.FloatField(null=True, blank=True)
     p99_ms = models.FloatField(null=True, blank=True)
     max_ms = models.FloatField(null=True, blank=True)
+    # Generative models: chat completions since the last heartbeat, their time to first token
+    # and decode rate (agent.wire.GenerationStats). Zero requests: no generation ran.
+    gen_requests = models.PositiveIntegerField(default=0)
+    gen_errors = models.PositiveIntegerField(default=0)
+    gen_tokens = models.PositiveIntegerField(default=0)
+    ttft_p50_ms = models.FloatField(null=True, blank=True)
+    ttft_p95_ms = models.FloatField(null=True, blank=True)
+    decode_tps_p50 = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-received_at"]
@@ -432,6 +440,11 @@ class RolloutStage(models.Model):
     health_p95_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
     health_error_points = models.DecimalField(max_digits=5, decimal_places=2, default=1)
     health_min_samples = models.PositiveIntegerField(default=100)
+    # Generation gate, for generative models, off when both are null: time to first token p95
+    # at most health_ttft_ratio × the baseline's, decode tokens/s at least health_tps_ratio × the
+    # baseline's, over at least health_min_samples chat completions on each side.
+    health_ttft_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
+    health_tps_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     passed_at = models.DateTimeField(null=True, blank=True)
 

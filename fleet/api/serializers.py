@@ -355,6 +355,12 @@ class HeartbeatSerializer(serializers.ModelSerializer):
             "p95_ms",
             "p99_ms",
             "max_ms",
+            "gen_requests",
+            "gen_errors",
+            "gen_tokens",
+            "ttft_p50_ms",
+            "ttft_p95_ms",
+            "decode_tps_p50",
         ]
 
 
@@ -404,12 +410,21 @@ class RolloutStageSerializer(serializers.ModelSerializer):
             "health_p95_ratio",
             "health_error_points",
             "health_min_samples",
+            "health_ttft_ratio",
+            "health_tps_ratio",
             "started_at",
             "passed_at",
         ]
         read_only_fields = ["index", "started_at", "passed_at"]
         extra_kwargs = {
-            "health_p95_ratio": {"help_text": "Health gate on when set: p95 at most this × the baseline's."}
+            "health_p95_ratio": {"help_text": "Health gate on when set: p95 at most this × the baseline's."},
+            "health_ttft_ratio": {
+                "help_text": "Generation gate (generative models): time to first token p95 at most this × the "
+                "baseline's."
+            },
+            "health_tps_ratio": {
+                "help_text": "Generation gate (generative models): decode tokens/s at least this × the baseline's."
+            },
         }
 
     def validate(self, attrs: dict) -> dict:

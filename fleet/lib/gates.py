@@ -176,6 +176,64 @@ class Inference:
         return Fraction(self.errors, self.requests) if self.requests else None
 
 
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """Generation telemetry summed over heartbeats: chat completions, with TTFT p95 and decode
+    tok/s each weighted by the completions of its heartbeat."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft_p95_weighted_sum: Number = 0
+    tps_weighted_sum: Number = 0
+
+    @property
+    def ttft_p95_ms(self) -> Fraction | None:
+        return exact(self.ttft_p95_weighted_sum) / self.requests if self.requests else None
+
+    @property
+    def decode_tps(self) -> Fraction | None:
+        return exact(self.tps_weighted_sum) / self.requests if self.requests else None
+
+
+def generation_gate(
+    candidate: Generation,
+    baseline: Generation,
+    *,
+    max_ttft_ratio: Number | None,
+    min_tps_ratio: Number | None,
+    min_samples: int,
+) -> GateResult:
+    """Pass when TTFT p95 ≤ ratio × baseline and decode tok/s ≥ ratio × baseline (each if set);
+    fewer than ``min_samples`` completions on either side is inconclusive. The value is the
+    TTFT ratio when that is judged, else the tok/s ratio."""
+    ttft_limit = exact(max_ttft_ratio) if max_ttft_ratio is not None else None
+    tps_floor = exact(min_tps_ratio) if min_tps_ratio is not None else None
+    threshold = float(ttft_limit if ttft_limit is not None else tps_floor or 0)
+    if candidate.requests < min_samples or baseline.requests < min_samples:
+        detail = (
+            f"{candidate.requests} completions on the new version, {baseline.requests} on the baseline; "
+            f"need {min_samples}"
+        )
+        return GateResult("generation", Verdict.INCONCLUSIVE, None, threshold, detail)
+    cand_ttft, base_ttft = candidate.ttft_p95_ms or Fraction(0), baseline.ttft_p95_ms or Fraction(0)
+    cand_tps, base_tps = candidate.decode_tps or Fraction(0), baseline.decode_tps or Fraction(0)
+    ttft_ratio = float(cand_ttft / base_ttft) if base_ttft else (1.0 if cand_ttft == 0 else math.inf)
+    tps_ratio = float(cand_tps / base_tps) if base_tps else 1.0
+    slow_start = ttft_limit is not None and cand_ttft > ttft_limit * base_ttft
+    slow_decode = tps_floor is not None and cand_tps < tps_floor * base_tps
+    parts = []
+    if ttft_limit is not None:
+        parts.append(
+            f"TTFT p95 {float(cand_ttft):.1f} ms vs baseline {float(base_ttft):.1f} ms (at most ×{float(ttft_limit)})"
+        )
+    if tps_floor is not None:
+        parts.append(f"decode {float(cand_tps):.1f} tok/s vs {float(base_tps):.1f} (at least ×{float(tps_floor)})")
+    detail = "; ".join(parts) + f"; {candidate.requests} completions"
+    value = ttft_ratio if ttft_limit is not None else tps_ratio
+    verdict = Verdict.FAIL if slow_start or slow_decode else Verdict.PASS
+    return GateResult("generation", verdict, value, threshold, detail)
+
+
 def health_gate(
     candidate: Inference,
     baseline: Inference,

@@ -558,6 +558,16 @@ def stage_progress(
                 min_samples=stage.health_min_samples,
             )
         )
+    if stage.health_ttft_ratio is not None or stage.health_tps_ratio is not None:
+        progress.gates.append(
+            gates.generation_gate(
+                _generation(_candidate_beats(rollout, stage)),
+                _generation(_baseline_beats(rollout, stage)),
+                max_ttft_ratio=stage.health_ttft_ratio,
+                min_tps_ratio=stage.health_tps_ratio,
+                min_samples=stage.health_min_samples,
+            )
+        )
     return progress
 
 
@@ -601,6 +611,21 @@ def _inference(beats: QuerySet[Heartbeat]) -> gates.Inference:
         errors=totals["errors"],
         samples=totals["samples"],
         p95_weighted_sum=totals["p95_sum"],
+    )
+
+
+def _generation(beats: QuerySet[Heartbeat]) -> gates.Generation:
+    totals = beats.aggregate(
+        requests=Coalesce(Sum("gen_requests"), 0),
+        errors=Coalesce(Sum("gen_errors"), 0),
+        ttft=Coalesce(Sum(F("ttft_p95_ms") * F("gen_requests"), output_field=FloatField()), 0.0),
+        tps=Coalesce(Sum(F("decode_tps_p50") * F("gen_requests"), output_field=FloatField()), 0.0),
+    )
+    return gates.Generation(
+        requests=totals["requests"],
+        errors=totals["errors"],
+        ttft_p95_weighted_sum=totals["ttft"],
+        tps_weighted_sum=totals["tps"],
     )
 
 

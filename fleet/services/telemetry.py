@@ -35,6 +35,7 @@ HEARTBEAT_COLUMNS = (
     "device_id", "received_at", "sent_at", "seq", "uptime_s", "cpu_percent", "mem_rss_bytes",
     "mem_available_bytes", "deployment_id_reported", "active_sha256", "requests", "errors",
     "latency_count", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+    "gen_requests", "gen_errors", "gen_tokens", "ttft_p50_ms", "ttft_p95_ms", "decode_tps_p50",
 )  # fmt: skip
 # A device's last_seen moves forward at most this often: rewriting every device row on every
 # batch cost the bridge half its time (docs/benchmarks.md).
@@ -52,6 +53,7 @@ def heartbeat_values(item: ReceivedHeartbeat) -> tuple[object, ...]:
     beat = item.message
     latency = beat.latency
     active = beat.active
+    gen = beat.generation
     return (
         item.device_pk,
         item.received_at,
@@ -70,6 +72,12 @@ def heartbeat_values(item: ReceivedHeartbeat) -> tuple[object, ...]:
         latency.p95_ms if latency else None,
         latency.p99_ms if latency else None,
         latency.max_ms if latency else None,
+        gen.requests if gen else 0,
+        gen.errors if gen else 0,
+        gen.tokens if gen else 0,
+        gen.ttft_p50_ms if gen else None,
+        gen.ttft_p95_ms if gen else None,
+        gen.decode_tps_p50 if gen else None,
     )
 
 

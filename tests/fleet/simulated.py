@@ -52,8 +52,10 @@ class SimulatedDevice:
         with self._lock:
             return [version for deployment_id, version in self.received if deployment_id is not None]
 
-    def beat(self, *, p95_ms: float, count: int, errors: int = 0) -> None:
-        """One heartbeat covering ``count`` inference calls at this p95."""
+    def beat(
+        self, *, p95_ms: float, count: int, errors: int = 0, generation: wire.GenerationStats | None = None
+    ) -> None:
+        """One heartbeat covering ``count`` inference calls at this p95 (and chat completions, if given)."""
         self.seq += 1
         latency = wire.LatencyStats(count=count, p50_ms=p95_ms / 2, p95_ms=p95_ms, p99_ms=p95_ms, max_ms=p95_ms)
         beat = wire.Heartbeat(
@@ -69,6 +71,7 @@ class SimulatedDevice:
             requests=count,
             errors=errors,
             latency=latency if count else None,
+            generation=generation,
         )
         self._publish(wire.Channel.HEARTBEAT, beat)
 

@@ -213,3 +213,36 @@ def test_a_doubled_latency_fails_a_twenty_percent_tolerance():
 
     assert result.verdict == Verdict.FAIL
     assert result.value == 2.0
+
+
+def test_it_holds_a_generation_gate_below_the_minimum_of_completions():
+    from fleet.lib.gates import Generation, Verdict, generation_gate
+
+    result = generation_gate(
+        Generation(requests=5, ttft_p95_weighted_sum=5 * 40, tps_weighted_sum=5 * 80),
+        Generation(requests=500, ttft_p95_weighted_sum=500 * 40, tps_weighted_sum=500 * 80),
+        max_ttft_ratio=1.5,
+        min_tps_ratio=0.8,
+        min_samples=50,
+    )
+
+    assert result.verdict == Verdict.INCONCLUSIVE
+    assert "5 completions on the new version" in result.detail
+
+
+@pytest.mark.parametrize(
+    "ttft, tps, verdict",
+    [(40, 80, "pass"), (59, 65, "pass"), (61, 80, "fail"), (40, 63, "fail")],
+)
+def test_it_judges_time_to_first_token_and_decode_rate_against_the_baseline(ttft, tps, verdict):
+    from fleet.lib.gates import Generation, generation_gate
+
+    result = generation_gate(
+        Generation(requests=100, ttft_p95_weighted_sum=100 * ttft, tps_weighted_sum=100 * tps),
+        Generation(requests=100, ttft_p95_weighted_sum=100 * 40, tps_weighted_sum=100 * 80),
+        max_ttft_ratio=1.5,
+        min_tps_ratio=0.8,
+        min_samples=50,
+    )
+
+    assert result.verdict == verdict

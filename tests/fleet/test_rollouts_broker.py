@@ -214,3 +214,38 @@ def test_it_credits_a_heartbeat_only_to_the_senders_own_deployment(fleet):
     rollout.refresh_from_db()
     assert rollout.state != RolloutState.ROLLED_BACK, rollout.reason
     assert rollout.current_stage == 1
+
+
+def _chat(ttft_ms: float, tps: float, requests: int):
+    from agent import wire
+
+    return wire.GenerationStats(
+        requests=requests, tokens=requests * 64, ttft_p50_ms=ttft_ms / 2, ttft_p95_ms=ttft_ms, decode_tps_p50=tps
+    )
+
+
+def test_it_rolls_back_a_generative_model_whose_canary_answers_slower(fleet):
+    v1, v2 = helpers.make_published_version(), helpers.make_published_version()
+    sims = fleet(3, running=v1)
+    for sim in sims:
+        sim.beat(p95_ms=10, count=0, generation=_chat(ttft_ms=40, tps=80, requests=50))
+    wait_until(lambda: _stored(sims, 3), timeout=10, what="baseline heartbeats")
+    rollout = _rollout(
+        v2,
+        [
+            {"device_count": 1, "health_ttft_ratio": "1.5", "health_tps_ratio": "0.8", "health_min_samples": 50},
+            {"percent": 100},
+        ],
+    )
+    rollouts.start_rollout(rollout, actor="system")
+    canary = next(s for s in sims if s.device_id == _canary(rollout))
+    wait_until(lambda: _runs(canary, v2), timeout=10, what="the canary on the new version")
+
+    canary.beat(p95_ms=10, count=0, generation=_chat(ttft_ms=41, tps=30, requests=60))  # decodes at 3/8 the rate
+    wait_until(lambda: _stored(sims, 4), timeout=10, what="the canary's heartbeat")
+    rollouts.evaluate_rollout(rollout.pk)
+
+    rollout.refresh_from_db()
+    assert rollout.state == RolloutState.ROLLED_BACK
+    assert "generation gate" in rollout.reason
+    assert "decode 30.0 tok/s vs 80.0" in rollout.reason
