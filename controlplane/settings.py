@@ -5,6 +5,7 @@ Celery (no REDIS_URL), a broker on 127.0.0.1:1883.
 """
 
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 import msgspec
@@ -70,10 +71,10 @@ TEMPLATES = [
 ]
 
 
-def _database() -> dict:
+def _database() -> dict[str, Any]:
     url = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'edgefleet.sqlite3'}")
     try:
-        return dj_database_url.parse(url, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0))
+        return dict(dj_database_url.parse(url, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)))
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
 

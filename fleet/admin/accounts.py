@@ -70,7 +70,7 @@ class AuditedAdminMixin:
     def delete_queryset(self, request, queryset: models.QuerySet):
         for obj in queryset:
             self._record(request, "deleted", obj, before=self.state(obj))
-        super().delete_queryset(request, queryset)
+        super().delete_queryset(request, queryset)  # type: ignore[misc]  # a mixin: the ModelAdmin comes next
 
 
 class AuditedUserAdmin(AuditedAdminMixin, UserAdmin):
@@ -94,8 +94,9 @@ class AuditedTokenAdmin(AuditedAdminMixin, TokenAdmin):
     audit_name = "token"
     state = staticmethod(token_state)
 
-    def audit_object(self, obj: TokenProxy) -> models.Model:
+    def audit_object(self, obj: models.Model) -> models.Model:
         # A token's primary key is the secret itself: the row names its user instead.
+        assert isinstance(obj, TokenProxy)
         return obj.user
 
 

@@ -57,8 +57,16 @@ class DeploymentInline(ReadOnlyInline):
     model = Deployment
     formset = RecentFormSet
     verbose_name_plural = f"Recent deployments (newest {RECENT_ROWS})"
-    fields = ["version", "state", "bytes_done", "bytes_total", "error", "created_by", "created_at", "updated_at"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "version",
+        "state",
+        "bytes_done",
+        "bytes_total",
+        "error",
+        "created_by",
+        "created_at",
+        "updated_at",
+    )
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device", "version__model", "created_by").order_by("-id")
@@ -69,8 +77,16 @@ class HeartbeatInline(ReadOnlyInline):
     formset = RecentFormSet
     show_change_link = False
     verbose_name_plural = f"Last heartbeats (newest {RECENT_ROWS})"
-    fields = ["received_at", "seq", "cpu_percent", "mem_rss_bytes", "requests", "errors", "p50_ms", "p95_ms"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "received_at",
+        "seq",
+        "cpu_percent",
+        "mem_rss_bytes",
+        "requests",
+        "errors",
+        "p50_ms",
+        "p95_ms",
+    )
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device").order_by("-received_at")
@@ -118,7 +134,9 @@ class DeviceAdmin(admin.ModelAdmin):
             },
         ),
     ]
-    readonly_fields = [f for _, options in fieldsets for f in options["fields"] if f != "tag_names"]
+    readonly_fields = [
+        f for _, options in fieldsets for f in options["fields"] if isinstance(f, str) and f != "tag_names"
+    ]
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("tags")

@@ -14,8 +14,14 @@ from fleet.services import registry
 class PipelineStepInline(ReadOnlyInline):
     model = PipelineStep
     show_change_link = False
-    fields = ["kind", "state", "artifact", "error", "started_at", "finished_at"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "kind",
+        "state",
+        "artifact",
+        "error",
+        "started_at",
+        "finished_at",
+    )
 
 
 @admin.register(Pipeline)
@@ -26,8 +32,17 @@ class PipelineAdmin(ReadOnlyAdmin):
     list_filter = ["state"]
     list_select_related = ["version__model", "created_by"]
     inlines = [PipelineStepInline]
-    fields = ["version", "source", "state", "options", "error", "created_by", "created_at", "started_at", "finished_at"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "version",
+        "source",
+        "state",
+        "options",
+        "error",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
 
 
 @admin.register(VariantPin)

@@ -28,8 +28,12 @@ class AliasInline(ReadOnlyInline):
     """A model's aliases; move one from its own page (Aliases), where its history is."""
 
     model = Alias
-    fields = ["name", "version", "updated_at", "history"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "name",
+        "version",
+        "updated_at",
+        "history",
+    )
 
     @admin.display(description="history")
     def history(self, alias: Alias):
@@ -55,7 +59,7 @@ class RegistryModelAdmin(admin.ModelAdmin):
 
     @admin.display(ordering="version_count")
     def version_count(self, model: Model) -> int:
-        return model.version_count
+        return model.version_count  # type: ignore[attr-defined]  # annotated by get_queryset
 
     def has_change_permission(self, request, obj=None) -> bool:
         return obj is None and super().has_change_permission(request, obj)
@@ -71,8 +75,17 @@ class RegistryModelAdmin(admin.ModelAdmin):
 class ArtifactInline(ReadOnlyInline):
     model = Artifact
     fk_name = "version"
-    fields = ["filename", "role", "precision", "hardware_class", "status", "quality", "size", "sha256", "error"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "filename",
+        "role",
+        "precision",
+        "hardware_class",
+        "status",
+        "quality",
+        "size",
+        "sha256",
+        "error",
+    )
 
     def get_queryset(self, request):
         return super().get_queryset(request).defer("chunk_hashes", "chunk_lengths")
@@ -80,8 +93,13 @@ class ArtifactInline(ReadOnlyInline):
 
 class AliasMoveInline(ReadOnlyInline):
     model = AliasMove
-    fields = ["moved_at", "from_label", "to_label", "actor_label", "reason"]
-    readonly_fields = fields
+    fields = readonly_fields = (
+        "moved_at",
+        "from_label",
+        "to_label",
+        "actor_label",
+        "reason",
+    )
 
 
 class MoveAliasForm(forms.ModelForm):
@@ -168,7 +186,7 @@ class ModelVersionAdmin(ServiceErrorsMixin, admin.ModelAdmin):
 
     @admin.display(ordering="artifact_count")
     def artifact_count(self, version: ModelVersion) -> int:
-        return version.artifact_count
+        return version.artifact_count  # type: ignore[attr-defined]  # annotated by get_queryset
 
     def get_fields(self, request, obj=None):
         return self.add_fields if obj is None else self.change_fields
@@ -273,7 +291,7 @@ class VariantEvaluationInline(ReadOnlyInline):
     model = VariantEvaluation
     fk_name = "artifact"
     show_change_link = False
-    fields = [
+    fields = readonly_fields = (
         "accepted",
         "mean_cosine",
         "min_cosine",
@@ -285,8 +303,7 @@ class VariantEvaluationInline(ReadOnlyInline):
         "samples",
         "evaluation_set",
         "created_at",
-    ]
-    readonly_fields = fields
+    )
 
 
 @admin.register(Artifact)
@@ -368,4 +385,4 @@ class TagAdmin(ReadOnlyAdmin):
 
     @admin.display(ordering="device_count")
     def device_count(self, tag: Tag) -> int:
-        return tag.device_count
+        return tag.device_count  # type: ignore[attr-defined]  # annotated by get_queryset

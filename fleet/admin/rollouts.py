@@ -127,7 +127,7 @@ def _messages(errors, where: str = "") -> list[str]:
 class RolloutStageInline(ReadOnlyInline):
     model = RolloutStage
     show_change_link = False
-    fields = [
+    fields = readonly_fields = (
         "index",
         "name",
         "size_label",
@@ -140,8 +140,7 @@ class RolloutStageInline(ReadOnlyInline):
         "health_min_samples",
         "started_at",
         "passed_at",
-    ]
-    readonly_fields = fields
+    )
 
     @admin.display(description="size (cumulative)")
     def size_label(self, stage: RolloutStage) -> str:
@@ -158,7 +157,7 @@ class RolloutAdmin(ReadOnlyAdmin):
     list_select_related = ["version__model", "created_by"]
     inlines = [RolloutStageInline]
     actions = ["start", "pause", "resume", "promote", "abort", "rollback"]
-    fields = [
+    fields = readonly_fields = (
         "name",
         "version",
         "state",
@@ -174,8 +173,7 @@ class RolloutAdmin(ReadOnlyAdmin):
         "created_at",
         "started_at",
         "finished_at",
-    ]
-    readonly_fields = fields
+    )
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(stage_count=Count("stages"))
@@ -248,7 +246,7 @@ class RolloutAdmin(ReadOnlyAdmin):
 
     @admin.display(description="stage")
     def stage_display(self, rollout: Rollout) -> str:
-        return f"{rollout.current_stage + 1} of {rollout.stage_count}"
+        return f"{rollout.current_stage + 1} of {rollout.stage_count}"  # type: ignore[attr-defined]  # annotated
 
     @admin.display(description="selector")
     def selector(self, rollout: Rollout) -> str:

@@ -139,7 +139,9 @@ class ArtifactSerializer(BriefArtifactSerializer):
 class VersionSerializer(serializers.ModelSerializer):
     url = IdentityUrlField(view_name="api:version-detail")
     model = NameField(slug_field="name", queryset=Model.objects.all())
-    parent = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all(), required=False, allow_null=True)
+    parent = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]  # the stubs take "parent" for Field's
+        queryset=ModelVersion.objects.all(), required=False, allow_null=True
+    )
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
     artifacts = BriefArtifactSerializer(many=True, read_only=True)
     tags = serializers.SerializerMethodField()
@@ -210,7 +212,7 @@ class CurrentDeploymentSerializer(serializers.ModelSerializer):
 
     def get_attribute(self, device: Device) -> Deployment | None:
         # The viewset prefetches it as a one-item list, so a page of devices costs one query.
-        deployments = device.current_deployments
+        deployments = device.current_deployments  # type: ignore[attr-defined]  # a Prefetch's to_attr
         return deployments[0] if deployments else None
 
 
@@ -264,7 +266,7 @@ class DeviceSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_tags(self, device: Device) -> list[str]:
         # The viewset prefetches them into a list: a related manager per device cost more than the query.
-        return [tag.name for tag in device.tag_list]
+        return [tag.name for tag in device.tag_list]  # type: ignore[attr-defined]  # a Prefetch's to_attr
 
 
 class DeploymentSerializer(serializers.ModelSerializer):
@@ -495,7 +497,7 @@ class RolloutSerializer(serializers.ModelSerializer):
     )
     version_label = serializers.CharField(source="version.label", read_only=True)
     selector = serializers.SerializerMethodField()
-    stages = RolloutStageSerializer(many=True, max_length=20)
+    stages = RolloutStageSerializer(many=True, max_length=20)  # type: ignore[call-arg]  # many=True passes it on
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
@@ -544,7 +546,7 @@ class RolloutSerializer(serializers.ModelSerializer):
 
 
 class RolloutCreateSerializer(RolloutSerializer):
-    selector = RolloutSelectorSerializer()
+    selector = RolloutSelectorSerializer()  # type: ignore[assignment]  # written nested, read as a method
 
     def to_representation(self, rollout: Rollout) -> dict:
         return RolloutSerializer(rollout, context=self.context).data

@@ -83,7 +83,7 @@ class Bridge:
             log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        item = Inbound(message.topic, message.payload, self.clock())
+        item = Inbound(message.topic, bytes(message.payload), self.clock())
         target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
         self.stats.received += 1
         while not self.stopping.is_set():

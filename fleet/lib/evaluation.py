@@ -59,7 +59,7 @@ def dump_set(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, t
     if texts is not None:
         # The sentences themselves, so a device can be sent real text to self-test with.
         arrays[_TEXTS] = np.array(texts, dtype=np.str_)
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     return buffer.getvalue()
 
 

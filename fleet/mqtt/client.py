@@ -14,7 +14,7 @@ from django.conf import settings
 from agent.wire import BrokerUrl
 
 
-def set_nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Request/reply over MQTT stalls on Nagle meeting delayed ACKs without this.
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

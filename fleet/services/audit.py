@@ -3,9 +3,9 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.db import connection, models
 from django.utils import timezone
 
@@ -29,11 +29,11 @@ def source_address(address: str | None) -> Iterator[None]:
         _source_address.reset(token)
 
 
-def acting_user(actor: Actor) -> AbstractBaseUser | None:
+def acting_user(actor: Actor) -> User | None:
     """The signed-in user behind an actor; None for a device, the system or an anonymous caller."""
     if isinstance(actor, str) or actor is None or not actor.is_authenticated:
         return None
-    return actor  # type: ignore[return-value]  # is_authenticated is True only on a real user
+    return cast(User, actor)  # is_authenticated is True only on a real user
 
 
 def actor_fields(actor: Actor) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def record_many(events: Sequence[AuditEvent]) -> None:
         return
     now = timezone.now()
     fields = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
-    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    columns = ", ".join(connection.ops.quote_name(f.column or f.name) for f in fields)
     table = connection.ops.quote_name(AuditEvent._meta.db_table)
     with connection.cursor() as cursor, cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
         for event in events:

@@ -6,6 +6,7 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgspec
 from django.db import transaction
@@ -93,9 +94,10 @@ def _profile(device: Device) -> variants.DeviceProfile:
 def _pinned(version: ModelVersion, device: Device) -> list[int]:
     """Pinned artifact ids for the device: its own pin first, then its tags' (oldest pin first)."""
     # Cached on the version: assigning one version to many devices reads its pins once.
-    if not hasattr(version, "_pins"):
-        version._pins = list(VariantPin.objects.filter(version=version).order_by("created_at", "id"))
-    pins = version._pins
+    pins: list[VariantPin] | None = getattr(version, "_pins", None)
+    if pins is None:
+        pins = list(VariantPin.objects.filter(version=version).order_by("created_at", "id"))
+        setattr(version, "_pins", pins)  # noqa: B010  (an attribute the model does not declare)
     if not pins:
         return []
     own = [p.artifact_id for p in pins if p.device_id == device.pk]
@@ -241,9 +243,15 @@ def _desired(device: Device, deployment: Deployment | None, files: _VersionFiles
         model=version.model.name,
         version=str(version.number),
         files=[files.manifest(deployment.artifact), *files.tokenizers.get(version.pk, [])],
-        inference=wire.InferenceSpec(
-            task=version.task, pooling=version.pooling, normalize=version.normalize, max_length=version.max_length
-        ),
+        inference=msgspec.convert(
+            {
+                "task": version.task,
+                "pooling": version.pooling,
+                "normalize": version.normalize,
+                "max_length": version.max_length,
+            },
+            wire.InferenceSpec,
+        ),  # fmt: skip
         issued_at=now,
         providers=variant_providers(deployment.artifact),
         selftest=files.selftest(version),
@@ -350,7 +358,7 @@ def variant_providers(artifact: Artifact) -> list[str]:
 
 def file_manifest(artifact: Artifact) -> wire.FileManifest:
     return wire.FileManifest(
-        role=artifact.role,
+        role=cast(wire.FileRole, artifact.role),  # the model's choices are the wire's roles
         filename=artifact.filename,
         sha256=artifact.sha256,
         size=artifact.size,

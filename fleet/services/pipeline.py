@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,7 @@ def run_pipeline(pipeline_id: int) -> Pipeline | None:
         for variant in pipeline.steps.exclude(kind=PipelineStepKind.EVALUATION_SET).filter(
             state=PipelineStepState.PENDING
         ):
-            transaction.on_commit(lambda pk=variant.pk: jobs.enqueue("fleet.build_variant", pk))
+            transaction.on_commit(partial(jobs.enqueue, "fleet.build_variant", variant.pk))
     return pipeline
 
 
@@ -286,7 +287,9 @@ def build_variant(step_id: int) -> PipelineStep | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / f"model.{step.kind}.onnx"
-            recipe = _BUILDERS[step.kind](store.path(pipeline.source.storage_key), path, pipeline.options)
+            recipe = _BUILDERS[PipelineStepKind(step.kind)](
+                store.path(pipeline.source.storage_key), path, pipeline.options
+            )
             existing = pipeline.version.artifacts.filter(derived_from=pipeline.source, recipe=recipe).first()
             artifact = existing or registry.add_generated_artifact(
                 pipeline.version, path, filename=path.name, actor="system", precision=str(step.kind),
@@ -303,6 +306,8 @@ def build_variant(step_id: int) -> PipelineStep | None:
 
 def evaluate_variant(artifact: Artifact, pipeline: Pipeline) -> VariantEvaluation:
     evaluation_set = pipeline.steps.get(kind=PipelineStepKind.EVALUATION_SET).artifact
+    if evaluation_set is None:
+        raise PipelineError(f"{pipeline.version.label} has no evaluation set to judge its variants with.")
     return _record_evaluation(artifact, evaluation_set, quality=True)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.db import transaction
 from django.db.models import OuterRef, Subquery
@@ -45,6 +46,20 @@ class Reconciled:
     drifted: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Reported:
+    """What an online device's newest recent heartbeat says it runs."""
+
+    pk: int
+    device_id: str
+    beat_at: datetime
+    runs: int | None
+    sha256: str
+
+    def as_device(self) -> Device:
+        return Device(pk=self.pk, device_id=self.device_id)
+
+
 def reconcile_deployments(*, now: datetime | None = None, after: timedelta = RECONCILE_AFTER) -> Reconciled:
     """One reconciliation pass over the online devices; idempotent."""
     now = now or timezone.now()
@@ -54,44 +69,43 @@ def reconcile_deployments(*, now: datetime | None = None, after: timedelta = REC
     lost_reports: list[ReceivedState] = []
     for device in devices:
         deployment = wanted.get(device.pk)
-        runs, sha256 = device.runs_deployment, device.runs_sha256
         if deployment is None:
             continue
         if deployment.state in OPEN_DEPLOYMENT_STATES:
-            if runs == deployment.pk and sha256 == deployment.artifact.sha256:
+            if device.runs == deployment.pk and device.sha256 == deployment.artifact.sha256:
                 lost_reports.append(_active_report(device, deployment))
             elif deployment.created_at <= now - after and device.beat_at >= deployment.created_at + after:
                 result.republished.append(device.device_id)
-        elif deployment.state == DeploymentState.ACTIVE and runs is not None and runs != deployment.pk:
+        elif deployment.state == DeploymentState.ACTIVE and device.runs is not None and device.runs != deployment.pk:
             # A heartbeat sent just before the switch still names the old deployment: only one
             # sent well after the activation says the device went elsewhere.
             if deployment.active_at is not None and device.beat_at >= deployment.active_at + after:
                 result.drifted.append(device.device_id)
     if lost_reports:
         outcomes = record_states(lost_reports)
-        result.activated = [
-            r.device_id for r, o in zip(lost_reports, outcomes, strict=True) if isinstance(o, Deployment)
-        ]
+        applied = zip(lost_reports, outcomes, strict=True)
+        result.activated = [report.device_id for report, outcome in applied if isinstance(outcome, Deployment)]
     _correct(devices, result)
     return result
 
 
-def _reporting_devices(since: datetime) -> list[Device]:
+def _reporting_devices(since: datetime) -> list[Reported]:
     """Online devices, each with what its newest heartbeat (if recent) says it runs."""
     newest = Heartbeat.objects.filter(device=OuterRef("pk"), received_at__gte=since).order_by("-received_at")
-    return list(
+    rows = (
         Device.objects.filter(online=True)
         .annotate(
             beat_at=Subquery(newest.values("received_at")[:1]),
-            runs_deployment=Subquery(newest.values("deployment_id_reported")[:1]),
-            runs_sha256=Subquery(newest.values("active_sha256")[:1]),
+            runs=Subquery(newest.values("deployment_id_reported")[:1]),
+            sha256=Subquery(newest.values("active_sha256")[:1]),
         )
         .filter(beat_at__isnull=False)
-        .only("device_id", "current_version")
+        .values_list("pk", "device_id", "beat_at", "runs", "sha256")
     )
+    return [Reported(*row) for row in rows]
 
 
-def _active_report(device: Device, deployment: Deployment) -> ReceivedState:
+def _active_report(device: Reported, deployment: Deployment) -> ReceivedState:
     report = wire.StateReport(
         device_id=device.device_id,
         deployment_id=deployment.pk,
@@ -103,27 +117,29 @@ def _active_report(device: Device, deployment: Deployment) -> ReceivedState:
 
 
 @transaction.atomic
-def _correct(devices: list[Device], result: Reconciled) -> None:
+def _correct(devices: list[Reported], result: Reconciled) -> None:
     by_id = {d.device_id: d for d in devices}
     drifted = [by_id[d] for d in result.drifted]
     if drifted:
         # The plane must not show a version as running on a device that runs something else.
         Device.objects.filter(pk__in=[d.pk for d in drifted]).update(current_version=None, current_artifact=None)
     events = [
-        audit_event("system", "device.desired_republished", by_id[d], reason="no heartbeat shows its deployment")
+        audit_event(
+            "system", "device.desired_republished", by_id[d].as_device(), reason="no heartbeat shows its deployment"
+        )
         for d in result.republished
     ]
     events += [
         audit_event(
             "system",
             "device.drift_corrected",
-            d,
-            before={"runs_deployment": d.runs_deployment},
+            d.as_device(),
+            before={"runs_deployment": d.runs},
             reason="the device runs a deployment the plane does not want it to",
         )
         for d in drifted
     ]
     record_many(events)
-    targets = [by_id[d].pk for d in result.republished] + [d.pk for d in drifted]
+    targets = sorted([by_id[d].pk for d in result.republished] + [d.pk for d in drifted])
     if targets:
-        transaction.on_commit(lambda: enqueue_desired(sorted(targets)))
+        transaction.on_commit(partial(enqueue_desired, targets))

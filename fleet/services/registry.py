@@ -185,7 +185,7 @@ def reference_signature(version: ModelVersion) -> dict:
 
 def _update_breaking(version: ModelVersion) -> None:
     """Flag the version when its model signature differs from its parent's."""
-    if version.parent_id is None:
+    if version.parent is None:
         return
     mine, parents = reference_signature(version), reference_signature(version.parent)
     breaking = bool(mine and parents and _io(mine) != _io(parents))

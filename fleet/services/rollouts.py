@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 from django.db import transaction
 from django.db.models import Count, Exists, F, FloatField, OuterRef, Q, QuerySet, Sum
@@ -334,7 +335,7 @@ def _send_back(rollout: Rollout, *, actor: Actor) -> None:
             # Nothing to go back to: the deployment is withdrawn and the device told to run nothing new.
             Deployment.objects.filter(pk__in=[m.deployment_id for m in group]).update(state=DeploymentState.SUPERSEDED)
             pks = [m.device_id for m in group]
-            transaction.on_commit(lambda pks=pks: deployments.enqueue_desired(pks))
+            transaction.on_commit(partial(deployments.enqueue_desired, pks))
             continue
         result = deployments.assign_version(version, [m.device for m in group], actor=actor, reason=why)
         made = {d.device_id: d for d in result.deployments}
@@ -596,7 +597,8 @@ def _stage_status(rollout: Rollout, stage: RolloutStage) -> str:
         return "passed"
     if stage.started_at is None or stage.index != rollout.current_stage:
         return "pending"
-    return {RolloutState.RUNNING: "running", RolloutState.PAUSED: "paused"}.get(rollout.state, rollout.state)
+    labels: dict[str, str] = {RolloutState.RUNNING: "running", RolloutState.PAUSED: "paused"}
+    return labels.get(rollout.state, rollout.state)
 
 
 def _inference(beats: QuerySet[Heartbeat]) -> gates.Inference:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Q
+from django.db.models import Field, Q
 
 from agent import wire
 from fleet.models import Device, Heartbeat
@@ -122,11 +122,17 @@ def _mark_seen_postgresql(pks: list[int], newest: datetime) -> None:
         )
 
 
+def _column(name: str) -> str:
+    field = Heartbeat._meta.get_field(name)
+    assert isinstance(field, Field) and field.column  # a concrete column, not a relation's other side
+    return field.column
+
+
 def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
     # A field added to the model but not to HEARTBEAT_COLUMNS is stored with its default.
     extra = [f for f in Heartbeat._meta.concrete_fields if not f.primary_key and f.attname not in HEARTBEAT_COLUMNS]
-    names = [Heartbeat._meta.get_field(c.removesuffix("_id") if c == "device_id" else c).column
-             for c in HEARTBEAT_COLUMNS] + [f.column for f in extra]  # fmt: skip
+    names = [_column(c.removesuffix("_id") if c == "device_id" else c) for c in HEARTBEAT_COLUMNS]
+    names += [_column(f.name) for f in extra]
     defaults = tuple(f.get_default() for f in extra)
     columns = ", ".join(connection.ops.quote_name(name) for name in names)
     table = connection.ops.quote_name(Heartbeat._meta.db_table)
