@@ -115,6 +115,51 @@ def test_it_resumes_after_kill_9_without_fetching_a_verified_chunk_again(
     assert manifest.file_sha256(artifact_path(data_dir, file.sha256)) == file.sha256
 
 
+FULL_SPEED_BYTES = 90 * 1024 * 1024  # the size of the fp32 MiniLM
+FULL_SPEED_CHUNK = 256 * 1024  # the plane's default chunk size
+
+
+def test_it_fetches_again_at_most_the_window_after_kill_9_at_full_speed(
+    tmp_path: Path, broker: wire.BrokerUrl
+) -> None:
+    """Issue #13, item 16: counted as the plane serves them, not as the agent records them."""
+    server = ChunkServer(broker).start()  # no delay: the pull runs as fast as broker and agent go
+    device_id = unique_device()
+    file = server.add(write_tensor_model(tmp_path / "big.onnx", FULL_SPEED_BYTES), chunk_size=FULL_SPEED_CHUNK)
+    server.publish_desired(new_desired(device_id, 43, [file]))
+    data_dir = tmp_path / "data"
+    window = TransferConfig().window
+    config = write_config(tmp_path / "agent.toml", device_id, broker, data_dir, "")
+    config.write_text(config.read_text().replace("window = 8", f"window = {window}"))
+    log = tmp_path / "agent.log"
+    try:
+        agent = start_agent(config, log)
+        try:
+            wait_for(lambda: server.served_bytes >= file.size // 2, timeout=60, what="half the file served")
+            agent.send_signal(signal.SIGKILL)
+            agent.wait(10)
+        finally:
+            agent.kill()
+        server.wait_idle()  # replies to the dead agent's requests still go out: they count as fetched
+        first_run = server.served_bytes
+        assert first_run < file.size
+
+        agent = start_agent(config, log)
+        try:
+            wait_for(lambda: server.state_of(43) == "active", timeout=90, what="the restarted agent to reach active")
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(10)
+    finally:
+        server.stop()
+    fetched_again = server.served_bytes - file.size
+    assert fetched_again <= window * FULL_SPEED_CHUNK, (
+        f"killed at {first_run / file.size:.0%}: {fetched_again} bytes ({fetched_again / file.size:.1%}) "
+        f"fetched again, more than the window of {window} chunks"
+    )
+    assert manifest.file_sha256(artifact_path(data_dir, file.sha256)) == file.sha256
+
+
 def test_it_completes_a_transfer_across_a_broker_restart(tmp_path: Path, big_model: Path) -> None:
     with support.broker(tmp_path / "broker") as mosquitto:
         url = wire.BrokerUrl(host="127.0.0.1", port=mosquitto.port)
