@@ -80,8 +80,11 @@ class TlsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SecurityConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Whom the agent trusts: the plane's Ed25519 public key, base64 of its 32 raw bytes."""
 
-    # Empty: files are accepted unsigned, with a warning in the log (development only).
+    # Empty: every deployment is refused, unless allow_unsigned says otherwise.
     plane_public_key: str = ""
+    # Development only: with no plane_public_key, accept unsigned desired messages and files,
+    # with a loud warning at start and on every deployment.
+    allow_unsigned: bool = False
 
 
 class EnrollmentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -157,6 +160,11 @@ def _check(config: Config, source: str) -> None:
     if bool(config.tls.cert_file) != bool(config.tls.key_file):
         raise ConfigError(f"{source}: tls.cert_file and tls.key_file must be given together")
     if config.security.plane_public_key:
+        if config.security.allow_unsigned:
+            raise ConfigError(
+                f"{source}: security.allow_unsigned: must not be true with a plane_public_key "
+                "(with a key, every message is verified)"
+            )
         try:
             signing.load_public_key(config.security.plane_public_key)
         except ValueError as exc:

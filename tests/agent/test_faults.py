@@ -17,10 +17,11 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest, status, wire
+from agent import manifest, signing, status, wire
 from agent.clock import SystemClock
-from agent.config import ActivationConfig, TransferConfig
+from agent.config import ActivationConfig, SecurityConfig, TransferConfig
 from agent.core import Agent
 from agent.mqtt import MqttLink, Will
 from agent.runtime import Runner
@@ -49,7 +50,8 @@ def write_config(
         f'broker_url = "mqtt://{broker.host}:{broker.port}"\n'
         f'data_dir = "{data_dir}"\n'
         "[http]\nport = 0\n"
-        f"[transfer]\nwindow = {window}\nstall_timeout = 10.0\n" + extra
+        f"[transfer]\nwindow = {window}\nstall_timeout = 10.0\n"
+        "[security]\nallow_unsigned = true\n" + extra  # the stand-in plane signs nothing
     )
     return path
 
@@ -158,6 +160,46 @@ def test_it_fetches_again_at_most_the_window_after_kill_9_at_full_speed(tmp_path
         f"fetched again, more than the window of {window} chunks"
     )
     assert manifest.file_sha256(artifact_path(data_dir, file.sha256)) == file.sha256
+
+
+def test_it_refuses_a_replayed_signed_desired_message_retained_on_a_real_broker(
+    tmp_path: Path, broker: wire.BrokerUrl
+) -> None:
+    """Issue #13, item 5: an old desired message, validly signed, retained again on the broker (a replay, or a
+    broker restored from a backup) must not take the device back to the version it replaced, even across restarts.
+    """
+    key = Ed25519PrivateKey.generate()
+    security = SecurityConfig(plane_public_key=signing.public_key_text(key))
+    server = ChunkServer(broker).start()
+    device_id = unique_device()
+    files = []
+    for name in ("old", "new"):
+        file = server.add(write_tensor_model(tmp_path / f"{name}.onnx"))
+        files.append(msgspec.structs.replace(file, signature=signing.sign_manifest(key, file, model="", version="")))
+    old = signing.sign_desired(key, msgspec.structs.replace(new_desired(device_id, 1, [files[0]]), seq=100))
+    new = signing.sign_desired(key, msgspec.structs.replace(new_desired(device_id, 2, [files[1]]), seq=200))
+    config = make_config(tmp_path / "data", device_id=device_id, security=security)
+    try:
+        agent = Agent(config, real_link(broker, device_id), Runner(), SystemClock())
+        agent.start()
+        try:
+            for message in (old, new):
+                server.publish_desired(message)
+                wait_for(lambda m=message: server.state_of(m.deployment_id) == "active", timeout=30, what="active")
+            server.publish_desired(old)  # the replay
+            wait_for(lambda: agent.refused == 1, timeout=10, what="the replay refused")
+        finally:
+            agent.stop()
+        again = Agent(config, real_link(broker, device_id), Runner(), SystemClock())
+        again.start()  # the broker hands it the retained replay at once
+        try:
+            wait_for(lambda: again.refused == 1, timeout=10, what="the retained replay refused after a restart")
+            assert again.active is not None and again.active.deployment_id == 2
+        finally:
+            again.stop()
+    finally:
+        server.stop()
+    assert [r.state for r in server.states if r.deployment_id == 1].count("active") == 1
 
 
 def test_it_completes_a_transfer_across_a_broker_restart(tmp_path: Path, big_model: Path) -> None:
