@@ -294,6 +294,52 @@ def test_it_rolls_back_at_start_up_after_a_crash_loop_with_the_new_model(
     assert "died 2 times with this version" in report.error and "crash loop" in report.error
 
 
+def test_a_plane_rollback_is_never_undone_by_a_crash_loop_at_start_up(tmp_path: Path, broker: wire.BrokerUrl) -> None:
+    """Issue #13, item 15: the plane moves a device back from version 2 to version 1. The agent then dies
+    at start-up with version 1 (as often as a crash loop takes); it must not go back to the withdrawn 2."""
+    device_id = unique_device()
+    data_dir = tmp_path / "data"
+    link = FakeLink()
+    plane = FakePlane(link)
+    setup = make_agent(data_dir, link, device_id=device_id, activation=ActivationConfig(probation=300.0))
+    setup.start()
+    try:
+        good = plane.add(write_tensor_model(tmp_path / "good.onnx"), "model")
+        bad = plane.add(write_tensor_model(tmp_path / "bad.onnx"), "model")
+        send_desired(link, msgspec.structs.replace(desired(1, [good], version="1"), device_id=device_id))
+        assert final_state(link, 1).state == "active"
+        send_desired(link, msgspec.structs.replace(desired(2, [bad], version="2"), device_id=device_id))
+        assert final_state(link, 2).state == "active"
+        # The plane rolls the device back (a slow canary, or an operator): version 1 again, a new deployment.
+        send_desired(link, msgspec.structs.replace(desired(3, [good], version="1"), device_id=device_id))
+        assert final_state(link, 3).state == "active"
+    finally:
+        setup.stop()
+
+    watcher = ChunkServer(broker).start()  # only to collect the state reports
+    config = write_config(
+        tmp_path / "agent.toml", device_id, broker, data_dir, "[activation]\nprobation = 300.0\nmax_crashes = 2\n"
+    )
+    log = tmp_path / "agent.log"
+    try:
+        for _ in range(3):
+            agent = start_agent(config, log)
+            wait_for(lambda pid=agent.pid: _serving(data_dir, pid), timeout=30, what="the agent up with a model")
+            assert status.load(data_dir).current.deployment_id == 3  # type: ignore[union-attr]
+            os.kill(agent.pid, signal.SIGKILL)
+            agent.wait(10)
+        agent = start_agent(config, log)
+        try:
+            wait_for(lambda: _serving(data_dir, agent.pid), timeout=30, what="the agent up after the restarts")
+            assert status.load(data_dir).current.deployment_id == 3  # type: ignore[union-attr]
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(10)
+    finally:
+        watcher.stop()
+    assert [r for r in watcher.states if r.state == "rolled_back"] == []
+
+
 def _serving(data_dir: Path, pid: int) -> bool:
     try:
         snapshot = status.load(data_dir)
