@@ -202,10 +202,23 @@ class Agent:
         """Called by a deployment job with a model that passed its self-test: swap it in, start probation."""
         with self._lock:
             self.runner.install(loaded)  # one reference swap: requests in flight finish on the old model
-            self.slots = self.slots.activated(active)
+            withdrawn = self.active if self.slots.moves_back(active) else None
+            if withdrawn is not None:
+                # A plane rollback: the version left is no fallback, so neither probation nor a crash
+                # loop can take the device back to it (issue #13, item 15). Nothing to fall back to,
+                # so no probation either: the version it goes back to already ran here.
+                self.slots = self.slots.switched_back(active)
+                self.probation = None
+                log.info(
+                    "agent.moved_back deployment_id=%d withdrawn_deployment_id=%d: no fallback to the withdrawn one",
+                    active.deployment_id,
+                    withdrawn.deployment_id,
+                )
+            else:
+                self.slots = self.slots.activated(active)
+                self._begin_probation()
             save_slots(self.data_dir, self.slots)
             self.active = active
-            self._begin_probation()
             self._prune()
 
     def _prune(self) -> None:
