@@ -329,10 +329,12 @@ def test_a_plane_rollback_is_never_undone_by_a_crash_loop_at_start_up(tmp_path: 
     try:
         for _ in range(3):
             agent = start_agent(config, log)
-            wait_for(lambda pid=agent.pid: _serving(data_dir, pid), timeout=30, what="the agent up with a model")
-            assert status.load(data_dir).current.deployment_id == 3  # type: ignore[union-attr]
-            os.kill(agent.pid, signal.SIGKILL)
-            agent.wait(10)
+            try:
+                wait_for(lambda pid=agent.pid: _serving(data_dir, pid), timeout=30, what="the agent up with a model")
+                assert status.load(data_dir).current.deployment_id == 3  # type: ignore[union-attr]
+            finally:
+                agent.kill()  # SIGKILL: a crash, as far as probation can tell
+                agent.wait(10)
         agent = start_agent(config, log)
         try:
             wait_for(lambda: _serving(data_dir, agent.pid), timeout=30, what="the agent up after the restarts")
