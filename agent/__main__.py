@@ -104,13 +104,19 @@ def run(config: Config) -> int:
                 data_path=config.data_path,
                 stop=stop,
                 poll_interval=config.enrollment.poll_interval,
+                allow_insecure=config.enrollment.allow_insecure,
+            )
+            if credentials is None:
+                return EXIT_OK
+            broker = enrollment.broker_with(
+                broker,
+                credentials,
+                allowed_hosts=config.broker_hosts,
+                allow_insecure=config.enrollment.allow_insecure,
             )
         except (enrollment.EnrollmentError, OSError) as exc:
             log.error("agent.enrollment_failed error=%r", str(exc))
             return EXIT_FAILED
-        if credentials is None:
-            return EXIT_OK
-        broker = enrollment.broker_with(broker, credentials)
     try:
         agent = Agent(config, build_link(config, broker), Runner(), SystemClock())
         agent.start()

@@ -43,6 +43,14 @@ class ActiveDeployment(msgspec.Struct, kw_only=True):
     def active_model(self) -> wire.ActiveModel:
         return wire.ActiveModel(deployment_id=self.deployment_id, sha256=self.sha256)
 
+    def runs_same_files(self, other: ActiveDeployment) -> bool:
+        """True when ``other`` loads exactly what this one does, whatever its deployment id."""
+        return (self.sha256, self.tokenizer_sha256, self.inference) == (
+            other.sha256,
+            other.tokenizer_sha256,
+            other.inference,
+        )
+
     def runs_same_model(self, desired: wire.Desired) -> bool:
         """True when ``desired`` would load exactly what is loaded now."""
         files = {f.role: f.sha256 for f in desired.files}

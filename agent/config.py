@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from agent import signing, wire
+from agent import enrollment, signing, wire
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -80,8 +80,11 @@ class TlsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class SecurityConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Whom the agent trusts: the plane's Ed25519 public key, base64 of its 32 raw bytes."""
 
-    # Empty: files are accepted unsigned, with a warning in the log (development only).
+    # Empty: every deployment is refused, unless allow_unsigned says otherwise.
     plane_public_key: str = ""
+    # Development only: with no plane_public_key, accept unsigned desired messages and files,
+    # with a loud warning at start and on every deployment.
+    allow_unsigned: bool = False
 
 
 class EnrollmentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -95,6 +98,11 @@ class EnrollmentConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     # The token read from a file instead, e.g. a secret mounted by the provisioning system.
     token_file: str = ""
     poll_interval: Seconds = 10.0
+    # Hosts the plane may send the device to for its broker, besides plane_url's and broker_url's.
+    broker_hosts: list[str] = []
+    # A lab network only: enroll over plain http:// and take a broker without TLS from the plane.
+    # Loopback addresses need no such permission.
+    allow_insecure: bool = False
 
     def secret(self) -> str:
         return Path(self.token_file).read_text().strip() if self.token_file else self.token
@@ -120,6 +128,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def broker(self) -> wire.BrokerUrl:
         return wire.parse_broker_url(self.broker_url)
+
+    @property
+    def broker_hosts(self) -> set[str]:
+        """Hosts the plane may name as the broker at enrollment: its own, broker_url's, and those listed."""
+        hosts = {self.broker.host, *self.enrollment.broker_hosts}
+        if self.enrollment.plane_url:
+            hosts.add(enrollment.check_plane_url(self.enrollment.plane_url, allow_insecure=True))
+        return hosts
 
     @property
     def data_path(self) -> Path:
@@ -154,9 +170,19 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: data_dir: must not be empty")
     if config.enrollment.plane_url and not (config.enrollment.token or config.enrollment.token_file):
         raise ConfigError(f"{source}: enrollment.plane_url needs enrollment.token or enrollment.token_file")
+    if config.enrollment.plane_url:
+        try:
+            enrollment.check_plane_url(config.enrollment.plane_url, allow_insecure=config.enrollment.allow_insecure)
+        except enrollment.EnrollmentError as exc:
+            raise ConfigError(f"{source}: enrollment.plane_url: {exc}") from None
     if bool(config.tls.cert_file) != bool(config.tls.key_file):
         raise ConfigError(f"{source}: tls.cert_file and tls.key_file must be given together")
     if config.security.plane_public_key:
+        if config.security.allow_unsigned:
+            raise ConfigError(
+                f"{source}: security.allow_unsigned: must not be true with a plane_public_key "
+                "(with a key, every message is verified)"
+            )
         try:
             signing.load_public_key(config.security.plane_public_key)
         except ValueError as exc:

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from agent import admission, outbox, signing, status, wire
+from agent import admission, outbox, signing, status, trust, wire
 from agent.active import ActiveDeployment
 from agent.clock import Clock
 from agent.config import Config
@@ -84,6 +84,10 @@ class Agent:
         self.measure: admission.Measure = admission.measure  # what the device has free; tests replace it
         key = config.security.plane_public_key
         self.plane_key = signing.load_public_key(key) if key else None
+        self.trust = trust.DesiredTrust(
+            self.data_dir, self.device_id, self.plane_key, allow_unsigned=config.security.allow_unsigned
+        )
+        self.refused = 0
         self._job: DeploymentJob | None = None
         self._lock = threading.Lock()  # guards _job and active: the pump and jobs both touch them
         self._stopping = threading.Event()
@@ -112,12 +116,14 @@ class Agent:
         self._spawn(self._watch, "agent-probation")
         self._spawn(self._write_status, "agent-status")
         log.info("agent.started device_id=%s data_dir=%s", self.device_id, self.data_dir)
-        if self.plane_key is None:
+        if self.plane_key is None and self.config.security.allow_unsigned:
             log.warning(
-                "agent.UNVERIFIED_DEPLOYMENTS no security.plane_public_key is configured: this agent accepts "
-                "model files without checking the plane's signature. Set it (GET /api/v1/signing-key/) "
-                "outside development."
+                "agent.UNVERIFIED_DEPLOYMENTS security.allow_unsigned is true and no plane_public_key is set: "
+                "this agent runs whatever desired message and model files reach its topic, unchecked. "
+                "Development only: set plane_public_key (GET /api/v1/signing-key/) and remove allow_unsigned."
             )
+        elif self.plane_key is None:
+            log.error("agent.no_plane_key %s", trust.NO_KEY)
 
     def stop(self, reason: str = "shutdown") -> None:
         """Say goodbye, disconnect cleanly (so the broker drops the last-will) and stop serving."""
@@ -196,10 +202,23 @@ class Agent:
         """Called by a deployment job with a model that passed its self-test: swap it in, start probation."""
         with self._lock:
             self.runner.install(loaded)  # one reference swap: requests in flight finish on the old model
-            self.slots = self.slots.activated(active)
+            withdrawn = self.active if self.slots.moves_back(active) else None
+            if withdrawn is not None:
+                # A plane rollback: the version left is no fallback, so neither probation nor a crash
+                # loop can take the device back to it (issue #13, item 15). Nothing to fall back to,
+                # so no probation either: the version it goes back to already ran here.
+                self.slots = self.slots.switched_back(active)
+                self.probation = None
+                log.info(
+                    "agent.moved_back deployment_id=%d withdrawn_deployment_id=%d: no fallback to the withdrawn one",
+                    active.deployment_id,
+                    withdrawn.deployment_id,
+                )
+            else:
+                self.slots = self.slots.activated(active)
+                self._begin_probation()
             save_slots(self.data_dir, self.slots)
             self.active = active
-            self._begin_probation()
             self._prune()
 
     def _prune(self) -> None:
@@ -354,6 +373,8 @@ class Agent:
         self.on_desired(desired)
 
     def on_desired(self, desired: wire.Desired) -> None:
+        if not self._trusted(desired):
+            return
         if desired.deployment_id is None:
             log.info("agent.desired_none")
             self._cancel_job()
@@ -371,6 +392,23 @@ class Agent:
                 self._confirm_active(desired)
                 return
             self._start_job(desired)
+
+    def _trusted(self, desired: wire.Desired) -> bool:
+        """Verify the plane's signature and that the message is not older than one acted on; record it."""
+        try:
+            self.trust.check(desired)
+        except trust.Stale as exc:
+            self.refused += 1
+            log.warning("agent.desired_stale error=%r refused=%d", str(exc), self.refused)
+            return False
+        except ValueError as exc:  # trust.Refused, signing.SignatureError
+            self.refused += 1
+            log.error("agent.desired_refused deployment_id=%s error=%r", desired.deployment_id, str(exc))
+            if desired.deployment_id is not None:
+                self.report(desired.deployment_id, "failed", error=str(exc)[:2000])
+            return False
+        self.trust.accept(desired)
+        return True
 
     def _refuse_rejected(self, desired: wire.Desired) -> None:
         assert desired.deployment_id is not None

@@ -168,9 +168,10 @@ class DeploymentJob:
         for every chunk the transfer checks against it.
         """
         if self._plane_key is None:
+            # Only reached with security.allow_unsigned: without it the agent refused the message.
             log.warning(
-                "deployment.unverified deployment_id=%d: no security.plane_public_key is configured, "
-                "so the files' signatures are NOT checked",
+                "deployment.UNVERIFIED deployment_id=%d: security.allow_unsigned is true, so neither the "
+                "desired message nor the files' signatures are checked",
                 self.deployment_id,
             )
             return

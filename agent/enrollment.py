@@ -5,11 +5,18 @@ The agent generates an Ed25519 key pair once (``device.key`` in its data directo
 credentials, signing a fresh timestamp each time, until an operator has accepted it.
 The credentials are kept in ``broker.json`` (mode 0600) and reused on the next start.
 docs/protocol.md describes the exchange.
+
+Whom it trusts: the plane only over ``https://`` (plain ``http://`` only to a loopback
+address, or with ``enrollment.allow_insecure``), and the broker the plane names only on
+a host the config names too (the plane's host, ``broker_url``'s, or
+``enrollment.broker_hosts``), over ``mqtts://`` unless it is loopback or insecure is
+allowed. A plane, or someone in its path, cannot send the device to a broker of theirs.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
 import os
@@ -17,9 +24,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -47,6 +55,29 @@ class Credentials(msgspec.Struct, kw_only=True):
     username: str | None
     password: str | None
     broker_url: str | None
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plane_url(url: str, *, allow_insecure: bool = False) -> str:
+    """The plane's host; raise EnrollmentError unless ``url`` is https, or http where that is allowed."""
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host or parts.scheme not in ("https", "http"):
+        raise EnrollmentError(f"plane URL {url!r} must be https://host[:port]")
+    if parts.scheme == "http" and not (allow_insecure or is_loopback(host)):
+        raise EnrollmentError(
+            f"plane URL {url!r} is plain http: the enrollment token and the broker password would cross "
+            "the network in clear. Use https://, or set enrollment.allow_insecure = true (a lab network only)"
+        )
+    return host
 
 
 def signed_message(device_id: str, timestamp_ms: int) -> bytes:
@@ -108,8 +139,10 @@ def enroll(
     poll_interval: float = 10.0,
     post: Post = http_post,
     clock: Callable[[], float] = time.time,
+    allow_insecure: bool = False,
 ) -> Credentials | None:
     """Credentials from ``broker.json``, or enroll and wait for them; None if stopped first."""
+    check_plane_url(plane_url, allow_insecure=allow_insecure)
     saved = data_path / CREDENTIALS_FILE
     if saved.exists():
         return msgspec.json.decode(saved.read_bytes(), type=Credentials)
@@ -137,10 +170,38 @@ def enroll(
     return None
 
 
-def broker_with(broker: wire.BrokerUrl, credentials: Credentials) -> wire.BrokerUrl:
-    """The configured broker, or the one the plane named, logged in as the device."""
+def broker_with(
+    broker: wire.BrokerUrl,
+    credentials: Credentials,
+    *,
+    allowed_hosts: Collection[str],
+    allow_insecure: bool = False,
+) -> wire.BrokerUrl:
+    """The configured broker, or the one the plane named, logged in as the device.
+
+    A broker the plane names must be on one of ``allowed_hosts`` and, unless it is on
+    loopback or ``allow_insecure``, reached over TLS; raise EnrollmentError otherwise.
+    """
     if credentials.broker_url:
-        broker = wire.parse_broker_url(credentials.broker_url)
+        broker = _named_broker(credentials.broker_url, allowed_hosts, allow_insecure=allow_insecure)
     if credentials.username:
         broker = msgspec.structs.replace(broker, username=credentials.username, password=credentials.password)
     return broker
+
+
+def _named_broker(url: str, allowed_hosts: Collection[str], *, allow_insecure: bool) -> wire.BrokerUrl:
+    try:
+        named = wire.parse_broker_url(url)
+    except wire.WireError as exc:
+        raise EnrollmentError(f"the plane named a broker the agent cannot use: {exc}") from None
+    if named.host.lower() not in {host.lower() for host in allowed_hosts}:
+        raise EnrollmentError(
+            f"the plane named broker host {named.host!r}, which is not the plane's host, broker_url's, "
+            f"or in enrollment.broker_hosts ({', '.join(sorted(allowed_hosts))}): refused"
+        )
+    if not named.tls and not (allow_insecure or is_loopback(named.host)):
+        raise EnrollmentError(
+            f"the plane named a broker without TLS ({named.host}:{named.port}, mqtt://): refused. The broker "
+            "needs mqtts://, or set enrollment.allow_insecure = true (a lab network only)"
+        )
+    return named

@@ -7,6 +7,10 @@ probation until it has served ``activation.probation`` seconds without crossing
 the error threshold; until then ``starts`` counts the agent's start-ups with it,
 so a model that kills the agent at every start is rolled back too.
 
+A plane-directed move back (a rollback by a rollout or an operator) is final: the
+version it leaves is dropped from the slots, so no probation can fall back to the
+version the plane withdrew (see ``moves_back``).
+
 ``active.json`` keeps naming the current deployment, for tools that read it.
 """
 
@@ -57,6 +61,26 @@ class Slots(msgspec.Struct, kw_only=True):
         slots = msgspec.structs.replace(self, current=self.idle, healthy=False, starts=1)
         return slots.with_current(deployment)
 
+    def moves_back(self, deployment: ActiveDeployment) -> bool:
+        """True when the plane is taking the device back from its current version, not forward.
+
+        Either ``deployment`` runs what the previous slot holds (the device ran it before the
+        current one), or it is an older version of the current model. Falling back from it
+        to the current version would undo the plane's rollback.
+        """
+        current, previous = self.active, self.previous
+        if current is None:
+            return False
+        if previous is not None and previous.runs_same_files(deployment):
+            return True
+        new, now = _version_key(deployment.version), _version_key(current.version)
+        return deployment.model == current.model and new is not None and now is not None and new < now
+
+    def switched_back(self, deployment: ActiveDeployment) -> Slots:
+        """``deployment`` current and healthy, and the version it replaced dropped: no fallback to it, ever."""
+        slots = msgspec.structs.replace(self, current=self.idle, healthy=True, starts=0).with_current(deployment)
+        return slots.with_previous(None)
+
     def relabelled(self, deployment: ActiveDeployment) -> Slots:
         return self.with_current(deployment)
 
@@ -65,11 +89,24 @@ class Slots(msgspec.Struct, kw_only=True):
             return msgspec.structs.replace(self, a=deployment)
         return msgspec.structs.replace(self, b=deployment)
 
+    def with_previous(self, deployment: ActiveDeployment | None) -> Slots:
+        if self.current == "a":
+            return msgspec.structs.replace(self, b=deployment)
+        return msgspec.structs.replace(self, a=deployment)
+
     def rolled_back(self) -> Slots:
         """The previous slot current again; the failed deployment remembered as rejected."""
         bad = self.active
         rejected = [*self.rejected, bad.deployment_id][-MAX_REJECTED:] if bad else self.rejected
         return msgspec.structs.replace(self, current=self.idle, healthy=True, starts=0, rejected=rejected)
+
+
+def _version_key(version: str) -> tuple[int, ...] | None:
+    """``"3"`` or ``"1.2.0"`` as numbers to compare; None for anything else."""
+    parts = version.split(".")
+    if not version or not all(part.isdigit() for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
 
 
 def load_slots(data_dir: Path) -> Slots:

@@ -2,13 +2,18 @@
 
 The agent asks for chunks by index (at most ``window`` in flight), checks each
 against the manifest's chunk hash as it lands, and writes it at its offset in
-``downloads/<sha256>.part``. Verified indexes are saved after every chunk in
-``downloads/<sha256>.state``.
+``downloads/<sha256>.part``. Right after the bytes, the chunk's index is appended
+to ``downloads/<sha256>.journal`` (4 bytes, one write). A kill -9 loses nothing the
+kernel was handed, so the journal names every chunk written before the kill; both
+files are fsynced together every SYNC_EVERY_S, so a power cut costs at most that
+much progress. At most the window in flight is fetched again after a kill.
 
-Resume: a restarted agent trusts that state file only as a list of claims. It
+Resume: a restarted agent trusts the journal only as a list of claims. It
 re-hashes each claimed chunk from the part file (one read of the bytes already
 fetched) and fetches again any that fail, so a crash between writing a chunk and
-the page cache reaching the disk cannot smuggle bad bytes into an artifact.
+the page cache reaching the disk cannot smuggle bad bytes into an artifact. It then
+rewrites the journal with just the chunks that verified, and appends from there.
+(``downloads/<sha256>.state``, the JSON list older agents saved, is read as claims too.)
 
 Delta: before asking for anything, the transfer copies every chunk it can find in
 the files the agent already holds (agent/chunkcache.py), checking each hash, and
@@ -22,6 +27,7 @@ import heapq
 import logging
 import os
 import queue
+import struct
 import threading
 from collections import Counter, deque
 from collections.abc import Callable
@@ -38,8 +44,10 @@ from agent.files import fsync_dir, write_atomic
 log = logging.getLogger(__name__)
 
 POLL_S: Final = 0.1
-# Saving the resume state after every chunk of a big file would cost more than the chunks.
-SAVE_EVERY_S: Final = 0.25
+# A journal entry is written after every chunk (cheap: no fsync); the part file and the journal
+# are flushed to disk this often, which bounds what a power cut (not a kill) can lose.
+SYNC_EVERY_S: Final = 1.0
+_ENTRY: Final = struct.Struct(">I")
 FIRST_BACKOFF_S: Final = 0.1
 
 RequestChunks = Callable[[list[int]], None]
@@ -55,7 +63,7 @@ class TransferCancelled(Exception):
 
 
 class ResumeState(msgspec.Struct, kw_only=True):
-    """The chunks of a part file already verified, saved so a restart need not fetch them again."""
+    """The JSON list of verified chunks that agents before the journal saved; read as claims on resume."""
 
     sha256: str
     size: int
@@ -135,7 +143,8 @@ class Transfer:
         self._problems: dict[int, str] = {}
         self._last_progress = 0.0
         self._done_bytes = 0
-        self._saved_at = 0.0
+        self._journal_fd = -1
+        self._synced_at = 0.0
 
     @property
     def sha256(self) -> str:
@@ -168,6 +177,7 @@ class Transfer:
             self._fetch(fd)
             os.fsync(fd)
         finally:
+            self._close_journal(fd)
             os.close(fd)
         return self._store()
 
@@ -181,9 +191,14 @@ class Transfer:
     def _state(self) -> Path:
         return self.data_dir / "downloads" / f"{self.sha256}.state"
 
+    @property
+    def _journal(self) -> Path:
+        return self.data_dir / "downloads" / f"{self.sha256}.journal"
+
     def _prepare(self, fd: int) -> None:
         os.ftruncate(fd, self.file.size)
         self._verified = self._reverify(fd, self._claimed())
+        self._open_journal()
         self._reuse(fd)
         self._waiting = deque(i for i in range(len(self.file.chunks)) if i not in self._verified)
         self._done_bytes = sum(self._length(i) for i in self._verified)
@@ -197,16 +212,55 @@ class Transfer:
             )
         self._on_progress(self._done_bytes, self.file.size)
 
-    def _claimed(self) -> list[int]:
+    def _claimed(self) -> set[int]:
+        """Chunks the journal (and an older agent's state file) say were written; each is re-hashed."""
+        claimed: set[int] = set()
+        try:
+            raw = self._journal.read_bytes()
+        except OSError:
+            raw = b""
+        whole = len(raw) - len(raw) % _ENTRY.size  # a torn last entry is no claim
+        claimed.update(index for (index,) in _ENTRY.iter_unpack(raw[:whole]))
         try:
             state = msgspec.json.decode(self._state.read_bytes(), type=ResumeState)
         except (OSError, msgspec.DecodeError):
-            return []
-        if (state.sha256, state.size, state.chunk_size) != (self.sha256, self.file.size, self.file.chunk_size):
-            return []
-        return [i for i in state.verified if 0 <= i < len(self.file.chunks)]
+            state = None
+        if state is not None and (state.sha256, state.size) == (self.sha256, self.file.size):
+            claimed.update(state.verified)
+        return {i for i in claimed if 0 <= i < len(self.file.chunks)}
 
-    def _reverify(self, fd: int, claimed: list[int]) -> set[int]:
+    def _open_journal(self) -> None:
+        """Rewrite the journal with just the chunks that re-verified, then append to it."""
+        entries = b"".join(_ENTRY.pack(i) for i in sorted(self._verified))
+        write_atomic(self._journal, entries)
+        self._state.unlink(missing_ok=True)
+        self._journal_fd = os.open(self._journal, os.O_WRONLY | os.O_APPEND)
+        self._synced_at = self.clock.monotonic()
+
+    def _journal_chunk(self, fd: int, index: int) -> None:
+        # The bytes went to the part file first: a claim never precedes its chunk in the kernel's
+        # view, and a power cut that reorders them is caught by the re-hash on resume.
+        os.write(self._journal_fd, _ENTRY.pack(index))
+        now = self.clock.monotonic()
+        if now - self._synced_at >= SYNC_EVERY_S:
+            self._synced_at = now
+            self._sync(fd)
+
+    def _sync(self, fd: int) -> None:
+        os.fdatasync(fd)
+        os.fdatasync(self._journal_fd)
+
+    def _close_journal(self, fd: int) -> None:
+        if self._journal_fd < 0:
+            return
+        try:
+            self._sync(fd)  # whatever happens next, a later run starts from here
+        except OSError as exc:
+            log.warning("transfer.sync_failed sha256=%s error=%s", self.sha256[:12], exc)
+        os.close(self._journal_fd)
+        self._journal_fd = -1
+
+    def _reverify(self, fd: int, claimed: set[int]) -> set[int]:
         good = set()
         for index in claimed:
             offset, length = self._spans[index]
@@ -233,11 +287,11 @@ class Transfer:
                     continue  # the held file changed under us: fetch this chunk instead
                 os.pwrite(fd, data, self._spans[index][0])
                 self._verified.add(index)
+                self._journal_chunk(fd, index)
                 self.reused_bytes += len(data)
         finally:
             for held in opened.values():
                 os.close(held)
-        self._save_state()
         log.info(
             "transfer.reused sha256=%s chunks=%d bytes=%d of=%d",
             self.sha256[:12],
@@ -246,27 +300,9 @@ class Transfer:
             self.file.size,
         )
 
-    def _save_state_now_and_then(self) -> None:
-        now = self.clock.monotonic()
-        if now - self._saved_at >= SAVE_EVERY_S:
-            self._saved_at = now
-            self._save_state()
-
-    def _save_state(self) -> None:
-        state = ResumeState(
-            sha256=self.sha256, size=self.file.size, chunk_size=self.file.chunk_size, verified=sorted(self._verified)
-        )
-        write_atomic(self._state, msgspec.json.encode(state), sync=False)
-
     # --- fetch loop ---------------------------------------------------------
 
     def _fetch(self, fd: int) -> None:
-        try:
-            self._fetch_all(fd)
-        finally:
-            self._save_state()  # whatever happens next, a later run starts from here
-
-    def _fetch_all(self, fd: int) -> None:
         while len(self._verified) < len(self.file.chunks):
             if self._cancel.is_set():
                 raise TransferCancelled(f"transfer of {self.file.filename} was cancelled")
@@ -335,9 +371,9 @@ class Transfer:
             return
         os.pwrite(fd, chunk.data, self._spans[chunk.index][0])
         self._verified.add(chunk.index)
+        self._journal_chunk(fd, chunk.index)
         self._done_bytes += len(chunk.data)
         self.fetched_bytes += len(chunk.data)
-        self._save_state_now_and_then()
         self._last_progress = self.clock.monotonic()
         self._on_progress(self._done_bytes, self.file.size)
 
@@ -355,7 +391,7 @@ class Transfer:
         actual = manifest.file_sha256(self._part)
         if actual != self.sha256:
             self._part.unlink(missing_ok=True)
-            self._state.unlink(missing_ok=True)
+            self._journal.unlink(missing_ok=True)
             raise TransferFailed(
                 f"{self.file.filename} hashes to {actual}, not {self.sha256}; fetched chunks are dropped"
             )
@@ -364,7 +400,7 @@ class Transfer:
         os.replace(self._part, target)
         chunkcache.remember(target, self.file)
         fsync_dir(target.parent)
-        self._state.unlink(missing_ok=True)
+        self._journal.unlink(missing_ok=True)
         log.info(
             "transfer.stored sha256=%s bytes=%d fetched=%d reused=%d bad_chunks=%d",
             self.sha256[:12],

@@ -266,7 +266,15 @@ class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Desired(Message, kw_only=True):
-    """What the device should run. Retained; ``deployment_id`` None means nothing."""
+    """What the device should run. Retained; ``deployment_id`` None means nothing.
+
+    ``seq`` orders the plane's messages to one device (the plane's issue time in
+    microseconds, never repeated): the agent refuses one below the last it accepted.
+    ``signature`` is the plane's over the whole message (agent.signing.canonical_desired).
+    Both were added without a schema version change: an older agent ignores them, and
+    an older plane sends neither (seq 0, unsigned), which an agent that requires
+    signatures refuses.
+    """
 
     deployment_id: BigCount | None
     model: ShortText = ""
@@ -279,6 +287,9 @@ class Desired(Message, kw_only=True):
     providers: Annotated[list[ShortText], msgspec.Meta(max_length=8)] = []
     # None: the agent only checks that a smoke inference returns finite values of the right shape.
     selftest: SelfTest | None = None
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0  # microseconds: past a 32-bit range
+    # The plane's Ed25519 signature over agent.signing.canonical_desired, base64; empty: unsigned.
+    signature: Annotated[str, msgspec.Meta(max_length=200)] = ""
 
 
 AgentMessage = Hello | Heartbeat | StateReport | Presence | ChunkRequest

@@ -1,4 +1,4 @@
-"""The plane's Ed25519 signing key, and signing an artifact's manifest with it.
+"""The plane's Ed25519 signing key, and signing with it: an artifact's manifest, and each desired message.
 
 The key comes from settings.SIGNING_KEY (or SIGNING_KEY_FILE). In development, with no
 key set, the plane generates one on first use and keeps it in SIGNING_KEY_DEV_FILE, so
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from pathlib import Path
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -28,6 +30,28 @@ def public_key() -> str:
 
 def sign_file(file: wire.FileManifest, *, model: str, version: str) -> str:
     return signing.sign_manifest(signing_key(), file, model=model, version=version)
+
+
+def sign_desired(desired: wire.Desired) -> wire.Desired:
+    """``desired`` with the next ``seq`` and the plane's signature over the whole message.
+
+    The agent refuses a desired message whose ``seq`` is below the last it accepted, so seq
+    must grow for each device: it is the issue time in microseconds, and never repeats or
+    goes back within this process even if two messages are built in the same microsecond.
+    """
+    seq = _next_seq(desired.issued_at)
+    return signing.sign_desired(signing_key(), msgspec.structs.replace(desired, seq=seq))
+
+
+_seq_lock = threading.Lock()
+_last_seq = 0
+
+
+def _next_seq(issued_at: float) -> int:
+    global _last_seq
+    with _seq_lock:
+        _last_seq = max(int(issued_at * 1_000_000), _last_seq + 1)
+        return _last_seq
 
 
 def write_key_file(path: Path) -> str:

@@ -174,6 +174,8 @@ class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``cut`` drops every connection and refuses new ones until ``mend``.
 
     A network outage for one client (the agent) while others (a watcher) stay connected.
+    ``delivered`` counts the bytes the target sent to clients: what a client was served, as a
+    user would measure it on the wire.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -188,6 +190,7 @@ class TcpProxy:
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._server.settimeout(0.1)
         self._closing = False
+        self.delivered = 0
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -229,14 +232,16 @@ class TcpProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, counted in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(source, sink, counted), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
         try:
             while block := source.recv(65536):
                 sink.sendall(block)
+                if counted:
+                    with self._lock:
+                        self.delivered += len(block)
         except OSError:
             pass
         for sock in (source, sink):

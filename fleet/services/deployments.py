@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent import wire
-from fleet import jobs
+from fleet import jobs, signing
 from fleet.choices import (
     DEPLOYMENT_PROGRESS,
     OPEN_DEPLOYMENT_STATES,
@@ -233,6 +233,11 @@ def desired_messages(devices: Sequence[Device]) -> list[wire.Desired]:
 
 
 def _desired(device: Device, deployment: Deployment | None, files: _VersionFiles) -> wire.Desired:
+    # Signed whole, for this device, with a seq the agent requires to grow (fleet.signing).
+    return signing.sign_desired(_unsigned_desired(device, deployment, files))
+
+
+def _unsigned_desired(device: Device, deployment: Deployment | None, files: _VersionFiles) -> wire.Desired:
     now = timezone.now().timestamp()
     if deployment is None:
         return wire.Desired(device_id=device.device_id, deployment_id=None, issued_at=now)

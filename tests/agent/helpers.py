@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent import wire
-from agent.config import Config, HttpConfig, TransferConfig
+from agent.config import Config, HttpConfig, SecurityConfig, TransferConfig
 from agent.core import Agent
 from agent.runtime import Runner
 from tests.agent.fakes import FakeClock, FakeLink, FakePlane
@@ -25,6 +25,9 @@ def make_config(data_dir: Path, **overrides: object) -> Config:
         "heartbeat_interval": 30.0,
         "http": HttpConfig(port=0),
         "transfer": TransferConfig(window=4, stall_timeout=0.3, max_attempts=3),
+        # Unsigned desired messages and files, so tests of everything else need no plane key;
+        # tests/agent/test_signing.py covers the agent that requires them (the default).
+        "security": SecurityConfig(allow_unsigned=True),
     }
     fields.update(overrides)
     return Config(**fields)  # type: ignore[arg-type]  # test overrides are checked by Config itself

@@ -227,3 +227,32 @@ def test_it_swaps_models_under_concurrent_requests_without_failing_one(
             thread.join()
     assert [r for r in results if r[0] != 200] == []
     assert {v for _, v in results} == {"1", "2"}
+
+
+def test_a_plane_rollback_to_an_older_version_leaves_no_fallback_to_the_withdrawn_one(
+    agent: Agent, link: FakeLink, plane: FakePlane, first: wire.FileManifest, tmp_path: Path
+) -> None:
+    # Issue #13, item 15: version 3 runs; the plane sends the device to version 2, which it never held.
+    third = plane.add(write_tensor_model(tmp_path / "third.onnx"), "model")
+    send_desired(link, desired(3, [third], version="3"))
+    assert final_state(link, 3).state == "active"
+    older = plane.add(write_tensor_model(tmp_path / "older.onnx"), "model")
+    send_desired(link, desired(4, [older], version="2"))
+    assert final_state(link, 4).state == "active"
+
+    slots = load_slots(agent.data_dir)
+    assert slots.active is not None and slots.active.deployment_id == 4
+    assert (slots.previous, slots.healthy) == (None, True)
+    assert not artifact_path(agent.data_dir, third.sha256).exists()  # nothing left to go back to
+
+
+def test_an_upgrade_keeps_the_version_it_replaces_as_the_fallback(
+    agent: Agent, link: FakeLink, plane: FakePlane, first: wire.FileManifest, tmp_path: Path
+) -> None:
+    second = plane.add(write_tensor_model(tmp_path / "second.onnx"), "model")
+    send_desired(link, desired(2, [second], version="2"))
+    assert final_state(link, 2).state == "active"
+
+    slots = load_slots(agent.data_dir)
+    assert slots.previous is not None and slots.previous.deployment_id == 1
+    assert slots.healthy is False  # on probation, with version 1 to go back to

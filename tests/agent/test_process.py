@@ -10,8 +10,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import wire
+from agent import signing, wire
 from agent.mqtt import MqttLink, Will
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +26,7 @@ def write_config(tmp_path: Path, device_id: str, broker: wire.BrokerUrl) -> Path
         f'data_dir = "{tmp_path / "data"}"\n'
         "heartbeat_interval = 0.5\n"
         "[http]\nport = 0\n"
+        f'[security]\nplane_public_key = "{signing.public_key_text(Ed25519PrivateKey.generate())}"\n'
     )
     return path
 

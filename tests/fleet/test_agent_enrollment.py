@@ -41,7 +41,12 @@ def test_it_enrolls_waits_for_acceptance_and_keeps_its_credentials(live_server, 
     assert device.public_key == agent_enrollment.public_key_text(key)
     for name in (agent_enrollment.KEY_FILE, agent_enrollment.CREDENTIALS_FILE):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
-    broker = agent_enrollment.broker_with(wire.parse_broker_url("mqtt://127.0.0.1:1883"), credentials)
+    configured = wire.parse_broker_url("mqtt://127.0.0.1:1883")
+    with pytest.raises(agent_enrollment.EnrollmentError, match="broker host 'broker.example'"):
+        agent_enrollment.broker_with(configured, credentials, allowed_hosts={"127.0.0.1", "localhost"})
+    broker = agent_enrollment.broker_with(
+        configured, credentials, allowed_hosts={"broker.example"}, allow_insecure=True
+    )
     assert (broker.host, broker.port) == ("broker.example", 1883)
 
 

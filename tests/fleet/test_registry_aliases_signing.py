@@ -2,6 +2,7 @@
 
 import io
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.management import call_command
@@ -48,6 +49,24 @@ def test_it_signs_every_file_a_device_fetches_when_the_version_is_published():
     assert sorted(f.role for f in message.files) == ["model", "tokenizer"]
     for file in message.files:
         signing.verify_manifest(plane_public_key(), file, model=message.model, version=message.version)
+
+
+def test_it_signs_each_desired_message_whole_for_its_device_with_a_growing_seq():
+    # Issue #13, item 5: the agent verifies the message as a whole and refuses an older seq.
+    version = make_published_version()
+    device, other = make_device("dev-1"), make_device("dev-2")
+    deployments.assign_version(version, [device], actor="system")
+
+    first = deployments.desired_message(device)
+    second, nothing = deployments.desired_messages([device, other])
+
+    for message in (first, second, nothing):
+        signing.verify_desired(plane_public_key(), message)
+    assert (first.device_id, nothing.device_id, nothing.deployment_id) == ("dev-1", "dev-2", None)
+    assert 0 < first.seq < second.seq < nothing.seq
+    assert abs(first.seq / 1e6 - first.issued_at) < 1
+    with pytest.raises(signing.SignatureError, match="signature invalid"):
+        signing.verify_desired(plane_public_key(), msgspec.structs.replace(first, seq=second.seq))
 
 
 def test_it_leaves_drafts_unsigned_and_a_foreign_key_does_not_verify_them():
