@@ -11,6 +11,7 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 	REDIS_URL=redis://127.0.0.1:6379/15 \
 	MQTT_URL=mqtt://127.0.0.1:1883 \
 	DATABASE_CONN_MAX_AGE=0 \
+	DEBUG=true \
 	DJANGO_SETTINGS_MODULE=controlplane.settings
 
 .PHONY: help venv models services test lint demo clean bench bench-quick

@@ -16,11 +16,19 @@ from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_se
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDGEFLEET_VAR_DIR", str(BASE_DIR / "var")))
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless set: with it on, a 500 shows the code and the settings (masked: controlplane/
+# reporting.py). The demo (scripts/demo.py) and the tests (Makefile) turn it on explicitly.
+DEBUG = env_bool("DEBUG", False)
 _DEV_SECRET = "dev-only-insecure-secret-key-set-SECRET_KEY-in-production"
 SECRET_KEY = env_secret("SECRET_KEY", _DEV_SECRET)
 if not DEBUG and SECRET_KEY == _DEV_SECRET:
-    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false")
+    raise ImproperlyConfigured(
+        "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false; DEBUG is false unless set "
+        "(DEBUG=true for development on this machine only)"
+    )
+# Error reports mask every secret setting, and scrub their values from the page.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "controlplane.reporting.SecretsFilter"
+DEFAULT_EXCEPTION_REPORTER = "controlplane.reporting.SecretsReporter"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
