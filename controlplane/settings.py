@@ -12,6 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
 from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str
+from fleet.lib.addresses import parse_networks
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDGEFLEET_VAR_DIR", str(BASE_DIR / "var")))
@@ -94,6 +95,14 @@ AUTHENTICATION_BACKENDS = ["fleet.auth.RateLimitedModelBackend"]
 LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
 LOGIN_FAILURE_LIMIT_PER_ADDRESS = env_int("LOGIN_FAILURE_LIMIT_PER_ADDRESS", 50, minimum=1)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 15 * 60, minimum=1)
+
+# Reverse proxies in front of the plane (CIDR ranges, comma-separated). From these peers
+# only, the client's address is read from X-Forwarded-For (the rightmost hop that is not
+# one of them), for sign-in limits, throttles and the audit log. Empty: REMOTE_ADDR.
+try:
+    TRUSTED_PROXIES = parse_networks(env_list("TRUSTED_PROXIES", []))
+except ValueError as exc:
+    raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from None
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -2,7 +2,8 @@
 
 Both call django.contrib.auth.authenticate, so one backend counts the failures of both.
 After LOGIN_FAILURE_LIMIT failures for a username, or LOGIN_FAILURE_LIMIT_PER_ADDRESS
-from one address, within LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even
+from one client address (behind TRUSTED_PROXIES the client's, not the proxy's), within
+LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even
 with the right password) until the window has passed since the last failure.
 
 The counters live in Django's cache: per process with the default local-memory cache,
@@ -20,6 +21,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
+from fleet.http import request_address
 from fleet.services.audit import record
 
 
@@ -29,7 +31,7 @@ def _keys(request, username: str | None) -> list[tuple[str, int]]:
     if username:
         digest = hashlib.sha256(username.lower().encode()).hexdigest()[:32]
         keys.append((f"login-failures:user:{digest}", settings.LOGIN_FAILURE_LIMIT))
-    address = request.META.get("REMOTE_ADDR") if request is not None else None
+    address = request_address(request) if request is not None else None
     if address:
         keys.append((f"login-failures:addr:{address}", settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS))
     return keys

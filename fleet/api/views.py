@@ -17,12 +17,12 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
 from fleet.api.exceptions import PayloadTooLarge
 from fleet.choices import DeploymentState, EnrollmentState
+from fleet.http import ClientScopedRateThrottle, request_address
 from fleet.models import (
     Alias,
     Artifact,
@@ -41,10 +41,6 @@ from fleet.services import aliases, deployments, devices, enrollment, pipeline, 
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
-
-
-def _client_address(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
 
 
 class RegistryModelViewSet(
@@ -240,7 +236,7 @@ class VersionViewSet(
             selection.validated_data["targets"],
             actor=request.user,
             reason=selection.validated_data["reason"],
-            source_address=_client_address(request),
+            source_address=request_address(request),
         )
         skipped = {device_id: "no device has this id" for device_id in selection.validated_data["unknown"]}
         data = {"deployments": result.deployments, "skipped": {**skipped, **result.skipped}}
@@ -547,7 +543,7 @@ class EnrollView(GenericAPIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ClientScopedRateThrottle]
     throttle_scope = "enroll"
     serializer_class = serializers.EnrollSerializer
 
@@ -568,7 +564,7 @@ class CredentialsView(GenericAPIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ClientScopedRateThrottle]
     throttle_scope = "enroll"
     serializer_class = serializers.CredentialsRequestSerializer
 
