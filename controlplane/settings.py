@@ -126,6 +126,9 @@ ARTIFACT_CHUNK_SIZE = env_int("ARTIFACT_CHUNK_SIZE", 256 * 1024, minimum=1024)
 # transfer); "fixed": every ARTIFACT_CHUNK_SIZE bytes. Applies to files stored from now on.
 ARTIFACT_CHUNKING = env_choice("ARTIFACT_CHUNKING", "cdc", ("cdc", "fixed"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# The most an evaluation set (.npz) may take once loaded; checked from its headers before
+# loading, at upload and wherever the plane reads one (fleet/lib/evaluation.py).
+EVALUATION_SET_MAX_BYTES = env_int("EVALUATION_SET_MAX_BYTES", 128 * 1024 * 1024, minimum=1024)
 # The Ed25519 key that signs every published artifact's manifest: base64 of its 32 raw
 # bytes (`manage.py generate_signing_key`). Unset with DEBUG on, the plane makes one of its
 # own in SIGNING_KEY_DEV_FILE on first use; unset with DEBUG off, publishing is refused.

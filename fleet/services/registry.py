@@ -155,6 +155,16 @@ def _check_model_file(path: Path) -> dict:
     return {**info.signature, "opset": info.opset}
 
 
+def _check_evaluation_set(path: Path) -> None:
+    """An uploaded evaluation set must stay small once loaded: the plane loads it to build desired messages."""
+    from fleet.lib import evaluation
+
+    try:
+        evaluation.check_set(path, max_bytes=settings.EVALUATION_SET_MAX_BYTES)
+    except evaluation.EvaluationSetRejected as exc:
+        raise ArtifactRejected(str(exc)) from None
+
+
 def _check_draft(version: ModelVersion) -> None:
     if version.is_published:
         raise RegistryError(f"{version.label} is published and cannot change; create a new version instead.")
@@ -297,6 +307,8 @@ def process_artifact(artifact_id: int) -> Artifact | None:
     path = store.path(artifact.storage_key)
     try:
         signature = _check_model_file(path) if _is_onnx_model(artifact.role, artifact.format) else {}
+        if artifact.role == ArtifactRole.EVALUATION:
+            _check_evaluation_set(path)
     except ArtifactRejected as exc:
         return _fail_processing(artifact, str(exc))
     manifest = _build_manifest(path, artifact.role)
