@@ -26,7 +26,7 @@ def parse_networks(values: Sequence[str]) -> list[Network]:
     return networks
 
 
-def _trusted(address: str, proxies: Sequence[Network]) -> bool:
+def is_trusted(address: str, proxies: Sequence[Network]) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -36,7 +36,7 @@ def _trusted(address: str, proxies: Sequence[Network]) -> bool:
 
 def client_address(peer: str | None, forwarded_for: str | None, proxies: Sequence[Network]) -> str | None:
     """The client's address: the peer, or the rightmost untrusted hop of X-Forwarded-For."""
-    if not peer or not forwarded_for or not _trusted(peer, proxies):
+    if not peer or not forwarded_for or not is_trusted(peer, proxies):
         return peer or None
     address = peer
     for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
@@ -46,7 +46,7 @@ def client_address(peer: str | None, forwarded_for: str | None, proxies: Sequenc
             # Not an address: no proxy of ours wrote it, so the last hop we trust is the answer.
             return address
         address = hop
-        if not _trusted(hop, proxies):
+        if not is_trusted(hop, proxies):
             return hop
     # Every hop is a trusted proxy: the leftmost is as close to the client as we can tell.
     return address

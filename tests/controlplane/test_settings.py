@@ -113,3 +113,21 @@ def test_sign_in_counters_are_shared_through_redis_when_cache_url_is_set():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["RedisCache", "7"]
+
+
+def test_it_sends_cookies_only_over_https_and_hsts_when_https_is_on():
+    probe = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SECURE_HSTS_SECONDS, s.SECURE_PROXY_SSL_HEADER)"
+    )
+
+    def run(**env):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=REPO, env=start_env(**env), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run() == "False False 0 None"
+    assert run(HTTPS="true") == "True True 31536000 None"
+    assert run(HTTPS="true", TRUSTED_PROXIES="10.0.0.0/8") == "True True 31536000 ('HTTP_X_FORWARDED_PROTO', 'https')"
