@@ -193,7 +193,8 @@ CELERY_BEAT_SCHEDULE = {
 # --- API -------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # DRF's Token header, the key stored hashed (fleet.auth.stored_token_key).
+        "fleet.api.authentication.HashedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # DjangoModelPermissions, but reads need the view permission too.

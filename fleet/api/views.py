@@ -496,14 +496,18 @@ def signing_key(request):
 
 
 class TokenView(ObtainAuthToken):
-    """DRF's token for a username and password, answering 429 once sign-ins failed too often (fleet.auth)."""
+    """A new API token for a username and password; 429 once sign-ins failed too often (fleet.auth).
+
+    The plane keeps only a hash of each token, so it cannot hand out the one it gave before:
+    each sign-in issues a new token and retires the user's last.
+    """
 
     def post(self, request, *args, **kwargs):
         if auth.locked_out(request, str(request.data.get("username", ""))[:150] or None):
             raise Throttled(wait=settings.LOGIN_FAILURE_WINDOW, detail="Too many failed sign-ins; try again later.")
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        return Response({"token": auth.issue_token(serializer.validated_data["user"]).key})
+        return Response({"token": auth.create_api_token(serializer.validated_data["user"], reason="API sign-in")})
 
 
 class EnrollmentTokenViewSet(

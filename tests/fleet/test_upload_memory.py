@@ -20,7 +20,7 @@ from django.db import connection
 from onnx import TensorProto, helper, numpy_helper
 
 from fleet.tasks import process_artifact
-from tests.fleet.helpers import make_operator, make_version
+from tests.fleet.helpers import api_token, make_operator, make_version
 from tests.support import REPO, free_port, wait_for_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -107,9 +107,7 @@ def test_it_takes_a_large_model_without_parsing_it_in_the_request(web, tmp_path,
     server, port = web
     operator = make_operator()
     version = make_version()
-    from rest_framework.authtoken.models import Token
-
-    token = Token.objects.create(user=operator).key
+    token = api_token(operator)
     model = tmp_path / "large.onnx"
     write_large_model(model, MODEL_MIB)
     # Warm the server up (imports, a first request) before measuring.
