@@ -58,5 +58,6 @@ def exception_handler(exc, context):
         exc = BrokerUnavailable()
     response = drf_exception_handler(exc, context)
     if isinstance(exc, BrokerUnavailable) and response is not None:
+        # DRF sets Retry-After only for throttles.
         response["Retry-After"] = str(exc.retry_after)
     return response

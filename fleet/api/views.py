@@ -1,5 +1,6 @@
 """The REST API: each viewset names its queryset, serializer and filters; actions call one service."""
 
+import logging
 from datetime import timedelta
 
 from django.conf import settings
@@ -20,7 +21,7 @@ from rest_framework.response import Response
 
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
-from fleet.api.exceptions import PayloadTooLarge
+from fleet.api.exceptions import BrokerUnavailable, PayloadTooLarge
 from fleet.choices import DeploymentState, EnrollmentState
 from fleet.http import ClientScopedRateThrottle, request_address
 from fleet.models import (
@@ -38,6 +39,8 @@ from fleet.models import (
     VariantPin,
 )
 from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
+
+log = logging.getLogger(__name__)
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -584,6 +587,10 @@ class CredentialsView(GenericAPIView):
         data.is_valid(raise_exception=True)
         try:
             issued = enrollment.issue_credentials(device_id, **data.validated_data)
+        except OSError as exc:
+            # The broker's admin login cannot connect (refused, unreachable, unknown host).
+            log.error("credentials for %s: the broker cannot be reached: %s", device_id, exc)
+            raise BrokerUnavailable() from None
         except enrollment.NotAccepted as exc:
             raise PermissionDenied(str(exc)) from None
         except enrollment.EnrollmentError as exc:

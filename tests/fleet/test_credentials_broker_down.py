@@ -8,7 +8,7 @@ import pytest
 from fleet.services import enrollment
 from tests.fleet.helpers import make_member, token_client
 from tests.fleet.test_enrollment import Agent
-from tests.support import DYNSEC_PLUGIN, secure_mosquitto
+from tests.support import DYNSEC_PLUGIN, free_port, secure_mosquitto
 
 pytestmark = [
     pytest.mark.skipif(not DYNSEC_PLUGIN.exists(), reason=f"{DYNSEC_PLUGIN} is not installed"),
@@ -39,3 +39,18 @@ def test_it_answers_503_saying_what_to_do_when_the_broker_refuses_the_admin_logi
     assert "not-the-admin-password" not in response.content.decode()
     assert int(response["Retry-After"]) > 0
     assert time.monotonic() - started < 15
+
+
+def test_it_answers_503_when_the_broker_cannot_be_reached_at_all(settings):
+    settings.MQTT_DYNSEC = True
+    settings.MQTT_ADMIN_URL = f"mqtt://admin@127.0.0.1:{free_port()}"  # nothing listens there
+    settings.MQTT_ADMIN_PASSWORD = "admin-secret"
+    _, secret = enrollment.create_token(name="t", expires_in=timedelta(hours=1), actor="system")
+    agent = Agent("dev-down")
+    agent.enroll(secret)
+    token_client(make_member("op", "operator")).post("/api/v1/devices/dev-down/accept/")
+
+    response = agent.credentials()
+
+    assert response.status_code == 503
+    assert "try again" in response.json()["detail"]
