@@ -3,8 +3,8 @@
 Both call django.contrib.auth.authenticate, so one backend counts the failures of both.
 After LOGIN_FAILURE_LIMIT failures for a username, or LOGIN_FAILURE_LIMIT_PER_ADDRESS
 from one client address (behind TRUSTED_PROXIES the client's, not the proxy's), within
-LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even
-with the right password) until the window has passed since the last failure.
+LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even with the right password)
+until the window has passed since the last failure.
 
 The counters live in Django's cache: per process with the default local-memory cache,
 so N web workers allow N times the limit; point CACHES at Redis to share them.
