@@ -35,9 +35,9 @@ def populate(count: int) -> tuple[str, int]:
     and an operator's API token."""
     from django.contrib.auth import get_user_model
     from django.utils import timezone
-    from rest_framework.authtoken.models import Token
 
     from bench.fanout import tag_devices, tiny_release
+    from fleet.auth import create_api_token
     from fleet.choices import DeploymentState
     from fleet.models import Deployment, Device
     from fleet.services import rollouts
@@ -66,7 +66,7 @@ def populate(count: int) -> tuple[str, int]:
                                       name="api benchmark")  # fmt: skip
     rollouts.start_rollout(rollout, actor="system", reason="api benchmark")
     user = get_user_model().objects.create_superuser("bench-api", "bench@example.invalid", None)
-    return Token.objects.create(user=user).key, rollout.pk
+    return create_api_token(user, reason="api benchmark"), rollout.pk
 
 
 def _client(port: int, path: str, token: str, requests: int, results) -> None:

@@ -13,17 +13,33 @@ from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
 from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str
+from fleet.lib.addresses import parse_networks
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDGEFLEET_VAR_DIR", str(BASE_DIR / "var")))
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless set: with it on, a 500 shows the code and the settings (masked: controlplane/
+# reporting.py). The demo (scripts/demo.py) and the tests (Makefile) turn it on explicitly.
+DEBUG = env_bool("DEBUG", False)
 _DEV_SECRET = "dev-only-insecure-secret-key-set-SECRET_KEY-in-production"
 SECRET_KEY = env_secret("SECRET_KEY", _DEV_SECRET)
 if not DEBUG and SECRET_KEY == _DEV_SECRET:
-    raise ImproperlyConfigured("SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false")
+    raise ImproperlyConfigured(
+        "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false; DEBUG is false unless set "
+        "(DEBUG=true for development on this machine only)"
+    )
+# Error reports mask every secret setting, and scrub their values from the page.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "controlplane.reporting.SecretsFilter"
+DEFAULT_EXCEPTION_REPORTER = "controlplane.reporting.SecretsReporter"
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# Served over HTTPS (by the plane or a proxy in front of it): cookies only over HTTPS, and HSTS.
+HTTPS = env_bool("HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600, minimum=0) if HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_SSL_REDIRECT = HTTPS and env_bool("SECURE_SSL_REDIRECT", False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -40,6 +56,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: forwarding headers from a peer that is not a trusted proxy are dropped.
+    "fleet.middleware.UntrustedForwardingMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -88,6 +106,17 @@ LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
 LOGIN_FAILURE_LIMIT_PER_ADDRESS = env_int("LOGIN_FAILURE_LIMIT_PER_ADDRESS", 50, minimum=1)
 LOGIN_FAILURE_WINDOW = env_int("LOGIN_FAILURE_WINDOW", 15 * 60, minimum=1)
 
+# Reverse proxies in front of the plane (CIDR ranges, comma-separated). From these peers
+# only, the client's address is read from X-Forwarded-For (the rightmost hop that is not
+# one of them), for sign-in limits, throttles and the audit log. Empty: REMOTE_ADDR.
+try:
+    TRUSTED_PROXIES = parse_networks(env_list("TRUSTED_PROXIES", []))
+except ValueError as exc:
+    raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from None
+# A proxy's word that the request came over HTTPS, believed from TRUSTED_PROXIES only
+# (fleet.middleware.UntrustedForwardingMiddleware drops it from any other peer).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HTTPS and TRUSTED_PROXIES else None
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -110,6 +139,9 @@ ARTIFACT_CHUNK_SIZE = env_int("ARTIFACT_CHUNK_SIZE", 256 * 1024, minimum=1024)
 # transfer); "fixed": every ARTIFACT_CHUNK_SIZE bytes. Applies to files stored from now on.
 ARTIFACT_CHUNKING = env_choice("ARTIFACT_CHUNKING", "cdc", ("cdc", "fixed"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# The most an evaluation set (.npz) may take once loaded; checked from its headers before
+# loading, at upload and wherever the plane reads one (fleet/lib/evaluation.py).
+EVALUATION_SET_MAX_BYTES = env_int("EVALUATION_SET_MAX_BYTES", 128 * 1024 * 1024, minimum=1024)
 # The Ed25519 key that signs every published artifact's manifest: base64 of its 32 raw
 # bytes (`manage.py generate_signing_key`). Unset with DEBUG on, the plane makes one of its
 # own in SIGNING_KEY_DEV_FILE on first use; unset with DEBUG off, publishing is refused.
@@ -169,7 +201,8 @@ CELERY_BEAT_SCHEDULE = {
 # --- API -------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        # DRF's Token header, the key stored hashed (fleet.auth.stored_token_key).
+        "fleet.api.authentication.HashedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     # DjangoModelPermissions, but reads need the view permission too.

@@ -2,8 +2,9 @@
 
 Both call django.contrib.auth.authenticate, so one backend counts the failures of both.
 After LOGIN_FAILURE_LIMIT failures for a username, or LOGIN_FAILURE_LIMIT_PER_ADDRESS
-from one address, within LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even
-with the right password) until the window has passed since the last failure.
+from one client address (behind TRUSTED_PROXIES the client's, not the proxy's), within
+LOGIN_FAILURE_WINDOW seconds, every attempt is refused (even with the right password)
+until the window has passed since the last failure.
 
 The counters live in Django's cache: per process with the default local-memory cache,
 so N web workers allow N times the limit; point CACHES at Redis to share them.
@@ -12,6 +13,7 @@ so N web workers allow N times the limit; point CACHES at Redis to share them.
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 from django.conf import settings
 from django.contrib.auth.backends import ModelBackend
@@ -20,6 +22,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
+from fleet.http import request_address
 from fleet.services.audit import record
 
 
@@ -29,7 +32,7 @@ def _keys(request, username: str | None) -> list[tuple[str, int]]:
     if username:
         digest = hashlib.sha256(username.lower().encode()).hexdigest()[:32]
         keys.append((f"login-failures:user:{digest}", settings.LOGIN_FAILURE_LIMIT))
-    address = request.META.get("REMOTE_ADDR") if request is not None else None
+    address = request_address(request) if request is not None else None
     if address:
         keys.append((f"login-failures:addr:{address}", settings.LOGIN_FAILURE_LIMIT_PER_ADDRESS))
     return keys
@@ -64,14 +67,26 @@ class RateLimitedModelBackend(ModelBackend):
         return user
 
 
-def issue_token(user) -> Token:
-    """The user's API token, made on their first sign-in through the API; the making is audited.
+# An API token is 40 hex characters (160 random bits), shown once. The plane keeps its first
+# eight, to tell tokens apart, then 32 hex characters of its SHA-256, in DRF's Token.key:
+# a copy of the table, or an admin reading it, holds no usable token.
+TOKEN_PREFIX_LENGTH = 8
 
-    The admin's token page records "token.added" against the user (fleet/admin/accounts.py):
-    this writes the same row, so either way a new credential is on record.
+
+def stored_token_key(secret: str) -> str:
+    """What the plane stores, and looks up, for the token ``secret``."""
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return secret[:TOKEN_PREFIX_LENGTH] + digest[: 40 - TOKEN_PREFIX_LENGTH]
+
+
+def create_api_token(user, *, reason: str) -> str:
+    """A new API token for ``user``, replacing any it had; the secret is returned once, never stored.
+
+    A user has one token (DRF's Token): a new one retires the last, and the change is audited.
     """
+    secret = secrets.token_hex(20)
     with transaction.atomic():
-        token, created = Token.objects.get_or_create(user=user)
-        if created:
-            record(user, "token.added", user, after={"user": user.get_username()}, reason="first API sign-in")
-    return token
+        Token.objects.filter(user=user).delete()
+        Token.objects.create(user=user, key=stored_token_key(secret))
+        record(user, "token.added", user, after={"user": user.get_username()}, reason=reason)
+    return secret

@@ -311,7 +311,7 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
     subprocess.run([*manage, "createsuperuser", "--noinput", "--username", "admin"], cwd=REPO, env=procs.env,
                    capture_output=True)  # fmt: skip
     token_out = subprocess.run(
-        [*manage, "drf_create_token", "admin"], cwd=REPO, env=procs.env, capture_output=True, text=True, check=True
+        [*manage, "create_api_token", "admin"], cwd=REPO, env=procs.env, capture_output=True, text=True, check=True
     )
     token = token_out.stdout.split()[2]
 

@@ -4,13 +4,16 @@ Django's and DRF's own admins write only the admin's LogEntry, which any admin c
 hide; a change of who holds which role belongs in the audit trail like any other write.
 """
 
-from django.contrib import admin
+import secrets
+
+from django.contrib import admin, messages
 from django.contrib.auth.admin import GroupAdmin, UserAdmin
 from django.contrib.auth.models import Group, User
 from django.db import models
 from rest_framework.authtoken.admin import TokenAdmin
 from rest_framework.authtoken.models import TokenProxy
 
+from fleet.auth import TOKEN_PREFIX_LENGTH, stored_token_key
 from fleet.services.audit import record
 
 
@@ -91,8 +94,26 @@ class AuditedGroupAdmin(AuditedAdminMixin, GroupAdmin):
 
 
 class AuditedTokenAdmin(AuditedAdminMixin, TokenAdmin):
+    """API tokens by their first characters: the plane keeps only a hash of the rest (fleet.auth)."""
+
     audit_name = "token"
     state = staticmethod(token_state)
+    list_display = ("prefix", "user", "created")
+
+    @admin.display(description="token")
+    def prefix(self, token: TokenProxy) -> str:
+        return f"{token.key[:TOKEN_PREFIX_LENGTH]}…"
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            secret = secrets.token_hex(20)
+            obj.key = stored_token_key(secret)
+            # Shown once, here: what is stored cannot give it back.
+            messages.warning(
+                request,
+                f"The API token of {obj.user.get_username()} is {secret} — copy it now: it will not be shown again.",
+            )
+        super().save_model(request, obj, form, change)
 
     def audit_object(self, obj: models.Model) -> models.Model:
         # A token's primary key is the secret itself: the row names its user instead.

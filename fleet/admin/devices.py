@@ -9,6 +9,7 @@ from django.template.response import TemplateResponse
 from fleet.admin.base import RECENT_ROWS, ReadOnlyInline, RecentFormSet
 from fleet.choices import VersionStatus
 from fleet.errors import ServiceError
+from fleet.http import request_address
 from fleet.models import (
     Deployment,
     Device,
@@ -177,7 +178,7 @@ class DeviceAdmin(admin.ModelAdmin):
                     queryset,
                     actor=request.user,
                     reason=form.cleaned_data["reason"],
-                    source_address=request.META.get("REMOTE_ADDR"),
+                    source_address=request_address(request),
                 )
             except ServiceError as exc:
                 self.message_user(request, str(exc), messages.ERROR)

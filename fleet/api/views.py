@@ -1,5 +1,6 @@
 """The REST API: each viewset names its queryset, serializer and filters; actions call one service."""
 
+import logging
 from datetime import timedelta
 
 from django.conf import settings
@@ -17,11 +18,11 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
 from fleet.choices import DeploymentState, EnrollmentState
+from fleet.http import ClientScopedRateThrottle, request_address
 from fleet.models import (
     Alias,
     Artifact,
@@ -39,12 +40,10 @@ from fleet.models import (
 from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
 from fleet.storage import TooLarge
 
+log = logging.getLogger(__name__)
+
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
-
-
-def _client_address(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
 
 
 class RegistryModelViewSet(
@@ -240,7 +239,7 @@ class VersionViewSet(
             selection.validated_data["targets"],
             actor=request.user,
             reason=selection.validated_data["reason"],
-            source_address=_client_address(request),
+            source_address=request_address(request),
         )
         skipped = {device_id: "no device has this id" for device_id in selection.validated_data["unknown"]}
         data = {"deployments": result.deployments, "skipped": {**skipped, **result.skipped}}
@@ -500,14 +499,18 @@ def signing_key(request):
 
 
 class TokenView(ObtainAuthToken):
-    """DRF's token for a username and password, answering 429 once sign-ins failed too often (fleet.auth)."""
+    """A new API token for a username and password; 429 once sign-ins failed too often (fleet.auth).
+
+    The plane keeps only a hash of each token, so it cannot hand out the one it gave before:
+    each sign-in issues a new token and retires the user's last.
+    """
 
     def post(self, request, *args, **kwargs):
         if auth.locked_out(request, str(request.data.get("username", ""))[:150] or None):
             raise Throttled(wait=settings.LOGIN_FAILURE_WINDOW, detail="Too many failed sign-ins; try again later.")
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        return Response({"token": auth.issue_token(serializer.validated_data["user"]).key})
+        return Response({"token": auth.create_api_token(serializer.validated_data["user"], reason="API sign-in")})
 
 
 class EnrollmentTokenViewSet(
@@ -542,7 +545,7 @@ class EnrollView(GenericAPIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ClientScopedRateThrottle]
     throttle_scope = "enroll"
     serializer_class = serializers.EnrollSerializer
 
@@ -560,7 +563,7 @@ class CredentialsView(GenericAPIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    throttle_classes = [ScopedRateThrottle]
+    throttle_classes = [ClientScopedRateThrottle]
     throttle_scope = "enroll"
     serializer_class = serializers.CredentialsRequestSerializer
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import resource
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,15 +65,69 @@ def dump_set(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], *, t
     return buffer.getvalue()
 
 
-def load_set(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+# An evaluation set is a few sentences and their reference outputs: tens of MiB at most.
+# A compressed .npz can claim far more (1 MiB of zeros expands to 1 GiB), and numpy
+# allocates an array from its header's shape before reading any data.
+MAX_SET_BYTES = 128 * 1024 * 1024
+MAX_SET_ARRAYS = 64
+
+
+class EvaluationSetRejected(ValueError):
+    """An .npz that is not a bounded evaluation set; the text says why."""
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _array_bytes(member: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The bytes the member's array takes once loaded, from its .npy header alone."""
+    with member.open(info) as stream:
+        try:
+            version = np.lib.format.read_magic(stream)
+            if version not in _HEADER_READERS:
+                raise ValueError(f".npy format {version} is not one numpy writes for plain arrays")
+            shape, _, dtype = _HEADER_READERS[version](stream)
+        except ValueError as exc:
+            raise EvaluationSetRejected(f"{info.filename} is not a .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise EvaluationSetRejected(f"{info.filename} holds Python objects, which an evaluation set never needs")
+    return math.prod(shape) * dtype.itemsize
+
+
+def check_set(path: Path, *, max_bytes: int = MAX_SET_BYTES) -> None:
+    """Refuse an .npz whose arrays would take more than ``max_bytes``, before loading any.
+
+    Reads only the zip's directory and each array's header: every member's declared size
+    (which zipfile enforces when reading) and shape × dtype (which numpy allocates) count.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_SET_ARRAYS:
+                raise EvaluationSetRejected(f"the set has {len(members)} arrays; at most {MAX_SET_ARRAYS}")
+            total = 0
+            for info in members:
+                total += max(info.file_size, _array_bytes(archive, info))
+                if total > max_bytes:
+                    raise EvaluationSetRejected(
+                        f"the set expands to more than {max_bytes} bytes (EVALUATION_SET_MAX_BYTES) "
+                        f"by {info.filename}; its file is {Path(path).stat().st_size} bytes"
+                    )
+    except zipfile.BadZipFile as exc:
+        raise EvaluationSetRejected(f"the file is not an .npz (zip) archive: {exc}") from None
+
+
+def load_set(path: Path, *, max_bytes: int = MAX_SET_BYTES) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    check_set(path, max_bytes=max_bytes)
     with np.load(path, allow_pickle=False) as data:
         inputs = {k.removeprefix(_INPUT): data[k] for k in data.files if k.startswith(_INPUT)}
         outputs = {k.removeprefix(_OUTPUT): data[k] for k in data.files if k.startswith(_OUTPUT)}
     return inputs, outputs
 
 
-def load_texts(path: Path) -> list[str] | None:
+def load_texts(path: Path, *, max_bytes: int = MAX_SET_BYTES) -> list[str] | None:
     """The sentences a text set was tokenized from, if the set stores them."""
+    check_set(path, max_bytes=max_bytes)
     with np.load(path, allow_pickle=False) as data:
         return [str(t) for t in data[_TEXTS]] if _TEXTS in data.files else None
 

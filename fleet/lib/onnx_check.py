@@ -1,12 +1,17 @@
 """Is an uploaded file an ONNX model this plane's onnxruntime can load, and what is its signature?
 
-No Django here. ``inspect_onnx`` reads the graph without external data, checks it with
+No Django here. ``inspect_onnx`` reads the graph without external data, refuses a model
+that keeps tensors in external files (an upload is one file, and a reference such as
+``../x`` or another stored artifact's name must never be followed), checks it with
 ``onnx.checker`` and compares its default-domain opset with the range onnxruntime loads.
+It takes about twice the file's size in memory: the plane runs it in the worker, never in
+a web request.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +80,29 @@ def signature_of(model: onnx.ModelProto) -> dict:
     }
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of the graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _external_location(model: onnx.ModelProto) -> tuple[str, str] | None:
+    """(tensor name, file) of the first tensor whose data lives outside the model file."""
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            where = {entry.key: entry.value for entry in tensor.external_data}
+            return tensor.name, where.get("location", "")
+    return None
+
+
 def inspect_onnx(path: Path) -> OnnxInfo:
     """The model's signature and opset, or ``InvalidModel`` saying what is wrong."""
     try:
@@ -83,16 +111,25 @@ def inspect_onnx(path: Path) -> OnnxInfo:
         raise InvalidModel(f"the file is not an ONNX model, or it is truncated ({type(exc).__name__})") from None
     if not model.graph.node and not model.graph.output:
         raise InvalidModel("the file is not an ONNX model: it has no graph")
+    external = _external_location(model)
+    if external is not None:
+        raise InvalidModel(
+            f"the model keeps tensor {external[0]!r} in an external file ({external[1]!r}); upload one file that "
+            "holds its weights (onnx.save(model, path, save_as_external_data=False))"
+        )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise InvalidModel("the ONNX model imports no default-domain opset")
     lowest, highest = supported_opsets()
     if not lowest <= opset <= highest:
         raise InvalidModel(f"the model uses opset {opset}; this plane's onnxruntime loads opsets {lowest} to {highest}")
+    signature = signature_of(model)
+    # The checker reads the file itself: handing it the parsed model would serialize a copy.
+    del model
     # After the opset check: the checker rejects opsets newer than onnx knows, less clearly.
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModel(f"the ONNX model is not valid: {first[:300]}") from None
-    return OnnxInfo(signature=signature_of(model), opset=opset)
+    return OnnxInfo(signature=signature, opset=opset)

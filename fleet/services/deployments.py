@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import msgspec
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -330,8 +331,9 @@ def _selftest(sha256: str, storage_key: str, pooling: str, normalize: bool, thre
     from fleet.storage import get_store
 
     path = get_store().path(storage_key)
-    inputs, outputs = evaluation.load_set(path)
-    texts = evaluation.load_texts(path)
+    # Bounded: a set's arrays are checked against the limit before any is loaded.
+    inputs, outputs = evaluation.load_set(path, max_bytes=settings.EVALUATION_SET_MAX_BYTES)
+    texts = evaluation.load_texts(path, max_bytes=settings.EVALUATION_SET_MAX_BYTES)
     if not texts or not outputs:
         return None
     reference = next(iter(outputs.values()))

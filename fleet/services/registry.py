@@ -103,15 +103,16 @@ def add_artifact(
     hardware_class: str = HardwareClass.ANY,
     format: str = "onnx",
 ) -> Artifact:
-    """Store an uploaded file and queue its chunk manifest; the version must still be a draft.
+    """Store an uploaded file and queue its checks and chunk manifest; the version must still be a draft.
 
-    The file is hashed as it streams in and an ONNX model is checked before any row is
-    written: a refused upload leaves no file and no row behind.
+    The request only streams the file to disk, hashing it on the way: an ONNX model is
+    parsed and checked by the worker (``process_artifact``), since parsing takes a few
+    times the file's size in memory and files may be gigabytes. A refused upload (too
+    large, a duplicate, a published version) leaves no file and no row behind.
     """
     store = get_store()
     incoming = store.save_incoming(stream, max_bytes=settings.ARTIFACT_MAX_BYTES)
     try:
-        signature = _check_model_file(store.path(incoming.key)) if _is_onnx_model(role, format) else {}
         with transaction.atomic():
             # Lock the version: publishing it concurrently must not let a file in afterwards,
             # and two uploads of one file must not both pass the duplicate check.
@@ -127,15 +128,12 @@ def add_artifact(
                 hardware_class=hardware_class,
                 size=incoming.size,
                 sha256=incoming.sha256,
-                signature=signature,
                 storage_key=incoming.key,
                 created_by=acting_user(actor),
             )
             artifact.full_clean()
             artifact.save()
             record(actor, "artifact.uploaded", artifact, after={"filename": filename, "size": incoming.size})
-            if signature:
-                _update_breaking(locked)
             transaction.on_commit(lambda: jobs.enqueue("fleet.process_artifact", artifact.pk))
     except BaseException:
         store.delete(incoming.key)
@@ -153,6 +151,16 @@ def _check_model_file(path: Path) -> dict:
     except InvalidModel as exc:
         raise ArtifactRejected(str(exc)) from None
     return {**info.signature, "opset": info.opset}
+
+
+def _check_evaluation_set(path: Path) -> None:
+    """An uploaded evaluation set must stay small once loaded: the plane loads it to build desired messages."""
+    from fleet.lib import evaluation
+
+    try:
+        evaluation.check_set(path, max_bytes=settings.EVALUATION_SET_MAX_BYTES)
+    except evaluation.EvaluationSetRejected as exc:
+        raise ArtifactRejected(str(exc)) from None
 
 
 def _check_draft(version: ModelVersion) -> None:
@@ -279,15 +287,23 @@ def _build_manifest(path: Path, role: str) -> wire.FileManifest:
 
 
 def process_artifact(artifact_id: int) -> Artifact | None:
-    """Hash an uploaded file, build its chunk manifest and move it to its content address.
+    """Check an uploaded file, build its chunk manifest and move it to its content address.
 
-    Idempotent: an artifact that is no longer processing is left as it is.
+    Runs in the worker. An ONNX model that onnxruntime could not load fails here, with the
+    reason in ``error``. Idempotent: an artifact that is no longer processing is left as it is.
     """
     artifact = Artifact.objects.select_related("version__model").filter(pk=artifact_id).first()
     if artifact is None or artifact.status != ArtifactStatus.PROCESSING:
         return artifact
     store = get_store()
-    manifest = _build_manifest(store.path(artifact.storage_key), artifact.role)
+    path = store.path(artifact.storage_key)
+    try:
+        signature = _check_model_file(path) if _is_onnx_model(artifact.role, artifact.format) else {}
+        if artifact.role == ArtifactRole.EVALUATION:
+            _check_evaluation_set(path)
+    except ArtifactRejected as exc:
+        return _fail_processing(artifact, str(exc))
+    manifest = _build_manifest(path, artifact.role)
     duplicate = (
         Artifact.objects.filter(version=artifact.version, sha256=manifest.sha256).exclude(pk=artifact.pk).first()
     )
@@ -306,10 +322,14 @@ def process_artifact(artifact_id: int) -> Artifact | None:
             chunk_hashes=manifest.chunks,
             chunk_count=len(manifest.chunks),
             chunk_lengths=manifest.lengths,
+            signature=signature,
         )
         if changed:
             artifact.refresh_from_db()
             record("system", "artifact.ready", artifact, after={"sha256": manifest.sha256, "size": manifest.size})
+            if signature:
+                # Lock the version: two uploads processed at once must not both judge "breaking".
+                _update_breaking(ModelVersion.objects.select_for_update().get(pk=artifact.version_id))
     return artifact
 
 

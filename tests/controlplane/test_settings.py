@@ -11,16 +11,17 @@ from tests.support import REPO
 PROBE = "import django; django.setup(); from django.conf import settings; print(settings.MQTT_BROKER.port)"
 
 
-def start_env() -> dict[str, str]:
+def start_env(**env: str | None) -> dict[str, str | None]:
+    """The test run's environment less the plane's own settings; development (DEBUG) unless told."""
     clean = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MQTT_URL", "DEBUG", "SECRET_KEY")}
-    return {**clean, "DJANGO_SETTINGS_MODULE": "controlplane.settings"}
+    return {**clean, "DJANGO_SETTINGS_MODULE": "controlplane.settings", "DEBUG": "true", **env}
 
 
-def start_plane(**env: str) -> subprocess.CompletedProcess:
+def start_plane(**env: str | None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", PROBE],
         cwd=REPO,
-        env={**start_env(), **env},
+        env={k: v for k, v in start_env(**env).items() if v is not None},
         capture_output=True,
         text=True,
     )
@@ -31,6 +32,22 @@ def test_it_starts_on_development_defaults():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1883"
+
+
+def test_it_turns_debug_off_where_debug_is_unset():
+    probe = "import django; django.setup(); from django.conf import settings; print(settings.DEBUG)"
+    env = {k: v for k, v in start_env(SECRET_KEY="a-secret-of-the-deployment-" + "x" * 30).items() if k != "DEBUG"}
+
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_it_refuses_to_start_without_debug_or_a_secret_key():
+    result = start_plane(DEBUG=None)
+
+    assert result.returncode != 0
+    assert "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -96,3 +113,21 @@ def test_sign_in_counters_are_shared_through_redis_when_cache_url_is_set():
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["RedisCache", "7"]
+
+
+def test_it_sends_cookies_only_over_https_and_hsts_when_https_is_on():
+    probe = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SECURE_HSTS_SECONDS, s.SECURE_PROXY_SSL_HEADER)"
+    )
+
+    def run(**env):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=REPO, env=start_env(**env), capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run() == "False False 0 None"
+    assert run(HTTPS="true") == "True True 31536000 None"
+    assert run(HTTPS="true", TRUSTED_PROXIES="10.0.0.0/8") == "True True 31536000 ('HTTP_X_FORWARDED_PROTO', 'https')"

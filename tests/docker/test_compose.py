@@ -4,6 +4,7 @@ container does, with docker/mosquitto/entrypoint.sh and secure.conf."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -47,19 +48,50 @@ def test_it_runs_the_plane_with_enrollment_required_and_broker_logins(stack, ser
 
     assert env["ENROLLMENT_REQUIRED"] == "true"
     assert env["MQTT_DYNSEC"] == "true"
-    assert env["MQTT_PASSWORD_FILE"].startswith("/run/secrets/")
-    assert env["MQTT_ADMIN_PASSWORD_FILE"].startswith("/run/secrets/")
+    assert env["DEBUG"] == "false"
+    assert env["SECRET_KEY_FILE"] == "/run/secrets/secret_key"
     assert ":" not in env["MQTT_URL"].split("//")[1].split("@")[0], "no password inside MQTT_URL"
 
 
-def test_it_starts_the_plane_only_once_the_broker_knows_its_login(stack):
-    for service in ("web", "bridge", "worker", "beat"):
-        depends = stack["services"][service]["depends_on"]
-        assert depends["broker-setup"]["condition"] == "service_completed_successfully"
+# Which secrets each service uses, and so is given; no other.
+SECRETS_USED = {
+    "mosquitto": {"mqtt_admin_password"},
+    "broker-setup": {"secret_key", "mqtt_plane_password", "mqtt_admin_password"},
+    "migrate": {"secret_key"},
+    "web": {"secret_key", "mqtt_admin_password", "signing_key"},
+    "bridge": {"secret_key", "mqtt_plane_password"},
+    "worker": {"secret_key", "mqtt_plane_password", "signing_key"},
+    "beat": {"secret_key"},
+    "postgres": set(),
+    "redis": set(),
+}
 
 
-def test_it_keeps_secrets_out_of_the_repository(stack):
-    secrets = {name: spec["file"] for name, spec in stack["secrets"].items()}
+@pytest.mark.parametrize("service", sorted(SECRETS_USED))
+def test_it_gives_each_service_only_the_secrets_it_uses_readable_by_the_plane_user_alone(stack, service):
+    mounted = stack["services"][service].get("secrets", [])
 
-    assert all(path.startswith(str(REPO / "docker" / "secrets")) for path in secrets.values())
-    assert "/docker/secrets/" in (REPO / ".gitignore").read_text().splitlines()
+    assert {m["source"] for m in mounted} == SECRETS_USED[service]
+    assert {(m.get("uid"), m.get("gid"), m.get("mode")) for m in mounted} <= {("10001", "10001", "0400")}
+
+
+@pytest.mark.parametrize("service", PLANE_SERVICES)
+def test_it_points_a_plane_service_only_at_secret_files_it_has(stack, service):
+    spec = stack["services"][service]
+    files = {value for name, value in spec["environment"].items() if name.endswith("_FILE")}
+
+    assert files == {f"/run/secrets/{m['source']}" for m in spec["secrets"]}
+
+
+def test_it_lists_every_setting_in_env_example_and_sets_no_secret_file_for_every_service():
+    source = (REPO / "controlplane" / "settings.py").read_text()
+    read = set(re.findall(r'env_\w+\("([A-Z0-9_]+)"', source))
+    secrets = set(re.findall(r'env_secret\("([A-Z0-9_]+)"', source))
+    example = (REPO / "docker" / ".env.example").read_text().splitlines()
+    listed = {line.lstrip("#").split("=")[0] for line in example if re.match(r"#?[A-Z0-9_]+=", line)}
+    # Copied to docker/.env, it goes to every plane service (env_file): a secret's file there
+    # would point services that do not mount it at a missing file.
+    active = {line.split("=")[0] for line in example if re.match(r"[A-Z0-9_]+=", line)}
+
+    assert {name for name in read if name not in listed and f"{name}_FILE" not in listed} == set()
+    assert {f"{name}_FILE" for name in secrets} & active == set()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from agent.manifest import file_sha256
+from fleet.auth import create_api_token
 from fleet.choices import DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
 from tests.support import REDIS_URL, REPO, celery_on_redis, free_port, wait_for_port, wait_until
@@ -77,7 +77,7 @@ def plane(settings, tmp_path, broker_port):
 def api(django_user_model):
     user = django_user_model.objects.create_superuser("releaser", password="x")
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {create_api_token(user, reason='test')}")
     return client
 
 

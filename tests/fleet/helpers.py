@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import secrets
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from agent import signing, wire
+from fleet import auth
 from fleet.choices import Role
 from fleet.models import Artifact, Device, Model, ModelVersion
 from fleet.services import devices, registry
@@ -67,9 +69,25 @@ def token_client(user: User | None) -> APIClient:
     """An API client that sends the user's token, or nothing at all for None."""
     client = APIClient()
     if user is not None:
-        token, _ = Token.objects.get_or_create(user=user)
-        client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {api_token(user)}")
     return client
+
+
+# The plane keeps only a hash of each token: the secrets the tests were given, by what is stored.
+_SECRETS: dict[str, str] = {}
+
+
+def api_token(user: User) -> str:
+    """The user's API token: the one a test made already, while it is still the stored one."""
+    stored = Token.objects.filter(user=user).values_list("key", flat=True).first()
+    if stored in _SECRETS:
+        return _SECRETS[stored]
+    # Stored as fleet.auth.create_api_token stores it, without its audit row: a test's setup, not a write.
+    secret = secrets.token_hex(20)
+    Token.objects.filter(user=user).delete()
+    Token.objects.create(user=user, key=auth.stored_token_key(secret))
+    _SECRETS[auth.stored_token_key(secret)] = secret
+    return secret
 
 
 # --- Files -------------------------------------------------------------------------

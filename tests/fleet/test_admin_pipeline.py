@@ -1,4 +1,4 @@
-"""The admin's model pipeline pages: uploads refused with a reason, pipelines, evaluations and pins."""
+"""The admin's model pipeline pages: uploads failed with a reason, pipelines, evaluations and pins."""
 
 import pytest
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
@@ -17,17 +17,23 @@ def admin_client(db, client):
     return client
 
 
-def test_it_refuses_an_upload_that_is_not_onnx_and_keeps_nothing(admin_client, artifact_root):
+def test_it_takes_an_upload_that_is_not_onnx_and_the_worker_fails_it_with_the_reason(
+    admin_client, artifact_root, django_capture_on_commit_callbacks
+):
     version = make_version()
     data = {"version": version.pk, "file": SimpleUploadedFile("model.onnx", b"not a model"), "role": "model"}
 
-    response = admin_client.post(
-        url(Artifact, "add"), {**data, "precision": "fp32", "hardware_class": "any", "format": "onnx"}, follow=True
-    )
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(
+            url(Artifact, "add"), {**data, "precision": "fp32", "hardware_class": "any", "format": "onnx"}, follow=True
+        )
+    artifact = Artifact.objects.get()
+    page = admin_client.get(url(Artifact, "change", artifact.pk))
 
     assert response.redirect_chain, response.context["adminform"].form.errors
-    assert "the file is not an ONNX model, or it is truncated" in [str(m) for m in response.context["messages"]][0]
-    assert not Artifact.objects.exists()
+    assert artifact.status == "failed"
+    assert "the file is not an ONNX model, or it is truncated" in artifact.error
+    assert "the file is not an ONNX model, or it is truncated" in page.content.decode()
     assert not [p for p in artifact_root.rglob("*") if p.is_file()]
 
 

@@ -19,16 +19,18 @@ def test_it_hands_out_a_token_for_a_username_and_password(operator):
     assert listing.status_code == 200
 
 
-def test_it_audits_the_token_made_at_the_first_sign_in_only(operator):
+def test_it_issues_a_new_token_at_each_sign_in_retires_the_last_and_audits_both(operator):
     credentials = {"username": "olivia", "password": "correct horse battery staple"}
 
-    first = token_client(None).post("/api/v1/auth/token/", credentials)
-    again = token_client(None).post("/api/v1/auth/token/", credentials)
+    first = token_client(None).post("/api/v1/auth/token/", credentials).json()["token"]
+    again = token_client(None).post("/api/v1/auth/token/", credentials).json()["token"]
 
-    assert first.json()["token"] == again.json()["token"]
-    event = AuditEvent.objects.get(action="token.added")
-    assert (event.actor, event.object_repr, event.source_address) == (operator, "olivia", "127.0.0.1")
-    assert event.after == {"user": "olivia"}
+    assert first != again
+    assert token_client(None).get("/api/v1/models/", HTTP_AUTHORIZATION=f"Token {first}").status_code == 401
+    assert token_client(None).get("/api/v1/models/", HTTP_AUTHORIZATION=f"Token {again}").status_code == 200
+    events = AuditEvent.objects.filter(action="token.added")
+    assert [(e.actor, e.object_repr, e.source_address) for e in events] == [(operator, "olivia", "127.0.0.1")] * 2
+    assert {str(e.after) for e in events} == {"{'user': 'olivia'}"}
 
 
 def test_it_refuses_a_wrong_password():

@@ -298,6 +298,18 @@ def onnx_at_opset(opset: int) -> bytes:
     return model.SerializeToString()
 
 
+def external_data_onnx(location: str) -> bytes:
+    """A model whose weights ``w`` are said to live in another file."""
+    model = onnx.load_from_string(onnx_bytes())
+    weights = model.graph.initializer[0]
+    weights.ClearField("raw_data")
+    weights.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    return model.SerializeToString()
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("data", "expected"),
@@ -306,25 +318,35 @@ def onnx_at_opset(opset: int) -> bytes:
         (truncated_onnx(), "truncated"),
         (onnx_at_opset(99), "uses opset 99; this plane's onnxruntime loads opsets 7 to"),
         (onnx_at_opset(3), "uses opset 3"),
+        (external_data_onnx("weights.bin"), "keeps tensor 'w' in an external file ('weights.bin')"),
+        (external_data_onnx("../../../../etc/passwd"), "keeps tensor 'w' in an external file"),
     ],
-    ids=["not-onnx", "truncated", "opset-too-new", "opset-too-old"],
+    ids=["not-onnx", "truncated", "opset-too-new", "opset-too-old", "external-data", "external-data-escaping"],
 )
-def test_it_refuses_a_model_file_onnxruntime_cannot_load_and_keeps_nothing(operator, artifact_root, data, expected):
+def test_it_takes_the_file_and_fails_a_model_onnxruntime_cannot_load_in_the_worker(
+    operator, artifact_root, data, expected, django_capture_on_commit_callbacks
+):
     version = make_version()
+    client = token_client(operator)
 
-    response = upload(token_client(operator), version, data)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = upload(client, version, data)
+    polled = client.get(response.json()["url"]).json()
 
-    assert response.status_code == 400
-    assert expected in response.json()["file"][0]
-    assert not Artifact.objects.exists()
+    # The request only stored the file: it never parsed it.
+    assert (response.status_code, response.json()["status"]) == (201, "processing")
+    assert polled["status"] == "failed"
+    assert expected in polled["error"]
     assert not [p for p in artifact_root.rglob("*") if p.is_file()]
+    assert AuditEvent.objects.filter(action="artifact.failed").count() == 1
 
 
 @pytest.mark.django_db
-def test_it_reads_the_signature_at_upload(operator):
+def test_it_reads_the_signature_in_the_worker(operator, django_capture_on_commit_callbacks):
     version = make_version()
 
-    body = upload(token_client(operator), version, onnx_bytes(weights=8)).json()
+    with django_capture_on_commit_callbacks(execute=True):
+        body = upload(token_client(operator), version, onnx_bytes(weights=8)).json()
 
     artifact = Artifact.objects.get(pk=body["id"])
     assert artifact.signature == {
@@ -335,14 +357,16 @@ def test_it_reads_the_signature_at_upload(operator):
 
 
 @pytest.mark.django_db
-def test_it_flags_a_version_whose_signature_differs_from_its_parent(operator):
+def test_it_flags_a_version_whose_signature_differs_from_its_parent(operator, django_capture_on_commit_callbacks):
     parent = make_published_version()
     same = make_version(parent.model, parent=parent)
     changed = make_version(parent.model, parent=parent)
     client = token_client(operator)
 
-    upload(client, same, onnx_bytes("same-signature"))
-    upload(client, changed, onnx_bytes(weights=32))
+    with django_capture_on_commit_callbacks(execute=True):
+        upload(client, same, onnx_bytes("same-signature"))
+    with django_capture_on_commit_callbacks(execute=True):
+        upload(client, changed, onnx_bytes(weights=32))
 
     assert client.get(f"/api/v1/versions/{same.pk}/").json()["breaking"] is False
     assert client.get(f"/api/v1/versions/{changed.pk}/").json()["breaking"] is True
