@@ -1,0 +1,73 @@
+"""A fake token engine for fast tests of the generative path, and the real SmolLM2 bundle when it is cached."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from agent import wire
+from agent.generate import ChatMessage, LoadedGenerator, Sampling
+from agent.runtime import ModelInfo
+
+EOS = 0
+WORDS = ["<eos>", " The", " capital", " of", " France", " is", " Paris", ".", " STOP", " and"]
+PARIS = [1, 2, 3, 4, 5, 6, 7, EOS]  # " The capital of France is Paris."
+GENERATE_SPEC = wire.InferenceSpec(task="generate")
+INFO = ModelInfo(deployment_id=9, sha256="d" * 64, model="tiny-lm", version="1.0.0")
+CACHE = Path.home() / ".cache" / "edgefleet"
+SMOLLM2_BUNDLES = CACHE / "models" / "smollm2-onnx"
+
+
+class FakeEngine:
+    """Speaks ``script`` (then " and" forever), one token per ``delay`` seconds, and counts what it made."""
+
+    def __init__(self, script: Sequence[int] = PARIS, *, delay: float = 0.0, context_length: int = 64) -> None:
+        self.script = list(script)
+        self.delay = delay
+        self.context_length = context_length
+        self.eos_token_ids = frozenset({EOS})
+        self.produced = 0
+        self.running = 0
+        self.prompts: list[list[int]] = []
+        self.samplings: list[Sampling] = []
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) % 9 + 1 for word in text.split()]
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+
+    def tokens(self, prompt_ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        with self._lock:
+            self.prompts.append(list(prompt_ids))
+            self.samplings.append(sampling)
+            self.running += 1
+        try:
+            for index in range(sampling.max_tokens):
+                if self.delay:
+                    time.sleep(self.delay)
+                with self._lock:
+                    self.produced += 1
+                yield self.script[index] if index < len(self.script) else 9
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def detokenizer(self) -> Callable[[int], str]:
+        return lambda token: WORDS[token]
+
+
+def fake_generator(engine: FakeEngine | None = None, info: ModelInfo = INFO) -> LoadedGenerator:
+    return LoadedGenerator(engine or FakeEngine(), GENERATE_SPEC, info)
+
+
+def smollm2_bundle() -> Path | None:
+    """The converter's SmolLM2-135M bundle (a variant directory with genai_config.json), if it has been built."""
+    if not (SMOLLM2_BUNDLES / "READY").exists():
+        return None
+    variants = sorted(p.parent for p in SMOLLM2_BUNDLES.glob("*/genai_config.json"))
+    preferred = [v for v in variants if v.name in ("q4_1", "repack", "lossless")]
+    return (preferred or variants or [None])[0]
