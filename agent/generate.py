@@ -251,7 +251,7 @@ class OgEngine:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
-        self.context_length = _context_length(directory)
+        self.context_length, self._vocab_size = _sizes(directory)
         self.eos_token_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self._chatml = self._has_token("<|im_start|>") and self._has_token("<|im_end|>")
         self._template_works = True
@@ -278,7 +278,10 @@ class OgEngine:
         if sampling.greedy:
             options["do_sample"] = False
         else:
-            options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            # OpenAI's API has no top-k: every token stays a candidate (a bundle's config may say top_k 1).
+            options.update(
+                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=self._vocab_size
+            )
         if sampling.seed is not None:
             options["random_seed"] = sampling.seed
         params.set_search_options(**options)
@@ -302,12 +305,13 @@ class OgEngine:
             return False
 
 
-def _context_length(directory: Path) -> int:
+def _sizes(directory: Path) -> tuple[int, int]:
+    """The bundle's context length and vocabulary size, from genai_config.json."""
     try:
-        config = json.loads((directory / "genai_config.json").read_text())
-        return int(config["model"]["context_length"])
+        model = json.loads((directory / "genai_config.json").read_text())["model"]
+        return int(model["context_length"]), int(model["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GenerateError(f"genai_config.json names no model.context_length: {exc}") from None
+        raise GenerateError(f"genai_config.json lacks model.context_length or model.vocab_size: {exc}") from None
 
 
 def render_fallback(messages: Sequence[ChatMessage], *, chatml: bool) -> str:

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import wire
 from agent.generate import ChatMessage, LoadedGenerator, Sampling
@@ -69,5 +70,41 @@ def smollm2_bundle() -> Path | None:
     if not (SMOLLM2_BUNDLES / "READY").exists():
         return None
     variants = sorted(p.parent for p in SMOLLM2_BUNDLES.glob("*/genai_config.json"))
-    preferred = [v for v in variants if v.name in ("q4_1", "repack", "lossless")]
+    # int4 answers "Paris"; the lossless repack's first token flips on this question (the
+    # reference's top-2 margin there is 0.08), per the converter's notes.
+    preferred = [v for v in variants if v.name == "int4"]
     return (preferred or variants or [None])[0]
+
+
+def smollm2_variant(name: str) -> Path | None:
+    directory = SMOLLM2_BUNDLES / name
+    return directory if (SMOLLM2_BUNDLES / "READY").exists() and (directory / "genai_config.json").exists() else None
+
+
+class CountingEngine:
+    """A real engine, with the tokens it generated and the generations running counted: to see one stop."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.context_length = engine.context_length
+        self.eos_token_ids = engine.eos_token_ids
+        self.produced = 0
+        self.running = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.engine.encode(text))
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        return str(self.engine.render_chat(messages))
+
+    def tokens(self, prompt_ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        self.running += 1
+        try:
+            for token in self.engine.tokens(prompt_ids, sampling):
+                self.produced += 1
+                yield token
+        finally:
+            self.running -= 1
+
+    def detokenizer(self) -> Callable[[int], str]:
+        return self.engine.detokenizer()  # type: ignore[no-any-return]

@@ -1,0 +1,182 @@
+"""What the agent's OpenAI-compatible path costs a generation, against onnxruntime-genai called directly.
+
+    .venv/bin/python -m bench.agent_generate [--bundle DIR] [--tokens 64] [--repeat 5] [--threads 1]
+
+One process, one model load. The same chat prompt, greedy, the same number of
+tokens, three ways, interleaved round by round so load on the machine hits all alike:
+
+- ``direct``: onnxruntime-genai's own loop (Generator, append_tokens,
+  generate_next_token, the tokenizer stream's decode), the reference;
+- ``http``: ``POST /v1/chat/completions`` to the agent's InferenceServer serving
+  that same model, the whole answer in one response;
+- ``sse``: the same with ``stream: true``, read event by event as a client would.
+
+Decode tok/s is (tokens - 1) over the time from the first token to the last, as
+seen by the caller; a whole answer has no per-token timing, so for http only the
+total time counts. TTFT is from the call to the first token. The cost of the
+agent's path: for sse, 1 - median decode tok/s (sse) / (direct); for http, the
+extra total time over direct's. Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent import wire
+from agent.config import GenerationConfig
+from agent.generate import ChatMessage, LoadedGenerator, OgEngine
+from agent.runtime import ModelInfo, Runner
+from agent.server import InferenceServer
+from agent.telemetry import GenerationRecorder, LatencyRecorder
+
+BUNDLES = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet")) / "models" / "smollm2-onnx"
+# Long enough an answer that SmolLM2 does not stop before the token budget.
+QUESTION = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def default_bundle() -> Path:
+    variants = sorted(p.parent for p in BUNDLES.glob("*/genai_config.json"))
+    if not variants:
+        sys.exit(f"no bundle under {BUNDLES}: build one with the GGUF converter first (make models)")
+    preferred = [v for v in variants if v.name in ("q4_1", "repack", "lossless")]
+    return (preferred or variants)[0]
+
+
+Figures = tuple[float, float, int, float]  # TTFT ms, decode tok/s, tokens, total ms
+
+
+def direct(engine: OgEngine, prompt_ids: list[int], tokens: int) -> Figures:
+    """onnxruntime-genai alone."""
+    import numpy as np
+
+    og = engine._og
+    started = time.perf_counter()
+    params = og.GeneratorParams(engine.model)
+    params.set_search_options(max_length=len(prompt_ids) + tokens, do_sample=False, batch_size=1)
+    generator = og.Generator(engine.model, params)
+    stream = engine.tokenizer.create_stream()
+    generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    stamps: list[float] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        stream.decode(int(generator.get_next_tokens()[0]))
+        stamps.append(time.perf_counter())
+    del generator
+    return _figures(started, stamps)
+
+
+def over_http(port: int, tokens: int) -> Figures:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = json.dumps(_request(tokens)).encode()
+    started = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    answer = json.loads(connection.getresponse().read())
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return float("nan"), float("nan"), answer["usage"]["completion_tokens"], elapsed * 1000
+
+
+def over_sse(port: int, tokens: int) -> Figures:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = json.dumps({**_request(tokens), "stream": True}).encode()
+    started = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    stamps: list[float] = []
+    for line in response:
+        if line.startswith(b"data: {") and b'"content":' in line and b'"role"' not in line:
+            stamps.append(time.perf_counter())
+    connection.close()
+    return _figures(started, stamps)
+
+
+def _request(tokens: int) -> dict[str, object]:
+    return {
+        "model": "bench",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": tokens,
+    }
+
+
+def _figures(started: float, stamps: list[float]) -> Figures:
+    ttft = (stamps[0] - started) * 1000
+    tps = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return ttft, tps, len(stamps), (stamps[-1] - started) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=GenerationConfig().thread_count())
+    args = parser.parse_args()
+    bundle = args.bundle or default_bundle()
+    engine = OgEngine(bundle, threads=args.threads)
+    model = LoadedGenerator(engine, wire.InferenceSpec(task="generate"), ModelInfo(deployment_id=1, sha256="0" * 64))
+    prompt_ids = model.prompt_ids([ChatMessage("user", QUESTION)])
+    runner = Runner()
+    runner.install(model)
+    server = InferenceServer(runner, LatencyRecorder(), generations=GenerationRecorder(), port=0)
+    server.start()
+    ways = {
+        "direct": lambda: direct(engine, prompt_ids, args.tokens),
+        "http": lambda: over_http(server.port, args.tokens),
+        "sse": lambda: over_sse(server.port, args.tokens),
+    }
+    results: dict[str, list[Figures]] = {name: [] for name in ways}
+    try:
+        for way in ways.values():  # warm-up: the first generation pays for arena growth
+            way()
+        for _ in range(args.repeat):
+            for name, way in ways.items():
+                results[name].append(way())
+    finally:
+        server.stop()
+    print(report(bundle, args, prompt_ids, results))
+    return 0
+
+
+def report(bundle: Path, args: argparse.Namespace, prompt_ids: list[int], results: dict[str, list[Figures]]) -> str:
+    def median(name: str, index: int) -> float:
+        return statistics.median(r[index] for r in results[name])
+
+    lines = [
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; bundle `{bundle.name}`, "
+        f"{args.threads} thread(s), prompt {len(prompt_ids)} tokens, {args.tokens} tokens greedy, "
+        f"median of {args.repeat} (interleaved).",
+        "",
+        "| path | TTFT (ms) | decode tok/s | tokens | total (ms) | cost vs direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    costs = {
+        "direct": "—",
+        "http": f"{(median('http', 3) / median('direct', 3) - 1) * 100:.1f}% of total time",
+        "sse": f"{(1 - median('sse', 1) / median('direct', 1)) * 100:.1f}% of decode tok/s",
+    }
+    labels = {
+        "direct": "onnxruntime-genai directly (reference)",
+        "http": "`POST /v1/chat/completions`, whole answer",
+        "sse": "`POST /v1/chat/completions`, `stream: true` (SSE)",
+    }
+    for name in ("direct", "http", "sse"):
+        ttft, tps = median(name, 0), median(name, 1)
+        shown = ["—" if x != x else f"{x:.1f}" for x in (ttft, tps)]  # NaN: not measurable on this path
+        tokens, total = int(median(name, 2)), median(name, 3)
+        lines.append(f"| {labels[name]} | {shown[0]} | {shown[1]} | {tokens} | {total:.0f} | {costs[name]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
