@@ -279,6 +279,11 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as exc:
             self._chat_failed(exc.status, chat.error_body(str(exc)))
             return
+        except Exception:  # the tokenizer or template failed on this input: the model's fault, not the caller's
+            log.exception("http.chat_prompt_failed")
+            body = chat.error_body("cannot build the prompt; see the agent's log", "server_error")
+            self._chat_failed(HTTPStatus.INTERNAL_SERVER_ERROR, body)
+            return
         try:
             with self._server.queue.slot():
                 if self._client_gone():  # it gave up while waiting in line

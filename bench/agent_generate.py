@@ -47,7 +47,7 @@ def default_bundle() -> Path:
     variants = sorted(p.parent for p in BUNDLES.glob("*/genai_config.json"))
     if not variants:
         sys.exit(f"no bundle under {BUNDLES}: build one with the GGUF converter first (make models)")
-    preferred = [v for v in variants if v.name in ("q4_1", "repack", "lossless")]
+    preferred = [v for v in variants if v.name == "int4"]  # the variant the converter's notes ship
     return (preferred or variants)[0]
 
 
@@ -138,9 +138,10 @@ def main() -> int:
     try:
         for way in ways.values():  # warm-up: the first generation pays for arena growth
             way()
-        for _ in range(args.repeat):
-            for name, way in ways.items():
-                results[name].append(way())
+        names = list(ways)
+        for round_ in range(args.repeat):  # each round in another order: no path always runs first
+            for name in names[round_ % 3 :] + names[: round_ % 3]:
+                results[name].append(ways[name]())
     finally:
         server.stop()
     print(report(bundle, args, prompt_ids, results))

@@ -24,8 +24,16 @@ SMOLLM2_BUNDLES = CACHE / "models" / "smollm2-onnx"
 class FakeEngine:
     """Speaks ``script`` (then " and" forever), one token per ``delay`` seconds, and counts what it made."""
 
-    def __init__(self, script: Sequence[int] = PARIS, *, delay: float = 0.0, context_length: int = 64) -> None:
+    def __init__(
+        self,
+        script: Sequence[int] = PARIS,
+        *,
+        delay: float = 0.0,
+        context_length: int = 64,
+        fail_after: int | None = None,
+    ) -> None:
         self.script = list(script)
+        self.fail_after = fail_after
         self.delay = delay
         self.context_length = context_length
         self.eos_token_ids = frozenset({EOS})
@@ -48,6 +56,8 @@ class FakeEngine:
             self.running += 1
         try:
             for index in range(sampling.max_tokens):
+                if index == self.fail_after:
+                    raise RuntimeError("the model's kernel failed")
                 if self.delay:
                     time.sleep(self.delay)
                 with self._lock:

@@ -187,6 +187,22 @@ def test_it_answers_429_with_retry_after_past_its_waiting_line(runner: Runner, r
         server.stop()
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_it_reports_a_model_that_fails_mid_generation_as_a_fault(
+    server: InferenceServer, runner: Runner, recorder: LatencyRecorder, generations: GenerationRecorder, stream: bool
+) -> None:
+    runner.install(fake_generator(FakeEngine([9] * 50, fail_after=3)))
+    response = post(server, {"messages": QUESTION, "stream": stream})
+    body = response.read().decode()
+    if stream:
+        assert response.status == 200 and '"server_error"' in body and "[DONE]" not in body
+    else:
+        assert response.status == 500 and json.loads(body)["error"]["type"] == "server_error"
+    assert recorder.totals() == (1, 1)  # probation counts it
+    stats = generations.drain()
+    assert stats is not None and (stats.requests, stats.errors, stats.tokens) == (1, 1, 3)
+
+
 def test_it_lists_the_active_model(server: InferenceServer) -> None:
     assert [m.id for m in client(server).models.list()] == ["tiny-lm"]
 
