@@ -5,7 +5,8 @@ bundle is a directory that onnxruntime-genai opens by file name (model.onnx find
 model.onnx.data, genai_config.json names model.onnx), so its verified artifacts
 are hard-linked under their manifest filenames into ``bundles/<key>/``, where the
 key is a hash of the (filename, sha256) pairs: the same files give the same
-directory, and a directory is only ever replaced whole.
+directory, which is reused while its links still point at the verified artifacts
+and otherwise rebuilt whole beside it and swapped in.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def assemble(data_dir: Path, files: Mapping[str, str], *, verified: Mapping[str,
     sources = {name: _artifact(data_dir, sha, verified) for name, sha in files.items()}
     root = data_dir / FOLDER
     target = root / bundle_key(files)
+    if _links_to(target, sources):
+        return target  # already there, maybe serving: never pulled from under a loaded model
     staging = root / f"{target.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -85,6 +88,15 @@ def prune_bundles(data_dir: Path, keep: list[Mapping[str, str]]) -> None:
         if entry.name not in wanted:
             shutil.rmtree(entry, ignore_errors=True)
             log.info("bundles.pruned path=%s", entry)
+
+
+def _links_to(directory: Path, sources: Mapping[str, Path]) -> bool:
+    """True when ``directory`` holds exactly ``sources``, each the very file (same inode) it names."""
+    try:
+        names = {entry.name for entry in directory.iterdir()}
+        return names == set(sources) and all(os.path.samefile(directory / n, s) for n, s in sources.items())
+    except OSError:
+        return False
 
 
 def _artifact(data_dir: Path, sha256: str, verified: Mapping[str, Path] | None) -> Path:

@@ -91,7 +91,11 @@ def test_it_links_a_bundle_under_its_file_names(tmp_path: Path) -> None:
     assert directory.name == bundle_key(files)
     assert sorted(p.name for p in directory.iterdir()) == ["model.onnx", "model.onnx.data"]
     assert (directory / "model.onnx").read_bytes() == b"graph"
-    assert assemble(tmp_path, files) == directory  # the same files: the same directory, rebuilt whole
+    inode = (directory / "model.onnx").stat().st_ino
+    assert assemble(tmp_path, files) == directory  # the same files: the same directory, left as it is
+    assert (directory / "model.onnx").stat().st_ino == inode
+    (directory / "stray").write_bytes(b"")
+    assert sorted(p.name for p in assemble(tmp_path, files).iterdir()) == ["model.onnx", "model.onnx.data"]
 
     prune_bundles(tmp_path, [])
     assert not directory.exists()

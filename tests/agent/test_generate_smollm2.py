@@ -187,3 +187,24 @@ def test_it_deploys_serves_and_reports_a_generative_model_and_refuses_a_degraded
     assert agent.active is not None and agent.active.deployment_id == 1
     again = client(agent.server).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0)  # type: ignore[arg-type]
     assert "Paris" in (again.choices[0].message.content or "")
+
+
+def test_it_serves_a_generative_model_again_after_a_restart(
+    tmp_path: Path, link: FakeLink, plane: FakePlane, smollm2: LoadedGenerator
+) -> None:
+    assert BUNDLE is not None
+    first = make_agent(tmp_path / "data", link)
+    first.start()
+    try:
+        send_desired(link, desired(1, _bundle_files(plane, BUNDLE), model="smollm2", inference=SPEC))
+        assert final_state(link, 1, timeout=120).state == "active"
+    finally:
+        first.stop()
+    again = make_agent(tmp_path / "data", FakeLink())  # no plane: the model comes from disk alone
+    again.start()
+    try:
+        assert again.server is not None and again.active is not None and again.active.deployment_id == 1
+        answer = client(again.server).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0)  # type: ignore[arg-type]
+        assert "Paris" in (answer.choices[0].message.content or "")
+    finally:
+        again.stop()
