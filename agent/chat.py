@@ -122,9 +122,15 @@ class Completion:
         }
         return {**self._head("chat.completion"), "choices": [choice], "usage": usage}
 
-    def chunk(self, delta: dict[str, Any], finish_reason: FinishReason | None = None) -> dict[str, Any]:
+    def chunk(
+        self, delta: dict[str, Any], finish_reason: FinishReason | None = None, *, usage: bool = False
+    ) -> dict[str, Any]:
+        """One piece of a stream; with ``usage`` (include_usage asked for) it says ``"usage": null``, as OpenAI's do."""
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        chunk = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        if usage:
+            chunk["usage"] = None
+        return chunk
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._head("chat.completion.chunk"), "choices": [], "usage": usage}

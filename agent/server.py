@@ -347,9 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True  # until the stream ended cleanly
         try:
             self._start_stream()
-            self._event(completion.chunk({"role": "assistant", "content": ""}))
+            self._event(completion.chunk({"role": "assistant", "content": ""}, usage=include_usage))
             for piece in generation:
-                self._event(completion.chunk({"content": piece}))
+                self._event(completion.chunk({"content": piece}, usage=include_usage))
         except OSError as exc:  # the client went away (reset, broken pipe) or stopped reading (timeout)
             generation.close()
             log.info("http.stream_abandoned tokens=%d reason=%s", generation.completion_tokens, type(exc).__name__)
@@ -360,7 +360,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._end_stream(chat.error_body("generation failed; see the agent's log", "server_error"))
             return
         try:
-            self._event(completion.chunk({}, generation.finish_reason))
+            self._event(completion.chunk({}, generation.finish_reason, usage=include_usage))
             if include_usage:
                 self._event(completion.usage_chunk(chat.usage(generation.prompt_tokens, generation.completion_tokens)))
             self._write_chunk(b"data: [DONE]\n\n")
@@ -397,12 +397,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_gone(self) -> bool:
         """True when the client closed its end: the socket reads as end-of-file, without waiting."""
+        # poll, not select (no 1024-descriptor limit), and not a recv flag: a socket with a timeout
+        # waits for readability inside recv whatever the flags say.
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            if not readable:
-                return False
+            if not poller.poll(0):
+                return False  # nothing to read: still there
             return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
-        except (OSError, ValueError):
+        except OSError:
             return True
 
     def _generation_crashed(self, generation: Generation) -> None:
