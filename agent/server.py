@@ -339,8 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return
         usage = chat.usage(generation.prompt_tokens, generation.completion_tokens)
+        self._chat_done(generation, ok=True)  # before the answer: a client reading the heartbeat next sees it
         self._send(HTTPStatus.OK, completion.response("".join(pieces), generation.finish_reason, usage))
-        self._chat_done(generation, ok=True)
 
     def _stream(self, generation: Generation, completion: chat.Completion, *, include_usage: bool) -> None:
         """Server-sent events, one per text piece, as OpenAI streams them; ends with ``data: [DONE]``."""
@@ -359,6 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._generation_crashed(generation)
             self._end_stream(chat.error_body("generation failed; see the agent's log", "server_error"))
             return
+        self._chat_done(generation, ok=True)  # the generation is over; recorded before the client hears so
         try:
             self._event(completion.chunk({}, generation.finish_reason, usage=include_usage))
             if include_usage:
@@ -368,7 +369,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = False
         except OSError:
             pass
-        self._chat_done(generation, ok=True)
 
     def _start_stream(self) -> None:
         self.log_request(HTTPStatus.OK.value)
