@@ -51,7 +51,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     stop: str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    # onnxruntime-genai takes a 32-bit seed; a bigger one is the caller's error, not the model's.
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
 
     def chat_messages(self) -> list[ChatMessage]:

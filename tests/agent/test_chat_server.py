@@ -215,6 +215,7 @@ def test_it_lists_the_active_model(server: InferenceServer) -> None:
         ({"messages": QUESTION, "temperature": 3}, "temperature"),
         ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
         ({"messages": QUESTION, "n": 2}, "$.n"),
+        ({"messages": QUESTION, "seed": 2**40}, "$.seed"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text only"),
         ({"messages": [{"role": "user", "content": "x " * 100}]}, "context holds 64"),
     ],

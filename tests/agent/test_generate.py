@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import wire
+from agent.chat import parse_request
 from agent.generate import ChatMessage, GenerateError, Sampling, StopMatcher
 from agent.selftest import SelfTestFailed, run_selftest, token_agreement
 from tests.agent.generators import EOS, PARIS, FakeEngine, fake_generator
@@ -84,3 +89,34 @@ def test_it_smoke_tests_a_generator_without_prompts() -> None:
     engine = FakeEngine()
     run_selftest(fake_generator(engine), None)
     assert engine.produced > 0 and engine.samplings[0].greedy
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+chat_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": json_values | st.lists(st.fixed_dictionaries({"role": json_values, "content": json_values})),
+        "max_tokens": json_values,
+        "temperature": json_values,
+        "top_p": json_values,
+        "stop": json_values,
+        "stream": json_values,
+        "n": json_values,
+        "seed": json_values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=chat_fields | json_values)
+def test_it_refuses_any_malformed_chat_request_with_a_clear_error(body: object) -> None:
+    model = fake_generator(FakeEngine(context_length=1 << 20))
+    try:
+        request = parse_request(json.dumps(body).encode())
+        model.start(model.prompt_ids(request.chat_messages()), request.sampling(16), request.stops())
+    except GenerateError as exc:
+        assert str(exc)
