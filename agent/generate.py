@@ -229,10 +229,16 @@ class LoadedGenerator:
     def greedy_ids(self, prompt: str, count: int) -> list[int]:
         """The first ``count`` greedy tokens after a raw-text prompt (no chat template): the self-test's probe."""
         ids: list[int] = []
-        for token in self.engine.tokens(self.engine.encode(prompt), Sampling(max_tokens=count, temperature=0.0)):
-            ids.append(token)
-            if len(ids) >= count:
-                break
+        tokens = self.engine.tokens(self.engine.encode(prompt), Sampling(max_tokens=count, temperature=0.0))
+        try:
+            for token in tokens:
+                ids.append(token)
+                if len(ids) >= count:
+                    break
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()  # frees the engine's generator now
         return ids
 
 
