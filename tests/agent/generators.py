@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,8 +20,10 @@ WORDS = ["<eos>", " The", " capital", " of", " France", " is", " Paris", ".", " 
 PARIS = [1, 2, 3, 4, 5, 6, 7, EOS]  # " The capital of France is Paris."
 GENERATE_SPEC = wire.InferenceSpec(task="generate")
 INFO = ModelInfo(deployment_id=9, sha256="d" * 64, model="tiny-lm", version="1.0.0")
-CACHE = Path.home() / ".cache" / "edgefleet"
+CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
 SMOLLM2_BUNDLES = CACHE / "models" / "smollm2-onnx"
+SMOLLM2_GGUF = CACHE / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeEngine:
@@ -76,19 +81,21 @@ def fake_generator(engine: FakeEngine | None = None, info: ModelInfo = INFO) -> 
 
 
 def smollm2_bundle() -> Path | None:
-    """The converter's SmolLM2-135M bundle (a variant directory with genai_config.json), if it has been built."""
-    if not (SMOLLM2_BUNDLES / "READY").exists():
+    """SmolLM2-135M's int4 bundle (the variant that answers "Paris"), built from the cached GGUF if need be.
+
+    The GGUF converter (fleet.lib.gguf.convert) runs in a subprocess, so these agent tests
+    import nothing of the plane; without it or the GGUF (make models) there is no bundle.
+    """
+    int4 = SMOLLM2_BUNDLES / "int4"
+    if (int4 / "genai_config.json").exists():
+        return int4
+    if not (SMOLLM2_GGUF.exists() and (REPO / "fleet" / "lib" / "gguf" / "convert.py").exists()):
         return None
-    variants = sorted(p.parent for p in SMOLLM2_BUNDLES.glob("*/genai_config.json"))
-    # int4 answers "Paris"; the lossless repack's first token flips on this question (the
-    # reference's top-2 margin there is 0.08), per the converter's notes.
-    preferred = [v for v in variants if v.name == "int4"]
-    return (preferred or variants or [None])[0]
-
-
-def smollm2_variant(name: str) -> Path | None:
-    directory = SMOLLM2_BUNDLES / name
-    return directory if (SMOLLM2_BUNDLES / "READY").exists() and (directory / "genai_config.json").exists() else None
+    convert = [sys.executable, "-m", "fleet.lib.gguf.convert", str(SMOLLM2_GGUF), str(int4), "--variant", "int4"]
+    done = subprocess.run(convert, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting SmolLM2 failed: {done.stderr[-2000:]}")
+    return int4
 
 
 class CountingEngine:

@@ -1,11 +1,13 @@
 """The real SmolLM2-135M bundle on onnxruntime-genai, served to the official openai client.
 
-Skipped, with the reason, when the converted bundle is not in the model cache
-(~/.cache/edgefleet/models/smollm2-onnx/, written by the GGUF converter).
+The int4 bundle comes from the model cache (~/.cache/edgefleet/models/smollm2-onnx/int4),
+converted from the GGUF that make models fetches on first use. Skipped, with the reason,
+when neither the bundle nor the GGUF and its converter are there.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,24 +24,28 @@ from agent.selftest import SelfTestFailed, run_selftest
 from agent.server import InferenceServer
 from agent.telemetry import GenerationRecorder, LatencyRecorder
 from tests.agent.fakes import FakeLink, FakePlane
-from tests.agent.generators import INFO, SMOLLM2_BUNDLES, CountingEngine, smollm2_bundle, smollm2_variant
+from tests.agent.generators import INFO, SMOLLM2_BUNDLES, CountingEngine, smollm2_bundle
 from tests.agent.helpers import desired, final_state, make_agent, send_desired, wait_for
 
-BUNDLE = smollm2_bundle()
-pytestmark = pytest.mark.skipif(
-    BUNDLE is None,
-    reason=f"no SmolLM2 bundle in {SMOLLM2_BUNDLES} (READY and <variant>/genai_config.json): build it with the "
-    "GGUF converter (make models, once it has landed)",
-)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 SPEC = wire.InferenceSpec(task="generate")
 
 
+@pytest.fixture(scope="session")
+def bundle() -> Path:
+    found = smollm2_bundle()
+    if found is None:
+        pytest.skip(
+            f"no SmolLM2 bundle in {SMOLLM2_BUNDLES / 'int4'}, and no GGUF (make models) or GGUF converter "
+            "(fleet/lib/gguf) to build it"
+        )
+    return found
+
+
 @pytest.fixture(scope="module")
-def smollm2() -> LoadedGenerator:
-    assert BUNDLE is not None
-    return load_generator(BUNDLE, spec=SPEC, info=INFO, threads=GenerationConfig().thread_count())
+def smollm2(bundle: Path) -> LoadedGenerator:
+    return load_generator(bundle, spec=SPEC, info=INFO, threads=GenerationConfig().thread_count())
 
 
 @pytest.fixture
@@ -153,6 +159,18 @@ def _bundle_files(plane: FakePlane, directory: Path) -> list[wire.FileManifest]:
     return [plane.add(directory / name, role, chunk_size=4 << 20) for name, role in roles.items()]
 
 
+def _degraded_copy(bundle: Path, directory: Path) -> Path:
+    """The bundle with every weight zeroed: it loads and generates, but nothing like the reference."""
+    directory.mkdir()
+    for source in bundle.iterdir():
+        if source.name == "model.onnx.data":
+            with (directory / source.name).open("wb") as zeros:
+                zeros.truncate(source.stat().st_size)
+        else:
+            shutil.copyfile(source, directory / source.name)
+    return directory
+
+
 @pytest.fixture
 def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
     agent = make_agent(tmp_path / "data", link, generation=GenerationConfig(max_running=1))
@@ -162,13 +180,13 @@ def agent(tmp_path: Path, link: FakeLink) -> Iterator[Agent]:
 
 
 def test_it_deploys_serves_and_reports_a_generative_model_and_refuses_a_degraded_variant(
-    agent: Agent, link: FakeLink, plane: FakePlane, smollm2: LoadedGenerator
+    agent: Agent, link: FakeLink, plane: FakePlane, smollm2: LoadedGenerator, bundle: Path, tmp_path: Path
 ) -> None:
-    assert BUNDLE is not None and agent.server is not None
+    assert agent.server is not None
     prompt = _rendered(smollm2, "What is the capital of France?")
     reference = smollm2.greedy_ids(prompt, 16)  # the shipped variant's own tokens: what the plane evaluates against
     selftest = wire.SelfTest(prompts=[prompt], token_ids=[reference], min_token_agreement=0.9)
-    send_desired(link, desired(1, _bundle_files(plane, BUNDLE), model="smollm2", inference=SPEC, selftest=selftest))
+    send_desired(link, desired(1, _bundle_files(plane, bundle), model="smollm2", inference=SPEC, selftest=selftest))
     assert final_state(link, 1, timeout=120).state == "active"
 
     answer = client(agent.server).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0)  # type: ignore[arg-type]
@@ -178,25 +196,23 @@ def test_it_deploys_serves_and_reports_a_generative_model_and_refuses_a_degraded
     assert beat.generation.requests == 1 and beat.generation.tokens == answer.usage.completion_tokens  # type: ignore[union-attr]
     assert beat.generation.ttft_p50_ms > 0 and beat.generation.decode_tps_p50 > 0
 
-    degraded = smollm2_variant("repack")  # its first token flips on this very prompt
-    if degraded is None:
-        return
+    degraded = _degraded_copy(bundle, tmp_path / "degraded")
     send_desired(link, desired(2, _bundle_files(plane, degraded), model="smollm2", inference=SPEC, selftest=selftest))
     refused = final_state(link, 2, timeout=120)
-    assert refused.state == "failed" and "self-test failed" in refused.error and "of positions" in refused.error
+    assert refused.state == "failed" and "self-test failed" in refused.error
+    assert "agree with the reference on 0.0% of positions" in refused.error
     assert agent.active is not None and agent.active.deployment_id == 1
     again = client(agent.server).chat.completions.create(model="smollm2", messages=FRANCE, temperature=0)  # type: ignore[arg-type]
     assert "Paris" in (again.choices[0].message.content or "")
 
 
 def test_it_serves_a_generative_model_again_after_a_restart(
-    tmp_path: Path, link: FakeLink, plane: FakePlane, smollm2: LoadedGenerator
+    tmp_path: Path, link: FakeLink, plane: FakePlane, bundle: Path
 ) -> None:
-    assert BUNDLE is not None
     first = make_agent(tmp_path / "data", link)
     first.start()
     try:
-        send_desired(link, desired(1, _bundle_files(plane, BUNDLE), model="smollm2", inference=SPEC))
+        send_desired(link, desired(1, _bundle_files(plane, bundle), model="smollm2", inference=SPEC))
         assert final_state(link, 1, timeout=120).state == "active"
     finally:
         first.stop()
