@@ -69,9 +69,16 @@ def _check_generator(model: LoadedGenerator, test: wire.SelfTest | None) -> None
 
 
 def token_agreement(model: LoadedGenerator, test: wire.SelfTest) -> float:
-    """Share of reference positions where the model's own greedy token is the same; a short answer misses the rest."""
+    """Share of reference positions where the model's own greedy token is the same; a short answer misses the rest.
+
+    A reference may run on past its end-of-sequence token (an evaluator that does not
+    stop there); a runtime stops, so positions after the first one are not compared.
+    """
+    eos = model.engine.eos_token_ids
     matched = total = 0
-    for prompt, expected in zip(test.prompts, test.token_ids, strict=True):
+    for prompt, reference in zip(test.prompts, test.token_ids, strict=True):
+        end = next((i + 1 for i, token in enumerate(reference) if token in eos), len(reference))
+        expected = reference[:end]
         got = model.greedy_ids(prompt, len(expected)) if expected else []
         matched += sum(a == b for a, b in zip(got, expected, strict=False))
         total += len(expected)

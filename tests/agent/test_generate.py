@@ -79,6 +79,11 @@ def test_it_refuses_a_model_whose_greedy_tokens_disagree_with_the_reference() ->
         run_selftest(degraded, test)
 
 
+def test_it_compares_nothing_past_the_references_end_of_sequence() -> None:
+    test = wire.SelfTest(prompts=["q"], token_ids=[[*PARIS, 5, 5, 5, 5]])  # an evaluator that ran on past EOS
+    assert token_agreement(fake_generator(), test) == 1.0
+
+
 def test_it_counts_a_short_answer_as_disagreement() -> None:
     short = fake_generator(FakeEngine([1, EOS]))
     test = wire.SelfTest(prompts=["q"], token_ids=[[1, 2, 3, 4]])
