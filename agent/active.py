@@ -28,6 +28,13 @@ class ActiveDeployment(msgspec.Struct, kw_only=True):
     inference: wire.InferenceSpec = wire.InferenceSpec()
     model: str = ""
     version: str = ""
+    # Every file by its manifest filename, for a generate bundle (agent.bundles); empty otherwise.
+    files: dict[str, str] = {}
+
+    @property
+    def hashes(self) -> set[str]:
+        """Every artifact this deployment loads from."""
+        return {sha for sha in (self.sha256, self.tokenizer_sha256, *self.files.values()) if sha}
 
     @property
     def info(self) -> ModelInfo:
@@ -53,11 +60,12 @@ class ActiveDeployment(msgspec.Struct, kw_only=True):
 
     def runs_same_model(self, desired: wire.Desired) -> bool:
         """True when ``desired`` would load exactly what is loaded now."""
-        files = {f.role: f.sha256 for f in desired.files}
-        return (files.get("model"), files.get("tokenizer"), desired.inference) == (
+        new = active_from(desired) if any(f.role == "model" for f in desired.files) else None
+        return new is not None and (new.sha256, new.tokenizer_sha256, new.inference, new.files) == (
             self.sha256,
             self.tokenizer_sha256,
             self.inference,
+            self.files,
         )
 
 
@@ -82,8 +90,17 @@ def active_from(desired: wire.Desired) -> ActiveDeployment:
     return ActiveDeployment(
         deployment_id=desired.deployment_id,
         sha256=files["model"],
-        tokenizer_sha256=files.get("tokenizer"),
+        # A generate bundle may hold two tokenizer files; its ``files`` name them all.
+        tokenizer_sha256=None if desired.inference.task == "generate" else files.get("tokenizer"),
         inference=desired.inference,
         model=desired.model,
         version=desired.version,
+        files=bundle_files(desired),
     )
+
+
+def bundle_files(desired: wire.Desired) -> dict[str, str]:
+    """Filename to hash for a generate bundle; empty for other tasks, whose files go by role."""
+    if desired.inference.task != "generate":
+        return {}
+    return {f.filename: f.sha256 for f in desired.files}

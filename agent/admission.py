@@ -73,7 +73,7 @@ def _disk(desired: wire.Desired, data_dir: Path, have: Resources, rules: Admissi
 
 
 def _ram(desired: wire.Desired, have: Resources, rules: AdmissionConfig) -> str | None:
-    model_bytes = sum(f.size for f in desired.files if f.role == "model")
+    model_bytes = sum(f.size for f in desired.files if f.role in ("model", "model_data"))
     needed = int(model_bytes * rules.ram_factor) + rules.ram_margin_mb * MIB
     if not have.ram_available_bytes or have.ram_available_bytes >= needed:
         return None

@@ -6,6 +6,7 @@ reading code. Unknown keys are refused: a typo must not silently fall back to a 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,25 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: Port = 8471
+    # A connection that sends nothing (or stops reading a stream) for this long is closed.
+    timeout: Seconds = 30.0
+    # Connections served at once, each with its thread; more get 503 with Retry-After.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 64
+
+
+class GenerationConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How a generative model runs: its threads and how many chat completions at once."""
+
+    # onnxruntime's intra-op threads per generation; 0: the device's cores less one, at least 1.
+    threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    # Generations running at once; past it requests wait, and past max_waiting they get 429.
+    max_running: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    max_waiting: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 8
+    # max_tokens when a request names none.
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32_768)] = 512
+
+    def thread_count(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 class TransferConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -117,6 +137,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     broker_url: str = "mqtt://127.0.0.1:1883"
     heartbeat_interval: Seconds = 30.0
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    generation: GenerationConfig = msgspec.field(default_factory=GenerationConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
     activation: ActivationConfig = msgspec.field(default_factory=ActivationConfig)

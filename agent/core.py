@@ -27,17 +27,18 @@ import msgspec
 
 from agent import admission, outbox, signing, status, trust, wire
 from agent.active import ActiveDeployment
+from agent.bundles import load_deployment, prune_bundles
 from agent.clock import Clock
 from agent.config import Config
 from agent.deployment import DeploymentJob
 from agent.files import write_atomic
 from agent.hardware import detect_profile
 from agent.mqtt import Inbound, Link, LinkError
-from agent.runtime import LoadedModel, ModelLoadError, Runner, load_model
+from agent.runtime import Loaded, ModelLoadError, Runner
 from agent.server import InferenceServer
 from agent.slots import Slots, load_slots, save_slots
-from agent.telemetry import HeartbeatBuilder, LatencyRecorder
-from agent.transfer import find_artifact, prune
+from agent.telemetry import GenerationRecorder, HeartbeatBuilder, LatencyRecorder
+from agent.transfer import prune
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class Agent:
         self.device_id = config.device_id
         self.data_dir = config.data_path
         self.recorder = LatencyRecorder()
-        self.heartbeats = HeartbeatBuilder(self.device_id, clock, self.recorder)
+        self.generations = GenerationRecorder()
+        self.heartbeats = HeartbeatBuilder(self.device_id, clock, self.recorder, self.generations)
         self.malformed = 0
         self.server: InferenceServer | None = None
         self.active: ActiveDeployment | None = None
@@ -153,7 +155,16 @@ class Agent:
 
     def _start_server(self) -> None:
         http = self.config.http
-        self.server = InferenceServer(self.runner, self.recorder, host=http.host, port=http.port)
+        self.server = InferenceServer(
+            self.runner,
+            self.recorder,
+            host=http.host,
+            port=http.port,
+            generations=self.generations,
+            timeout=http.timeout,
+            max_connections=http.max_connections,
+            generation=self.config.generation,
+        )
         self.server.start()
         # With port 0 the kernel picks; whoever starts us reads the real one here.
         write_atomic(self.data_dir / "http.port", f"{self.server.port}\n".encode())
@@ -191,14 +202,10 @@ class Agent:
             self._begin_probation()
         log.info("agent.restored deployment_id=%d sha256=%s", active.deployment_id, active.sha256[:12])
 
-    def _load_stored(self, active: ActiveDeployment) -> LoadedModel:
-        model = find_artifact(self.data_dir, active.sha256)
-        tokenizer = find_artifact(self.data_dir, active.tokenizer_sha256) if active.tokenizer_sha256 else None
-        if model is None or (active.tokenizer_sha256 and tokenizer is None):
-            raise FileNotFoundError(f"artifacts of deployment {active.deployment_id} are missing or damaged")
-        return load_model(model, spec=active.inference, info=active.info, tokenizer_path=tokenizer)
+    def _load_stored(self, active: ActiveDeployment) -> Loaded:
+        return load_deployment(self.data_dir, active, self.config.generation)
 
-    def _activate(self, loaded: LoadedModel, active: ActiveDeployment) -> None:
+    def _activate(self, loaded: Loaded, active: ActiveDeployment) -> None:
         """Called by a deployment job with a model that passed its self-test: swap it in, start probation."""
         with self._lock:
             self.runner.install(loaded)  # one reference swap: requests in flight finish on the old model
@@ -224,12 +231,13 @@ class Agent:
     def _prune(self) -> None:
         """Free the disk of versions neither slot holds. Caller holds ``_lock``, so no job starts meanwhile."""
         keep: set[str] = set()
-        for slot in (self.slots.a, self.slots.b):
-            if slot is not None:
-                keep.update(sha for sha in (slot.sha256, slot.tokenizer_sha256) if sha)
+        slots = [slot for slot in (self.slots.a, self.slots.b) if slot is not None]
+        for slot in slots:
+            keep.update(slot.hashes)
         if self._job is not None:
             keep.update(f.sha256 for f in self._job.desired.files)
         prune(self.data_dir, keep)
+        prune_bundles(self.data_dir, [slot.files for slot in slots])
 
     def _begin_probation(self) -> None:
         self.probation = Probation(self.clock.monotonic(), *self.recorder.totals())
@@ -460,6 +468,7 @@ class Agent:
             measure=self.measure,
             after=previous,
             plane_key=self.plane_key,
+            generation=self.config.generation,
         )
         log.info(
             "agent.deploying deployment_id=%s model=%r version=%r",

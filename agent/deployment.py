@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import admission, manifest, signing, wire
 from agent.active import ActiveDeployment, active_from
+from agent.bundles import MissingArtifacts, load_deployment
 from agent.clock import Clock
-from agent.config import AdmissionConfig, TransferConfig
-from agent.runtime import LoadedModel, ModelLoadError, load_model
+from agent.config import AdmissionConfig, GenerationConfig, TransferConfig
+from agent.runtime import Loaded, ModelLoadError
 from agent.selftest import SelfTestFailed, run_selftest
 from agent.transfer import Transfer, TransferCancelled, TransferFailed
 
@@ -53,7 +54,9 @@ class Reporter(Protocol):
 
 RequestChunks = Callable[[int, str, list[int]], None]
 # Makes a loaded, self-tested model the current one; the agent owns the slots.
-Activate = Callable[[LoadedModel, ActiveDeployment], None]
+Activate = Callable[[Loaded, ActiveDeployment], None]
+# Roles a deployment may list once at most; a generate bundle may hold several tokenizer files.
+_SINGLE_ROLES: Final = ("model", "model_data", "config")
 
 
 class DeploymentJob:
@@ -73,6 +76,7 @@ class DeploymentJob:
         measure: admission.Measure = admission.measure,
         after: DeploymentJob | None = None,
         plane_key: Ed25519PublicKey | None = None,
+        generation: GenerationConfig | None = None,
     ) -> None:
         assert desired.deployment_id is not None
         self.desired = desired
@@ -81,6 +85,7 @@ class DeploymentJob:
         self.settings = settings
         self.clock = clock
         self.rules = rules or AdmissionConfig()
+        self.generation = generation or GenerationConfig()
         self.bytes_done = 0
         self._measure = measure
         self._plane_key = plane_key
@@ -129,7 +134,7 @@ class DeploymentJob:
             self._report(self.deployment_id, "ineligible", error=str(exc)[:MAX_ERROR_CHARS])
         except SelfTestFailed as exc:
             self._fail(f"self-test failed, the model was not activated: {exc}")
-        except (DeploymentError, TransferFailed, ModelLoadError, signing.SignatureError) as exc:
+        except (DeploymentError, TransferFailed, ModelLoadError, MissingArtifacts, signing.SignatureError) as exc:
             self._fail(str(exc))
         except Exception as exc:
             log.exception("deployment.crashed deployment_id=%d", self.deployment_id)
@@ -141,25 +146,34 @@ class DeploymentJob:
 
     def _deploy(self) -> None:
         self._check_signatures()
-        files = self._files_by_role()
+        self._check_files()
         self._admit()
         self._progress(0)  # even when every file is already stored, the plane sees the download start
-        paths = self._download(files)
+        paths = self._download()
         self._report(self.deployment_id, "verifying", bytes_done=self.bytes_total, bytes_total=self.bytes_total)
-        self._verify(files, paths)
+        self._verify(paths)
         self._load(paths)
 
     # --- steps --------------------------------------------------------------
 
-    def _files_by_role(self) -> dict[str, wire.FileManifest]:
-        files: dict[str, wire.FileManifest] = {}
-        for file in self.desired.files:
-            if file.role in files:
-                raise DeploymentError(f"deployment lists two {file.role} files")
-            files[file.role] = file
-        if "model" not in files:
+    def _check_files(self) -> None:
+        files = self.desired.files
+        roles = [f.role for f in files]
+        for role in _SINGLE_ROLES:
+            if roles.count(role) > 1:
+                raise DeploymentError(f"deployment lists two {role} files")
+        if "model" not in roles:
             raise DeploymentError("deployment lists no model file")
-        return files
+        if self.desired.inference.task == "generate":
+            names = [f.filename for f in files]
+            if len(set(names)) != len(names):
+                raise DeploymentError("a generate bundle lists two files of one name")
+            if "config" not in roles:
+                raise DeploymentError("a generate bundle needs its config file (genai_config.json)")
+        elif roles.count("tokenizer") > 1:
+            raise DeploymentError("deployment lists two tokenizer files")
+        elif not set(roles) <= {"model", "tokenizer"}:
+            raise DeploymentError(f"a {self.desired.inference.task} model takes model and tokenizer files only")
 
     def _check_signatures(self) -> None:
         """Refuse any file the plane did not sign, before a byte is fetched or anything activated.
@@ -187,11 +201,13 @@ class DeploymentJob:
         if reason is not None:
             raise Ineligible(reason)
 
-    def _download(self, files: dict[str, wire.FileManifest]) -> dict[str, Path]:
+    def _download(self) -> dict[str, Path]:
+        """Every file, fetched and stored; their paths by sha256."""
         paths: dict[str, Path] = {}
         done_before = 0
-        for role, file in files.items():
-            paths[role] = self._download_one(file, done_before)
+        for file in self.desired.files:
+            if file.sha256 not in paths:
+                paths[file.sha256] = self._download_one(file, done_before)
             done_before += file.size
         return paths
 
@@ -218,20 +234,18 @@ class DeploymentJob:
         self._reported_at = now
         self._report(self.deployment_id, "downloading", bytes_done=done, bytes_total=self.bytes_total)
 
-    def _verify(self, files: dict[str, wire.FileManifest], paths: dict[str, Path]) -> None:
+    def _verify(self, paths: dict[str, Path]) -> None:
         # The transfer checked each file as it stored it; this catches a disk that changed it since.
-        for role, path in paths.items():
+        for sha256, path in paths.items():
             actual = manifest.file_sha256(path)
-            if actual != files[role].sha256:
+            if actual != sha256:
                 path.unlink(missing_ok=True)
-                raise DeploymentError(f"stored {role} file hashes to {actual}, not {files[role].sha256}")
+                raise DeploymentError(f"stored file {path.name} hashes to {actual}, not {sha256}")
 
     def _load(self, paths: dict[str, Path]) -> None:
         active = active_from(self.desired)
         # Into the idle slot: the current model serves on until this one has passed its self-test.
-        loaded = load_model(
-            paths["model"], spec=active.inference, info=active.info, tokenizer_path=paths.get("tokenizer")
-        )
+        loaded = load_deployment(self.data_dir, active, self.generation, verified=paths)
         run_selftest(loaded, self.desired.selftest)
         if self._cancelled.is_set():
             raise TransferCancelled("a newer deployment arrived while this one was loading")

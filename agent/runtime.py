@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import msgspec
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
+
+    from agent.generate import LoadedGenerator
 
 # onnxruntime, tokenizers and numpy are imported when the first model loads, not before:
 # together they are about 55 MB of an idle agent's RSS (numpy alone is 19 MB).
@@ -88,6 +90,9 @@ class LoadedModel:
         self.info = info
         self.input_types = {i.name: i.type for i in session.get_inputs()}
         self.output_names = [o.name for o in session.get_outputs()]
+
+    def relabelled(self, info: ModelInfo) -> LoadedModel:
+        return LoadedModel(self.session, self.tokenizer, self.spec, info)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if self.spec.task != "embedding" or self.tokenizer is None:
@@ -235,12 +240,16 @@ def _check_embedding_model(loaded: LoadedModel) -> None:
         raise ModelLoadError(f"the model fails on a warm-up text: {exc}") from exc
 
 
+# What the runner can hold: an encoder or tensor model, or a generative one (agent.generate).
+Loaded: TypeAlias = "LoadedModel | LoadedGenerator"
+
+
 class Runner:
     """The agent's current model. Thread-safe: onnxruntime sessions run concurrently."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._model: LoadedModel | None = None
+        self._model: Loaded | None = None
 
     def load(
         self, model_path: Path, *, spec: wire.InferenceSpec, info: ModelInfo, tokenizer_path: Path | None = None
@@ -249,7 +258,7 @@ class Runner:
         self.install(loaded)
         return loaded
 
-    def install(self, loaded: LoadedModel) -> None:
+    def install(self, loaded: Loaded) -> None:
         """Make a fully loaded model the current one; requests already running finish on the old one."""
         with self._lock:
             self._model = loaded
@@ -264,9 +273,9 @@ class Runner:
         """Keep the loaded session but credit it to another deployment of the same files."""
         with self._lock:
             if self._model is not None:
-                self._model = LoadedModel(self._model.session, self._model.tokenizer, self._model.spec, info)
+                self._model = self._model.relabelled(info)
 
-    def current(self) -> LoadedModel:
+    def current(self) -> Loaded:
         model = self._model
         if model is None:
             raise NoActiveModel("no model is active on this device yet")
@@ -277,8 +286,17 @@ class Runner:
         model = self._model
         return model.info if model else None
 
+    def current_onnx(self) -> LoadedModel:
+        """The current model when it takes tensors or texts to embed; BadInput for a generative one."""
+        model = self.current()
+        if not isinstance(model, LoadedModel):
+            raise BadInput(
+                f"model {model.info.model!r} generates text: POST /v1/chat/completions (OpenAI's API) instead"
+            )
+        return model
+
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        return self.current().embed(texts)
+        return self.current_onnx().embed(texts)
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        return self.current().run(inputs)
+        return self.current_onnx().run(inputs)

@@ -3,6 +3,10 @@
 With the version's ``selftest`` (wire.SelfTest), the model runs its evaluation
 inputs and every answer must be within the shipped tolerance. Without one, a smoke
 inference must return finite values of the shape the model declares.
+
+A generative model decodes each prompt greedily and must agree with the reference
+variant's tokens on at least ``min_token_agreement`` of the positions; without
+prompts it must generate at least one token.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Final
 
 from agent import wire
-from agent.runtime import NUMPY_TYPES, LoadedModel
+from agent.generate import LoadedGenerator
+from agent.runtime import NUMPY_TYPES, Loaded, LoadedModel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -18,15 +23,19 @@ if TYPE_CHECKING:
 # numpy is imported by the checks that use it, like the runtime's: an idle agent never loads it.
 
 SMOKE_TEXT: Final = "edgefleet self-test"
+SMOKE_TOKENS: Final = 4
 
 
 class SelfTestFailed(Exception):
     """The model loaded but gave wrong answers; the text says which, for the deployment's error."""
 
 
-def run_selftest(model: LoadedModel, test: wire.SelfTest | None) -> None:
+def run_selftest(model: Loaded, test: wire.SelfTest | None) -> None:
     try:
-        _run(model, test)
+        if isinstance(model, LoadedGenerator):
+            _check_generator(model, test)
+        else:
+            _run(model, test)
     except SelfTestFailed:
         raise
     except Exception as exc:  # onnxruntime and the tokenizer raise untyped errors
@@ -41,6 +50,39 @@ def _run(model: LoadedModel, test: wire.SelfTest | None) -> None:
         _check_embeddings(model, test)
     else:
         _check_tensors(model, test)
+
+
+def _check_generator(model: LoadedGenerator, test: wire.SelfTest | None) -> None:
+    if test is None or not test.prompts:
+        ids = model.greedy_ids(SMOKE_TEXT, SMOKE_TOKENS)
+        if not ids:
+            raise SelfTestFailed(f"the model generated nothing after {SMOKE_TEXT!r}")
+        return
+    if len(test.token_ids) != len(test.prompts):
+        raise SelfTestFailed(f"self-test has {len(test.prompts)} prompts but {len(test.token_ids)} token lists")
+    agreement = token_agreement(model, test)
+    if agreement < test.min_token_agreement:
+        raise SelfTestFailed(
+            f"greedy tokens agree with the reference on {agreement:.1%} of positions, "
+            f"below the {test.min_token_agreement:.0%} the version ships"
+        )
+
+
+def token_agreement(model: LoadedGenerator, test: wire.SelfTest) -> float:
+    """Share of reference positions where the model's own greedy token is the same; a short answer misses the rest.
+
+    A reference may run on past its end-of-sequence token (an evaluator that does not
+    stop there); a runtime stops, so positions after the first one are not compared.
+    """
+    eos = model.engine.eos_token_ids
+    matched = total = 0
+    for prompt, reference in zip(test.prompts, test.token_ids, strict=True):
+        end = next((i + 1 for i, token in enumerate(reference) if token in eos), len(reference))
+        expected = reference[:end]
+        got = model.greedy_ids(prompt, len(expected)) if expected else []
+        matched += sum(a == b for a, b in zip(got, expected, strict=False))
+        total += len(expected)
+    return matched / total if total else 1.0
 
 
 def _smoke_embedding(model: LoadedModel) -> None:

@@ -38,6 +38,14 @@ class LatencyRecorder:
             else:
                 self._errors += 1
 
+    def count(self, ok: bool, fault: bool = False) -> None:
+        """A request whose latency is not an inference latency (a chat completion): counted, not timed."""
+        with self._lock:
+            self._requests += 1
+            self._total_requests += 1
+            self._total_faults += fault
+            self._errors += not ok
+
     def totals(self) -> tuple[int, int]:
         """Requests and model faults since start, never drained: probation compares two readings."""
         with self._lock:
@@ -66,13 +74,83 @@ def latency_stats(latencies: list[float]) -> wire.LatencyStats | None:
     )
 
 
+class GenerationRecorder:
+    """Chat completions between two heartbeats: time to first token, decode speed, tokens, errors."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._requests = 0
+        self._errors = 0
+        self._tokens = 0
+        self._ttfts: list[float] = []
+        self._speeds: list[float] = []
+
+    def record(
+        self, *, ok: bool, tokens: int = 0, ttft_ms: float | None = None, decode_tps: float | None = None
+    ) -> None:
+        with self._lock:
+            self._requests += 1
+            self._errors += not ok
+            self._tokens += tokens
+            if ttft_ms is not None:
+                self._ttfts.append(ttft_ms)
+            if decode_tps is not None:
+                self._speeds.append(decode_tps)
+
+    def drain(self) -> wire.GenerationStats | None:
+        """The figures since the last drain; None when no chat completion was asked for."""
+        with self._lock:
+            if not self._requests:
+                return None
+            requests, errors, tokens, ttfts, speeds = (
+                self._requests,
+                self._errors,
+                self._tokens,
+                self._ttfts,
+                self._speeds,
+            )
+            self._reset()
+        return wire.GenerationStats(
+            requests=min(requests, MAX_COUNT),
+            errors=min(errors, MAX_COUNT),
+            tokens=min(tokens, MAX_COUNT),
+            ttft_p50_ms=_bounded(percentile(ttfts, 50), MAX_MS),
+            ttft_p95_ms=_bounded(percentile(ttfts, 95), MAX_MS),
+            decode_tps_p50=_bounded(percentile(speeds, 50), MAX_TPS),
+        )
+
+
+MAX_COUNT = 2**31 - 1
+MAX_MS = 86_400_000.0
+MAX_TPS = 1_000_000.0
+
+
+def percentile(values: list[float], p: int) -> float:
+    """numpy's default (linear) percentile; 0.0 for no values."""
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+def _bounded(value: float, most: float) -> float:
+    return round(min(max(value, 0.0), most), 3)
+
+
 class HeartbeatBuilder:
     """Builds numbered heartbeats; the sequence lets the plane see gaps."""
 
-    def __init__(self, device_id: str, clock: Clock, recorder: LatencyRecorder) -> None:
+    def __init__(
+        self, device_id: str, clock: Clock, recorder: LatencyRecorder, generations: GenerationRecorder | None = None
+    ) -> None:
         self.device_id = device_id
         self.clock = clock
         self.recorder = recorder
+        self.generations = generations or GenerationRecorder()
         self.seq = 0
         self._started = clock.monotonic()
         self._process = psutil.Process()
@@ -95,4 +173,5 @@ class HeartbeatBuilder:
             errors=errors,
             latency=latency,
             dropped=dropped,
+            generation=self.generations.drain(),
         )
