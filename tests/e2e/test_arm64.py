@@ -79,6 +79,20 @@ def post_json(port: int, path: str, body: dict) -> dict:
         return json.loads(reply.read())
 
 
+def deploy(api, version: dict, device: Device, agent: Process) -> Deployment:
+    """Assign ``version`` to the device and wait until the agent has fetched, verified, self-tested and activated it."""
+    response = api.post(f"/api/v1/versions/{version['id']}/assign/", {"devices": [device.device_id]}, format="json")
+    assert response.status_code == 201, response.content
+    deployment = wait_until(
+        running(agent, lambda: Deployment.objects.filter(device=device, version_id=version["id"],
+                                                         state__in=["active", "failed"]).first()),
+        timeout=SLOW,
+        what="the deployment finishing (download, signature, self-test, activation)",
+    )  # fmt: skip
+    assert deployment.state == DeploymentState.ACTIVE, deployment.error
+    return deployment
+
+
 def test_it_runs_the_agent_on_aarch64_from_hello_to_heartbeat(plane, api, minilm, broker_port, tmp_path):
     # Two variants of one version: the device must be given the one built for its hardware.
     x86_64 = {"precision": "int8", "hardware_class": HardwareClass.LINUX_X86_64}
@@ -93,14 +107,7 @@ def test_it_runs_the_agent_on_aarch64_from_hello_to_heartbeat(plane, api, minilm
         )
         assert (device.arch, device.os, device.hardware_class) == ("aarch64", "linux", HardwareClass.LINUX_AARCH64)
 
-        response = api.post(f"/api/v1/versions/{version['id']}/assign/", {"devices": ["pi-1"]}, format="json")
-        assert response.status_code == 201, response.content
-        deployment = wait_until(
-            running(agent, lambda: Deployment.objects.filter(device=device, state__in=["active", "failed"]).first()),
-            timeout=SLOW,
-            what="the deployment finishing (download, signature, self-test, activation)",
-        )
-        assert deployment.state == DeploymentState.ACTIVE, deployment.error
+        deployment = deploy(api, version, device, agent)
         assert deployment.artifact.hardware_class == HardwareClass.LINUX_AARCH64
         assert deployment.artifact.sha256 == file_sha256(minilm["model"])
 
