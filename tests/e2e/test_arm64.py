@@ -3,8 +3,10 @@
 ``make test-arm64`` builds or reuses the arm64 root (scripts/arm64/root.sh) and names it in
 EDGEFLEET_ARM64_ROOT; without it this test is skipped. The agent runs from this work tree,
 bound into the root, with the root's own Python and aarch64 wheels; chroot keeps the host's
-network, so it reaches the host's broker and the host reaches its HTTP port. Emulation is
-16-400x slower than a device: this proves that the agent works on aarch64, not how fast.
+network, so it reaches the host's broker and the host reaches its HTTP port. Emulated
+inference is ~150x slower than native (bench/arm64_emulation.py): this proves that the agent
+works on aarch64, not how fast. Another model kind is one more release, ``deploy`` and
+``post_json`` on the same running agent.
 """
 
 import json
@@ -24,7 +26,7 @@ from tests.support import REPO, free_port, wait_for_port, wait_until
 
 ROOT = os.environ.get("EDGEFLEET_ARM64_ROOT", "")
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."]
-# Under emulation the agent takes tens of seconds to start and minutes to verify and self-test a model.
+# Waits for the emulated agent. A whole run took 25-66 s on 2 shared cores; the margin is for a busier machine.
 SLOW = 600
 pytestmark = [
     pytest.mark.e2e,
