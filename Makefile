@@ -14,11 +14,12 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 	DEBUG=true \
 	DJANGO_SETTINGS_MODULE=controlplane.settings
 
-.PHONY: help venv models services test lint demo clean bench bench-quick
+.PHONY: help venv models services test test-arm64 lint demo clean bench bench-quick
 
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
+	@echo "make test-arm64  the real agent on an emulated Linux aarch64 (qemu) against the plane; needs root"
 	@echo "make lint   ruff, mypy, import contracts, the migrations check, docker/ files, agent wheels for every device platform"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
@@ -52,6 +53,12 @@ lint: venv
 
 test: venv models services lint
 	$(TEST_ENV) $(VENV)/bin/pytest
+
+# The agent inside an emulated Debian arm64 root (qemu-user), against a plane, bridge and broker
+# on this host (docs/agent.md). The root is built once into $(EDGEFLEET_CACHE)/arm64 and rebuilt
+# when requirements/agent.txt changes. Needs root: debootstrap, chroot, mount.
+test-arm64: venv models services
+	root=$$(bash scripts/arm64/root.sh) && $(TEST_ENV) EDGEFLEET_ARM64_ROOT=$$root $(VENV)/bin/pytest tests/e2e/test_arm64.py
 
 demo: venv models
 	$(PY) scripts/demo.py $(ARGS)

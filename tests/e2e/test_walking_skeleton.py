@@ -5,104 +5,19 @@ processes, as in production; the test process plays the API client.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
-from django.db import connection
-from rest_framework.test import APIClient
 
 from agent.manifest import file_sha256
-from fleet.auth import create_api_token
 from fleet.choices import DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
-from tests.support import REDIS_URL, REPO, celery_on_redis, free_port, wait_for_port, wait_until
+from tests.e2e.helpers import Process, release_minilm
+from tests.support import free_port, wait_for_port, wait_until
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awful."]
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-def database_url() -> str:
-    """The test database, for the bridge process; it must be a server both processes reach."""
-    assert connection.vendor == "postgresql", "set DATABASE_URL to PostgreSQL (make test does)"
-    db = connection.settings_dict
-    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
-class Process:
-    def __init__(self, name: str, cmd: list[str], env: dict, log_dir: Path):
-        self.name = name
-        self.log = log_dir / f"{name}.log"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"{self.name} ignored SIGTERM:\n{self.output()[-3000:]}") from None
-
-
-@pytest.fixture
-def plane(settings, tmp_path, broker_port):
-    """The plane's processes, sharing this test's database, artifact root, broker and Redis."""
-    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT),
-        "MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
-        "REDIS_URL": REDIS_URL,
-        "BRIDGE_FLUSH_MS": "50",
-    }
-    with celery_on_redis():
-        worker = Process("worker", [sys.executable, "-m", "celery", "-A", "controlplane", "worker",
-                                    "--pool", "solo", "-l", "info"], env, tmp_path)  # fmt: skip
-        try:
-            yield env
-        finally:
-            worker.stop()
-
-
-@pytest.fixture
-def api(django_user_model):
-    user = django_user_model.objects.create_superuser("releaser", password="x")
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {create_api_token(user, reason='test')}")
-    return client
-
-
-def release_minilm(api: APIClient, minilm: dict) -> dict:
-    assert api.post("/api/v1/models/", {"name": "minilm-embedder"}, format="json").status_code == 201
-    version = api.post(
-        "/api/v1/versions/",
-        {"model": "minilm-embedder", "task": "embedding", "pooling": "mean", "normalize": True},
-        format="json",
-    ).json()
-    for fields, path in (
-        ({"role": "model", "precision": "int8", "hardware_class": "any"}, minilm["model"]),
-        ({"role": "tokenizer", "format": "tokenizer.json"}, minilm["tokenizer"]),
-    ):
-        with path.open("rb") as f:
-            response = api.post(f"/api/v1/versions/{version['id']}/artifacts/", {**fields, "file": f})
-        assert response.status_code == 201, response.content
-        wait_until(
-            lambda url=response["Location"]: api.get(url).json()["status"] == "ready",
-            timeout=60,
-            what="the worker hashing the upload",
-        )
-    response = api.post(f"/api/v1/versions/{version['id']}/publish/")
-    assert response.status_code == 200, response.content
-    return version
 
 
 def test_it_deploys_a_real_model_to_a_real_agent_and_hears_back(plane, api, minilm, broker_port, tmp_path):
