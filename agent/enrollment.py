@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from agent import wire
+from agent.signing import signed_message
 
 log = logging.getLogger("agent.enrollment")
 
@@ -78,11 +79,6 @@ def check_plane_url(url: str, *, allow_insecure: bool = False) -> str:
             "the network in clear. Use https://, or set enrollment.allow_insecure = true (a lab network only)"
         )
     return host
-
-
-def signed_message(device_id: str, timestamp_ms: int) -> bytes:
-    """The bytes a device signs to fetch its credentials; the plane checks the same bytes."""
-    return f"edgefleet-credentials-v1\n{device_id}\n{timestamp_ms}".encode()
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -125,3 +125,8 @@ def verify_desired(key: Ed25519PublicKey, desired: Desired) -> None:
         raise SignatureError(
             "signature invalid on the desired message: not signed by this plane's key, or the message was altered"
         ) from None
+
+
+def signed_message(device_id: str, timestamp_ms: int) -> bytes:
+    """The bytes a device signs to fetch its broker credentials; the plane checks the same bytes."""
+    return f"edgefleet-credentials-v1\n{device_id}\n{timestamp_ms}".encode()

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agent.enrollment import signed_message
+from agent.signing import signed_message
 from agent.wire import parse_broker_url
 from fleet.choices import EnrollmentState
 from fleet.errors import Forbidden, Invalid
