@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import pytest
 from click.testing import CliRunner
 from edgefleet_client.cli import cli
-from rest_framework.authtoken.models import Token
 
 from tests.fleet import helpers
 
@@ -59,7 +58,7 @@ def run(config_home) -> Callable[..., Result]:
 @pytest.fixture
 def release_token(transactional_db) -> str:
     """An API token of a release manager: registry writes and every rollout action."""
-    return Token.objects.create(user=helpers.make_release_manager()).key
+    return helpers.api_token(helpers.make_release_manager())
 
 
 @pytest.fixture

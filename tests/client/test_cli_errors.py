@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
 
 import pytest
 from rest_framework.authtoken.models import Token
 
+from fleet.auth import stored_token_key
 from fleet.models import Model, Rollout
 from tests.fleet import helpers
 from tests.support import free_port
@@ -62,7 +64,7 @@ def test_it_shows_the_servers_reason_for_refused_fields(run, plane_url, release_
 
 
 def test_it_says_which_permission_is_missing(run, plane_url):
-    token = Token.objects.create(user=helpers.make_viewer()).key
+    token = helpers.api_token(helpers.make_viewer())
 
     result = run("models", "create", "new-model", url=plane_url, token=token)
 
@@ -129,7 +131,9 @@ def test_login_stores_the_token_in_a_profile_readable_by_its_owner_only(run, pla
     assert result.code == 0, result.stderr
     path = config_home / "edgefleet" / "config.toml"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert Token.objects.get(user=user).key in path.read_text()
+    # The plane keeps only a hash of the token; the profile holds the secret itself.
+    profiles = tomllib.loads(path.read_text())["profiles"].values()
+    assert [stored_token_key(p["token"]) for p in profiles] == [Token.objects.get(user=user).key]
     listed = run("-o", "json", "models", "list")  # no --url, no --token: the profile's
     assert listed.code == 0 and listed.json() == []
 

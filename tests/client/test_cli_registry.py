@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from rest_framework.authtoken.models import Token
 
 from fleet.choices import ArtifactStatus, VersionStatus
 from fleet.models import Alias, Device, EnrollmentToken, ModelVersion
@@ -90,7 +89,7 @@ def test_devices_list_filters_by_tag_and_presence(run, plane_url, release_token,
 
 
 def test_enrollment_tokens_and_the_audit_log(run, plane_url):
-    token = Token.objects.create(user=helpers.make_admin()).key
+    token = helpers.api_token(helpers.make_admin())
 
     created = run("-o", "json", "enrollment-tokens", "create", "line-3", "--auto-approve", url=plane_url, token=token)
     listed = run("-o", "json", "enrollment-tokens", "list", url=plane_url, token=token)
