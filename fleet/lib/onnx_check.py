@@ -75,6 +75,10 @@ def signature_of(model: onnx.ModelProto) -> dict:
     }
 
 
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def inspect_onnx(path: Path) -> OnnxInfo:
     """The model's signature and opset, or ``InvalidModel`` saying what is wrong."""
     try:
@@ -91,7 +95,9 @@ def inspect_onnx(path: Path) -> OnnxInfo:
         raise InvalidModel(f"the model uses opset {opset}; this plane's onnxruntime loads opsets {lowest} to {highest}")
     # After the opset check: the checker rejects opsets newer than onnx knows, less clearly.
     try:
-        onnx.checker.check_model(model)
+        # With external weights (a generative bundle's model.onnx.data), the checker is given
+        # the path, so it looks for the data file beside the model, not in the working directory.
+        onnx.checker.check_model(str(path) if _has_external_data(model) else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModel(f"the ONNX model is not valid: {first[:300]}") from None

@@ -118,3 +118,93 @@ def forced_agreement(session, shape: DecoderShape, prompt_ids: Sequence[int], re
     start = len(prompt_ids) - 1
     chosen = np.argmax(logits[start : start + len(reference)], axis=-1)
     return [int(a) == int(b) for a, b in zip(chosen, reference, strict=True)]
+
+
+# --- The evaluation set of a generative version -----------------------------------------
+
+PROMPTS_PATH = Path(__file__).resolve().parents[1] / "data" / "slm_prompts.json"
+# Greedy tokens compared per prompt; the device's self-test checks the first SELFTEST_TOKENS.
+AGREEMENT_TOKENS = 32
+
+
+def default_prompts() -> tuple[list[str], str]:
+    """The shipped prompt set and held-out text (fleet/lib/data/slm_prompts.json)."""
+    data = json.loads(PROMPTS_PATH.read_text(encoding="utf-8"))
+    return list(data["prompts"]), str(data["heldout"])
+
+
+def chat_prompt(chat_template: str, question: str) -> str:
+    """One user turn in the model's chat format, ready for generation, as plain text.
+
+    ChatML templates (``<|im_start|>``) are written out here, as the plane has no Jinja;
+    any other template gets a plain question-and-answer frame.
+    """
+    if "<|im_start|>" in chat_template:
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return f"Question: {question}\nAnswer:"
+
+
+def session_for(bundle: Path, *, threads: int = 1):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(Path(bundle) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def _encode(bundle: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(bundle) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+
+
+def build_evaluation_set(
+    reference: Path, *, questions: list[str], heldout: str, n_tokens: int = AGREEMENT_TOKENS
+) -> dict:
+    """The prompts, the reference bundle's first ``n_tokens`` greedy ids for each, and the held-out text."""
+    reference = Path(reference)
+    template = json.loads((reference / "tokenizer_config.json").read_text()).get("chat_template", "")
+    prompts = [chat_prompt(template, q) for q in questions]
+    session, shape = session_for(reference), DecoderShape.from_bundle(reference)
+    prompt_ids = [_encode(reference, p) for p in prompts]
+    heldout_ids = _encode(reference, heldout)
+    return {
+        "prompts": prompts,
+        "prompt_ids": prompt_ids,
+        "token_ids": [greedy_tokens(session, shape, ids, n_tokens) for ids in prompt_ids],
+        "heldout": heldout,
+        "heldout_ids": heldout_ids,
+        "reference_perplexity": perplexity(session, shape, heldout_ids),
+    }
+
+
+def evaluate_bundle(bundle: Path, evaluation_set: dict) -> dict:
+    """A variant against the set: free-running token agreement (as the device's self-test counts
+    it), teacher-forced agreement, and perplexity on the held-out text."""
+    session, shape = session_for(bundle), DecoderShape.from_bundle(bundle)
+    reference = evaluation_set["token_ids"]
+    ours = [
+        greedy_tokens(session, shape, ids, len(ref))
+        for ids, ref in zip(evaluation_set["prompt_ids"], reference, strict=True)
+    ]
+    forced = [
+        forced_agreement(session, shape, ids, ref)
+        for ids, ref in zip(evaluation_set["prompt_ids"], reference, strict=True)
+    ]
+    return {
+        "token_agreement": positional_agreement(reference, ours),
+        "prefix_agreement": token_agreement(reference, ours),
+        "forced_agreement": sum(map(sum, forced)) / max(1, sum(map(len, forced))),
+        "perplexity": perplexity(session, shape, evaluation_set["heldout_ids"]),
+        "samples": len(reference),
+    }
+
+
+def positional_agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> float:
+    """The share of reference positions where the candidate's free-running greedy token is the same:
+    the agent's self-test counts it this way (agent.selftest.token_agreement)."""
+    matched = sum(
+        sum(a == b for a, b in zip(ref, cand, strict=False)) for ref, cand in zip(reference, candidate, strict=True)
+    )
+    total = sum(len(ref) for ref in reference)
+    return matched / total if total else 1.0
