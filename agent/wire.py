@@ -37,6 +37,8 @@ ShortText = Annotated[str, msgspec.Meta(max_length=200)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=2000)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# A file's name inside a model's directory: no path separator, no control character, not "." or "..".
+Filename = Annotated[str, msgspec.Meta(pattern=r"^(?!\.\.?\Z)[^/\\\x00-\x1f]{1,200}\Z")]
 
 
 class WireError(ValueError):
@@ -138,6 +140,26 @@ class LatencyStats(msgspec.Struct, kw_only=True):
     max_ms: NonNegative
 
 
+# Generation telemetry: bounded, so one absurd figure is refused at decode, never stored.
+GenerationCount = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Milliseconds = Annotated[float, msgspec.Meta(ge=0, le=86_400_000.0)]
+TokensPerSecond = Annotated[float, msgspec.Meta(ge=0, le=1_000_000.0)]
+
+
+class GenerationStats(msgspec.Struct, kw_only=True):
+    """A generative model's chat completions since the last heartbeat."""
+
+    requests: GenerationCount
+    errors: GenerationCount = 0
+    # Tokens generated (prompt tokens not counted).
+    tokens: GenerationCount = 0
+    # Time to first token: from the request's arrival (queueing included) to its first generated token.
+    ttft_p50_ms: Milliseconds = 0.0
+    ttft_p95_ms: Milliseconds = 0.0
+    # Per request: generated tokens after the first, over the time they took.
+    decode_tps_p50: TokensPerSecond = 0.0
+
+
 class Heartbeat(Message, kw_only=True):
     seq: Count
     sent_at: NonNegative
@@ -152,6 +174,8 @@ class Heartbeat(Message, kw_only=True):
     latency: LatencyStats | None = None
     # Telemetry messages this device's on-disk queue has dropped to stay in its bound, in total.
     dropped: Count = 0
+    # Generative models only, and only when some chat completion ran since the last heartbeat.
+    generation: GenerationStats | None = None
 
 
 class StateReport(Message, kw_only=True):
@@ -175,14 +199,17 @@ class ChunkRequest(Message, kw_only=True):
     indexes: Annotated[list[Count], msgspec.Meta(min_length=1, max_length=MAX_CHUNKS_PER_REQUEST)]
 
 
-FileRole = Literal["model", "tokenizer"]
+# A generate bundle: model (model.onnx), model_data (its external weights), tokenizer
+# (tokenizer.json, tokenizer_config.json), config (genai_config.json). The agent puts every
+# file of such a bundle in one directory under its manifest filename.
+FileRole = Literal["model", "model_data", "tokenizer", "config"]
 
 
 class FileManifest(msgspec.Struct, kw_only=True):
     """One file to fetch: its hash, size, and the hash of every chunk."""
 
     role: FileRole
-    filename: ShortText
+    filename: Filename
     sha256: Sha256
     size: Count
     chunk_size: Annotated[int, msgspec.Meta(ge=1024, le=MAX_CHUNK_BYTES)]
@@ -200,14 +227,18 @@ class FileManifest(msgspec.Struct, kw_only=True):
 class InferenceSpec(msgspec.Struct, frozen=True, kw_only=True):
     """How the agent turns text into model inputs and outputs into a result."""
 
-    task: Literal["embedding", "tensor"] = "tensor"
+    # generate: an onnxruntime-genai decoder bundle, served as OpenAI chat completions.
+    task: Literal["embedding", "tensor", "generate"] = "tensor"
     pooling: Literal["mean", "cls", "none"] = "none"
     normalize: bool = False
     max_length: Annotated[int, msgspec.Meta(ge=1, le=8192)] = 256
 
 
 Cosine = Annotated[float, msgspec.Meta(ge=-1.0, le=1.0)]
+Share = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 MAX_SELFTEST_CASES: Final = 16
+MAX_SELFTEST_TOKENS: Final = 256
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
 class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
@@ -216,7 +247,10 @@ class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
     Embedding models: ``texts`` and the ``embeddings`` expected for them, each within
     ``min_cosine``. Tensor models: ``inputs`` (one feed of named nested lists per case)
     and ``outputs`` (per case, output name to expected nested lists; outputs not named
-    are not checked), each element within ``max_abs_error``.
+    are not checked), each element within ``max_abs_error``. Generate models: ``prompts``
+    (raw text, encoded with the bundle's tokenizer, no chat template) and ``token_ids``, the
+    reference variant's first greedy tokens for each; the share of positions where the
+    model's own greedy tokens match must be at least ``min_token_agreement``.
     """
 
     texts: Annotated[list[str], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
@@ -225,6 +259,14 @@ class SelfTest(msgspec.Struct, frozen=True, kw_only=True):
     outputs: Annotated[list[dict[str, Any]], msgspec.Meta(max_length=MAX_SELFTEST_CASES)] = []
     min_cosine: Cosine = 0.99
     max_abs_error: NonNegative = 1e-3
+    prompts: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4000)]], msgspec.Meta(max_length=MAX_SELFTEST_CASES)
+    ] = []
+    token_ids: Annotated[
+        list[Annotated[list[TokenId], msgspec.Meta(max_length=MAX_SELFTEST_TOKENS)]],
+        msgspec.Meta(max_length=MAX_SELFTEST_CASES),
+    ] = []
+    min_token_agreement: Share = 0.9
 
 
 class Desired(Message, kw_only=True):

@@ -26,6 +26,8 @@ class ArtifactRole(models.TextChoices):
     CONFIG = "config"
     # Inputs and fp32 reference outputs the plane checks variants against; never sent to devices.
     EVALUATION = "evaluation"
+    # The file a version was imported from and its variants are built from (a GGUF); never sent to devices.
+    SOURCE = "source"
 
 
 class ArtifactStatus(models.TextChoices):

@@ -553,6 +553,8 @@ class VariantEvaluation(models.Model):
     perplexity = models.FloatField(null=True, blank=True)
     decode_tokens_per_s = models.FloatField(null=True, blank=True)
     ttft_ms = models.FloatField(null=True, blank=True)
+    # Figures beside the verdict, e.g. a generative variant's free-running and prefix agreement.
+    details = models.JSONField(default=dict, blank=True)
     # On the plane's CPU, one sample per run, in a fresh process.
     latency_median_ms = models.FloatField()
     latency_p95_ms = models.FloatField()

@@ -32,7 +32,7 @@ from fleet.storage import get_store
 log = logging.getLogger(__name__)
 
 # Roles of the files that travel to devices, and so are signed at publish.
-DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.TOKENIZER)
+DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.MODEL_DATA, ArtifactRole.TOKENIZER, ArtifactRole.CONFIG)
 
 
 class RegistryError(Exception):
@@ -210,6 +210,7 @@ def add_generated_artifact(
     derived_from: Artifact | None = None,
     recipe: dict | None = None,
     quality: str = VariantQuality.UNEVALUATED,
+    part_of: Artifact | None = None,
 ) -> Artifact:
     """A file the plane made itself (an import, a variant, an evaluation set): stored ready at once."""
     signature = _check_model_file(path) if _is_onnx_model(role, format) else {}
@@ -231,6 +232,7 @@ def add_generated_artifact(
             recipe=recipe,
             signature=signature,
             quality=quality,
+            part_of=part_of,
         )
     except BaseException:
         # Content-addressed: the file may be another artifact's too, and then it stays.

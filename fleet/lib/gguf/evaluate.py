@@ -167,7 +167,8 @@ def build_evaluation_set(
     prompts = [chat_prompt(template, q) for q in questions]
     session, shape = session_for(reference), DecoderShape.from_bundle(reference)
     prompt_ids = [_encode(reference, p) for p in prompts]
-    heldout_ids = _encode(reference, heldout)
+    context = json.loads((reference / "genai_config.json").read_text())["model"]["context_length"]
+    heldout_ids = _encode(reference, heldout)[:context]
     return {
         "prompts": prompts,
         "prompt_ids": prompt_ids,

@@ -50,7 +50,7 @@ def write_tiny_llama(path: Path, *, seed: int = 0, linear_type: str = "Q4_1") ->
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
     writer.add_block_count(LAYERS)
-    writer.add_context_length(256)
+    writer.add_context_length(1024)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(HEADS)
