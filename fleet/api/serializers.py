@@ -190,7 +190,9 @@ class VersionSerializer(serializers.ModelSerializer):
 
 
 class ArtifactUploadSerializer(serializers.Serializer):
-    file = serializers.FileField(help_text="The ONNX model or tokenizer file.")
+    file = serializers.FileField(
+        help_text="The ONNX model or tokenizer file; or a GGUF (role source, format gguf) for a generate version."
+    )
     role = serializers.ChoiceField(choices=ArtifactRole.choices, default=ArtifactRole.MODEL)
     precision = serializers.ChoiceField(
         choices=Precision.choices, allow_blank=True, default="", help_text="Required for a model file."
@@ -622,10 +624,11 @@ class RolloutProgressSerializer(serializers.Serializer):
 
 class OptimizeSerializer(serializers.Serializer):
     variants = serializers.ListField(
-        child=serializers.ChoiceField(choices=["int8", "int4", "fp16"]),
-        default=["int8", "int4", "fp16"],
+        child=serializers.ChoiceField(choices=["int8", "int4", "fp16", "repack"]),
+        required=False,
         allow_empty=False,
-        help_text="Which variants to build from the version's fp32 artifact.",
+        help_text="Which variants to build from the version's fp32 artifact (int8, int4, fp16; the default "
+        "is all three) or, for a generate version, from its GGUF source (repack, int4, int8; all three).",
     )
     int4_block_size = serializers.ChoiceField(choices=[16, 32, 64, 128, 256], default=32)
 

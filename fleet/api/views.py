@@ -22,7 +22,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
 from fleet.api.exceptions import PayloadTooLarge
-from fleet.choices import DeploymentState, EnrollmentState
+from fleet.choices import DeploymentState, EnrollmentState, InferenceTask
 from fleet.models import (
     Alias,
     Artifact,
@@ -37,7 +37,17 @@ from fleet.models import (
     Rollout,
     VariantPin,
 )
-from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
+from fleet.services import (
+    aliases,
+    deployments,
+    devices,
+    enrollment,
+    generative,
+    pipeline,
+    registry,
+    retention,
+    rollouts,
+)
 
 # Multipart framing around an uploaded file; the store enforces the exact limit.
 _UPLOAD_OVERHEAD_BYTES = 64 * 1024
@@ -223,7 +233,14 @@ class VersionViewSet(
     def optimize(self, request, pk=None):
         options = serializers.OptimizeSerializer(data=request.data)
         options.is_valid(raise_exception=True)
-        started = pipeline.start_pipeline(self.get_object(), actor=request.user, **options.validated_data)
+        version = self.get_object()
+        if version.task == InferenceTask.GENERATE:
+            variants = options.validated_data.get("variants")
+            started = generative.start_pipeline(
+                version, source=generative.gguf_source(version), actor=request.user, variants=variants
+            )
+        else:
+            started = pipeline.start_pipeline(version, actor=request.user, **options.validated_data)
         data = serializers.PipelineSerializer(
             Pipeline.objects.get(pk=started.pk), context=self.get_serializer_context()
         ).data

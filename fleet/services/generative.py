@@ -28,6 +28,7 @@ from django.utils import timezone
 from agent import wire
 from fleet.choices import (
     ArtifactRole,
+    ArtifactStatus,
     InferenceTask,
     PipelineStepKind,
     PipelineStepState,
@@ -136,6 +137,18 @@ def import_gguf(path: Path, *, model_name: str, actor: Actor, notes: str = "", v
         recipe={"tool": "gguf", "source": summary},
     )  # fmt: skip
     return start_pipeline(version, source=artifact, actor=actor, variants=variants)
+
+
+def gguf_source(version: ModelVersion) -> Artifact:
+    """The version's ready GGUF, uploaded or imported, that its bundles are built from."""
+    source = (
+        version.artifacts.filter(role=ArtifactRole.SOURCE, format="gguf", status=ArtifactStatus.READY)
+        .order_by("id")
+        .first()
+    )
+    if source is None:
+        raise GenerativeError(f"{version.label} has no ready GGUF source: upload one (role source, format gguf).")
+    return source
 
 
 def start_pipeline(version: ModelVersion, *, source: Artifact, actor: Actor, variants=None) -> Pipeline:

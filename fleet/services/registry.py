@@ -114,6 +114,8 @@ def add_artifact(
     incoming = store.save_incoming(stream, max_bytes=settings.ARTIFACT_MAX_BYTES)
     try:
         signature = _check_model_file(store.path(incoming.key)) if _is_onnx_model(role, format) else {}
+        if format == "gguf":
+            _check_gguf(store.path(incoming.key))
         with transaction.atomic():
             # Lock the version: publishing it concurrently must not let a file in afterwards,
             # and two uploads of one file must not both pass the duplicate check.
@@ -155,6 +157,16 @@ def _check_model_file(path: Path) -> dict:
     except InvalidModel as exc:
         raise ArtifactRejected(str(exc)) from None
     return {**info.signature, "opset": info.opset}
+
+
+def _check_gguf(path: Path) -> None:
+    """Its metadata must read (memory-mapped, the tensors untouched); the conversion checks the rest."""
+    from fleet.lib.gguf.reader import GGUFError, GGUFModel
+
+    try:
+        GGUFModel(path)
+    except GGUFError as exc:
+        raise ArtifactRejected(str(exc).split(": ", 1)[-1]) from None
 
 
 def _check_draft(version: ModelVersion) -> None:

