@@ -121,7 +121,13 @@ def genai_config(model: GGUFModel, context_length: int) -> dict:
             "bos_token_id": c.bos_token_id,
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                # No CPU memory arena: SmolLM2's repack peaks at 248 MB without it, 267 MB with it,
+                # at the same speed (the arena keeps the prefill's chunks for the whole session).
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": [],
+                    "enable_cpu_mem_arena": False,
+                },
                 "filename": "model.onnx",
                 "head_size": c.head_size,
                 "hidden_size": c.hidden_size,

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .quant import BLOCK, NBits
+from .quant import BLOCK, NBits, concat_rows
 
 OPSET = 21
 MS_OPSET = 1
@@ -121,6 +121,18 @@ class DecoderGraph:
         return self._blocksums[x]
 
 
+def _linears(g: DecoderGraph, x: str, weights, prefix: str, names: tuple[str, ...]) -> list[str]:
+    """The linear layers that share an input, as one MatMul when their weights are packed alike:
+    one kernel call instead of several is a good part of a decode step on a model this small.
+    Otherwise (say a Q4_1 query beside a Q6_K value) one output each."""
+    parts = [weights(f"{prefix}.{name}.weight") for name in names]
+    try:
+        fused = concat_rows(parts)
+    except ValueError:
+        return [g.linear(x, w, f"{prefix}.{name}") for w, name in zip(parts, names, strict=True)]
+    return [g.linear(x, fused, f"{prefix}.{'_'.join(names)}")]
+
+
 def rope_caches(context_length: int, head_size: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     inv_freq = 1.0 / (theta ** (np.arange(0, head_size, 2, dtype=np.float64) / head_size))
     angles = np.outer(np.arange(context_length, dtype=np.float64), inv_freq)
@@ -191,9 +203,8 @@ def build_decoder(
         if progress:
             progress(i, c.num_layers, f"layer {i + 1}/{c.num_layers}")
         p = f"blk.{i}"
-        q = g.linear(normed, weights(f"{p}.attn_q.weight"), f"{p}.attn_q")
-        k = g.linear(normed, weights(f"{p}.attn_k.weight"), f"{p}.attn_k")
-        v = g.linear(normed, weights(f"{p}.attn_v.weight"), f"{p}.attn_v")
+        qkv = _linears(g, normed, weights, p, ("attn_q", "attn_k", "attn_v"))
+        qkv_inputs = [qkv[0], "", ""] if len(qkv) == 1 else qkv
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         past_inputs += [past_k, past_v]
@@ -202,7 +213,8 @@ def build_decoder(
         g.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [q, k, v, past_k, past_v, seqlens_k, total_len, cos_name, sin_name],
+                # Packed: Q, K and V come from one MatMul, and GQA splits them (key and value empty).
+                [*qkv_inputs, past_k, past_v, seqlens_k, total_len, cos_name, sin_name],
                 [attn, present_k, present_v],
                 name=f"/{p}/GroupQueryAttention",
                 domain="com.microsoft",
@@ -221,8 +233,8 @@ def build_decoder(
             domain="com.microsoft",
             epsilon=eps,
         )
-        gate = g.linear(normed, weights(f"{p}.ffn_gate.weight"), f"{p}.ffn_gate")
-        up = g.linear(normed, weights(f"{p}.ffn_up.weight"), f"{p}.ffn_up")
+        gate_up = _linears(g, normed, weights, p, ("ffn_gate", "ffn_up"))
+        gate, up = g.node("Split", gate_up, 2, axis=-1, num_outputs=2) if len(gate_up) == 1 else gate_up
         silu = g.node("Mul", [gate, g.node("Sigmoid", [gate])[0]])[0]
         down = g.linear(g.node("Mul", [silu, up])[0], weights(f"{p}.ffn_down.weight"), f"{p}.ffn_down")
         last = i == c.num_layers - 1

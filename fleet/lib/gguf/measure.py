@@ -26,6 +26,9 @@ class GenerationPerformance:
     ttft_ms: float
     decode_tokens_per_s: float
     peak_rss_bytes: int
+    # Decode tokens per second of this process's CPU time: on a CPU shared with other work,
+    # what one thread would reach on an idle core (wall-clock figures then fall short).
+    decode_tokens_per_cpu_s: float
     new_tokens: int
     threads: int
 
@@ -44,7 +47,7 @@ def measure_here(bundle: Path, *, prompt_tokens: int = 16, new_tokens: int = 64,
     tokenizer = og.Tokenizer(model)
     ids = [int(t) for t in tokenizer.encode(_FILLER)][:prompt_tokens]
 
-    def run() -> tuple[float, float, int]:
+    def run() -> tuple[float, float, int, float]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)
@@ -52,19 +55,21 @@ def measure_here(bundle: Path, *, prompt_tokens: int = 16, new_tokens: int = 64,
         generator.append_tokens(ids)
         generator.generate_next_token()
         first = time.perf_counter()
+        first_cpu = time.process_time()
         count = 1
         while not generator.is_done():
             generator.generate_next_token()
             count += 1
-        done = time.perf_counter()
-        return (first - started) * 1000, (count - 1) / (done - first), count
+        done, done_cpu = time.perf_counter(), time.process_time()
+        return (first - started) * 1000, (count - 1) / (done - first), count, (count - 1) / (done_cpu - first_cpu)
 
     run()  # warm-up: the first run allocates and prepacks
     results = [run() for _ in range(3)]
     ttft = sorted(r[0] for r in results)[1]
     tps = sorted(r[1] for r in results)[1]
+    cpu_tps = sorted(r[3] for r in results)[1]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return asdict(GenerationPerformance(ttft, tps, peak, results[0][2], threads))
+    return asdict(GenerationPerformance(ttft, tps, peak, cpu_tps, results[0][2], threads))
 
 
 def measure(bundle: Path, *, prompt_tokens: int = 16, new_tokens: int = 64, threads: int = 1, timeout: float = 900):

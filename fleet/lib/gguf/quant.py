@@ -122,3 +122,28 @@ def rtn_int8(w: np.ndarray) -> NBits:
     scale[scale == 0] = 1.0
     q = np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128
     return NBits(8, q.astype(np.uint8), scale.astype(np.float32), np.full(scale.shape, 128, dtype=np.uint8))
+
+
+def concat_rows(weights: list[np.ndarray | NBits]) -> np.ndarray | NBits:
+    """Weights that read the same input, stacked along their outputs, so one MatMul computes all.
+
+    Packed weights concatenate row-wise as they are (a row's blocks, scales and zero points
+    are its own); they must share bits and the presence of zero points and minimums.
+    """
+    first = weights[0]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(weights, axis=0)
+    packed = [w for w in weights if isinstance(w, NBits)]
+    if len(packed) != len(weights) or len({(w.bits, w.zero_points is None, w.mins is None) for w in packed}) != 1:
+        raise ValueError("only weights packed alike concatenate")
+
+    def stack(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays, axis=0)
+
+    return NBits(
+        first.bits,
+        stack([w.codes for w in packed]),
+        stack([w.scales for w in packed]),
+        stack([w.zero_points for w in packed]),
+        stack([w.mins for w in packed]),
+    )
