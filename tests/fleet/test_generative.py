@@ -130,3 +130,20 @@ def test_it_takes_a_gguf_through_the_upload_api_and_converts_it_on_optimize(
     run = client.get(started.json()["url"]).json()
     assert run["state"] == "succeeded"
     assert [(s["kind"], s["state"]) for s in run["steps"]] == [("evaluation_set", "done"), ("repack", "done")]
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(not SMOLLM2.is_file(), reason="SmolLM2-135M-Instruct's GGUF is not cached (make models)")
+def test_it_takes_the_real_smollm2_from_gguf_to_an_accepted_repack(django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("import_gguf", str(SMOLLM2), model="smollm2", variants=["repack"], stdout=io.StringIO())
+
+    version = ModelVersion.objects.get(model__name="smollm2")
+    assert version.pipelines.get().state == PipelineState.SUCCEEDED
+    repack = version.artifacts.get(role=ArtifactRole.MODEL, precision="int4")
+    reference = version.artifacts.get(role=ArtifactRole.MODEL, precision="fp32")
+    # Lossless weights; only MatMulNBits' int8 activations separate it from the reference.
+    assert repack.quality == VariantQuality.ACCEPTED
+    assert repack.evaluation.token_agreement >= 0.9
+    assert repack.evaluation.perplexity <= 1.05 * reference.evaluation.perplexity
+    assert repack.parts.get().size < 0.3 * reference.parts.get().size
