@@ -87,6 +87,7 @@ class BriefArtifactSerializer(serializers.ModelSerializer):
             "chunk_count",
             "quality",
             "derived_from",
+            "part_of",
             "created_at",
         ]
 

@@ -41,6 +41,8 @@ def test_it_imports_a_gguf_and_builds_the_reference_and_every_variant(imported, 
         assert (model.filename, data.filename, data.role) == ("model.onnx", "model.onnx.data", "model_data")
         assert model.derived_from == source and data.derived_from == source
         assert model.signature["outputs"][0]["name"] == "logits"
+        body = token_client(operator).get(f"/api/v1/artifacts/{data.pk}/").json()
+        assert (body["role"], body["part_of"]) == ("model_data", model.pk)
         evaluation = token_client(operator).get(f"/api/v1/artifacts/{model.pk}/").json()["evaluation"]
         assert 0 <= evaluation["token_agreement"] <= 1 and evaluation["perplexity"] > 1
         assert evaluation["decode_tokens_per_s"] > 0 and evaluation["peak_memory_bytes"] > 0
