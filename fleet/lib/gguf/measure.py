@@ -68,8 +68,21 @@ def measure_here(bundle: Path, *, prompt_tokens: int = 16, new_tokens: int = 64,
     ttft = sorted(r[0] for r in results)[1]
     tps = sorted(r[1] for r in results)[1]
     cpu_tps = sorted(r[3] for r in results)[1]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return asdict(GenerationPerformance(ttft, tps, peak, cpu_tps, results[0][2], threads))
+
+
+def _peak_rss() -> int:
+    """VmHWM, which starts afresh at exec: ru_maxrss would carry the parent's peak (a Celery
+    worker's, the bench's) into this subprocess. Read here rather than through
+    fleet.lib.evaluation, whose numpy import would count in the figure."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure(bundle: Path, *, prompt_tokens: int = 16, new_tokens: int = 64, threads: int = 1, timeout: float = 900):
