@@ -526,6 +526,8 @@ class PipelineStep(models.Model):
     state = models.CharField(max_length=16, choices=PipelineStepState.choices, default=PipelineStepState.PENDING)
     artifact = models.ForeignKey(Artifact, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     error = models.TextField(blank=True)
+    # Where a long step has got to, e.g. "repack: layer 12/30" (generative conversions).
+    progress = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -14,7 +14,7 @@ from fleet.services import registry
 class PipelineStepInline(ReadOnlyInline):
     model = PipelineStep
     show_change_link = False
-    fields = ["kind", "state", "artifact", "error", "started_at", "finished_at"]
+    fields = ["kind", "state", "progress", "artifact", "error", "started_at", "finished_at"]
     readonly_fields = fields
 
 

@@ -637,7 +637,7 @@ class OptimizeSerializer(serializers.Serializer):
 class PipelineStepSerializer(serializers.ModelSerializer):
     class Meta:
         model = PipelineStep
-        fields = ["id", "kind", "state", "artifact", "error", "started_at", "finished_at"]
+        fields = ["id", "kind", "state", "progress", "artifact", "error", "started_at", "finished_at"]
 
 
 class PipelineSerializer(serializers.ModelSerializer):

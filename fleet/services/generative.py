@@ -178,6 +178,17 @@ def start_pipeline(version: ModelVersion, *, source: Artifact, actor: Actor, var
 # --- Steps --------------------------------------------------------------------------------
 
 
+def _recording(step: PipelineStep, progress: Progress | None) -> Progress:
+    """A progress callback that also shows the message on the step (API and admin)."""
+
+    def report(message: str) -> None:
+        PipelineStep.objects.filter(pk=step.pk).update(progress=message[:200])
+        if progress:
+            progress(message)
+
+    return report
+
+
 def run_pipeline(pipeline_id: int, *, progress: Progress | None = None) -> Pipeline | None:
     """The reference bundle and its evaluation set, then one task per variant. Idempotent."""
     found = Pipeline.objects.select_related("version", "source").filter(pk=pipeline_id).first()
@@ -189,7 +200,7 @@ def run_pipeline(pipeline_id: int, *, progress: Progress | None = None) -> Pipel
     step = found.steps.get(kind=PipelineStepKind.EVALUATION_SET)
     if pipelines._claim(step):
         try:
-            artifact = build_reference(found, progress=progress)
+            artifact = build_reference(found, progress=_recording(step, progress))
         except Exception as exc:
             pipelines._finish_step(step, error=pipelines._error_text(exc))
             found.steps.filter(state=PipelineStepState.PENDING).update(
@@ -272,6 +283,7 @@ def build_variant(step_id: int, *, progress: Progress | None = None) -> Pipeline
     if step is None or not pipelines._claim(step):
         return step
     found = step.pipeline
+    progress = _recording(step, progress)
     try:
         evaluation_artifact = found.steps.get(kind=PipelineStepKind.EVALUATION_SET).artifact
         evaluation_set = json.loads(get_store().path(evaluation_artifact.storage_key).read_text(encoding="utf-8"))

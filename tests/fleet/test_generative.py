@@ -132,6 +132,7 @@ def test_it_takes_a_gguf_through_the_upload_api_and_converts_it_on_optimize(
     run = client.get(started.json()["url"]).json()
     assert run["state"] == "succeeded"
     assert [(s["kind"], s["state"]) for s in run["steps"]] == [("evaluation_set", "done"), ("repack", "done")]
+    assert [s["progress"] for s in run["steps"]] == ["fp32: greedy tokens of the prompt set", "repack: evaluating"]
 
 
 @pytest.mark.django_db
