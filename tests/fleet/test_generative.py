@@ -150,3 +150,17 @@ def test_it_takes_the_real_smollm2_from_gguf_to_an_accepted_repack(django_captur
     assert repack.evaluation.token_agreement >= 0.9
     assert repack.evaluation.perplexity <= 1.05 * reference.evaluation.perplexity
     assert repack.parts.get().size < 0.3 * reference.parts.get().size
+
+
+@pytest.mark.django_db
+def test_it_fails_the_pipeline_with_the_reason_when_the_gguf_lacks_a_tensor(
+    tmp_path, django_capture_on_commit_callbacks
+):
+    path = write_tiny_llama(tmp_path / "short.gguf", declared_layers=3)
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("import_gguf", str(path), model="short", stdout=io.StringIO())
+
+    run = ModelVersion.objects.get(model__name="short").pipelines.get()
+    assert run.state == PipelineState.FAILED
+    assert "tensor 'blk.2.attn_norm.weight' is missing" in run.error
+    assert set(run.steps.values_list("state", flat=True)) == {"failed"}

@@ -41,7 +41,8 @@ def tiny_vocab() -> list[str]:
     return SPECIAL_TOKENS + _byte_level_alphabet() + merged
 
 
-def write_tiny_llama(path: Path, *, seed: int = 0, linear_type: str = "Q4_1") -> Path:
+def write_tiny_llama(path: Path, *, seed: int = 0, linear_type: str = "Q4_1", declared_layers: int = LAYERS) -> Path:
+    """``declared_layers`` other than 2 makes a file whose metadata promises layers it lacks."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -49,7 +50,7 @@ def write_tiny_llama(path: Path, *, seed: int = 0, linear_type: str = "Q4_1") ->
     vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
-    writer.add_block_count(LAYERS)
+    writer.add_block_count(declared_layers)
     writer.add_context_length(1024)
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
