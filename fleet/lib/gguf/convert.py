@@ -27,7 +27,7 @@ import numpy as np
 
 from .graph import build_decoder
 from .quant import BLOCK, NBits, repack_q4_1, repack_q8_0, rtn_int4, rtn_int8
-from .reader import GGUFModel, unpermute_rows
+from .reader import GGUFError, GGUFModel, unpermute_rows
 from .tokenizer import tokenizer_config_json, tokenizer_json
 
 VARIANTS = ("repack", "int4", "int8", "fp32")
@@ -236,14 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     def report(done: int, total: int, message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {done}/{total} {message}", file=sys.stderr, flush=True)
 
-    recipe = convert(
-        args.src,
-        args.out_dir,
-        variant=args.variant,
-        context_length=args.context_length,
-        accuracy_level=args.accuracy_level,
-        progress=report,
-    )
+    try:
+        recipe = convert(
+            args.src,
+            args.out_dir,
+            variant=args.variant,
+            context_length=args.context_length,
+            accuracy_level=args.accuracy_level,
+            progress=report,
+        )
+    except (GGUFError, OSError) as exc:
+        parser.exit(2, f"convert: {exc}\n")
     for name, size in recipe["files"].items():
         print(f"{size / 1e6:9.1f} MB  {args.out_dir / name}")
     return 0
