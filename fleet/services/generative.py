@@ -120,8 +120,10 @@ def import_gguf(path: Path, *, model_name: str, actor: Actor, notes: str = "", v
     except GGUFError as exc:
         raise GenerativeError(str(exc)) from None
     summary = source.summary()
-    if not summary["tokenizer"]:
-        raise GenerativeError(f"{path.name} carries no tokenizer in its metadata")
+    if summary["tokenizer"] != "gpt2":
+        raise GenerativeError(
+            f"{path.name}: tokenizer {summary['tokenizer'] or 'none'!r} is not supported (only GPT-2 byte-level BPE)"
+        )
     model = Model.objects.filter(name=model_name).first() or registry.create_model(name=model_name, actor=actor)
     version = registry.create_version(
         model,
