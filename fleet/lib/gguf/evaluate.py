@@ -161,7 +161,8 @@ def _encode(bundle: Path, text: str) -> list[int]:
 def build_evaluation_set(
     reference: Path, *, questions: list[str], heldout: str, n_tokens: int = AGREEMENT_TOKENS
 ) -> dict:
-    """The prompts, the reference bundle's first ``n_tokens`` greedy ids for each, and the held-out text."""
+    """The prompts, the reference bundle's first ``n_tokens`` greedy ids for each (fewer when it ends
+    its answer sooner), and the held-out text."""
     reference = Path(reference)
     template = json.loads((reference / "tokenizer_config.json").read_text()).get("chat_template", "")
     prompts = [chat_prompt(template, q) for q in questions]
@@ -172,7 +173,9 @@ def build_evaluation_set(
     return {
         "prompts": prompts,
         "prompt_ids": prompt_ids,
-        "token_ids": [greedy_tokens(session, shape, ids, n_tokens) for ids in prompt_ids],
+        # Up to and with the end-of-sequence token: past it a runtime stops, and what a
+        # model would say after its own end is no answer to compare.
+        "token_ids": [greedy_tokens(session, shape, ids, n_tokens, stop_at_eos=True) for ids in prompt_ids],
         "heldout": heldout,
         "heldout_ids": heldout_ids,
         "reference_perplexity": perplexity(session, shape, heldout_ids),
