@@ -113,7 +113,7 @@ def choose_variant(
         if all(c.recipe.get("tool") == GENERATIVE_TOOL for c in group):
             # A generative bundle's 4 and 8 bits run on the same MatMulNBits int8 kernels, so
             # precision says nothing of speed: the smallest measured peak is also the fastest
-            # (SmolLM2: the 4-bit repack 65 tok/s and 263 MB, int8 57 tok/s and 307 MB).
+            # (SmolLM2, tok/s per CPU-second: the 4-bit repack 71 and 263 MB, int8 59 and 303 MB).
             return min(group, key=lambda c: (c.memory_needed, c.size))
         order = precision_preference(profile)
         return min(group, key=lambda c: (order.index(c.precision) if c.precision in order else len(order), c.size))
