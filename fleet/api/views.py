@@ -21,7 +21,7 @@ from rest_framework.response import Response
 
 from fleet import auth, filtersets, signing
 from fleet.api import serializers
-from fleet.choices import DeploymentState, EnrollmentState
+from fleet.choices import DeploymentState, EnrollmentState, InferenceTask
 from fleet.http import ClientScopedRateThrottle, request_address
 from fleet.models import (
     Alias,
@@ -37,7 +37,17 @@ from fleet.models import (
     Rollout,
     VariantPin,
 )
-from fleet.services import aliases, deployments, devices, enrollment, pipeline, registry, retention, rollouts
+from fleet.services import (
+    aliases,
+    deployments,
+    devices,
+    enrollment,
+    generative,
+    pipeline,
+    registry,
+    retention,
+    rollouts,
+)
 from fleet.storage import TooLarge
 
 log = logging.getLogger(__name__)
@@ -222,7 +232,14 @@ class VersionViewSet(
     def optimize(self, request, pk=None):
         options = serializers.OptimizeSerializer(data=request.data)
         options.is_valid(raise_exception=True)
-        started = pipeline.start_pipeline(self.get_object(), actor=request.user, **options.validated_data)
+        version = self.get_object()
+        if version.task == InferenceTask.GENERATE:
+            variants = options.validated_data.get("variants")
+            started = generative.start_pipeline(
+                version, source=generative.gguf_source(version), actor=request.user, variants=variants
+            )
+        else:
+            started = pipeline.start_pipeline(version, actor=request.user, **options.validated_data)
         data = serializers.PipelineSerializer(
             Pipeline.objects.get(pk=started.pk), context=self.get_serializer_context()
         ).data

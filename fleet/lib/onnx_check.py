@@ -103,8 +103,13 @@ def _external_location(model: onnx.ModelProto) -> tuple[str, str] | None:
     return None
 
 
-def inspect_onnx(path: Path) -> OnnxInfo:
-    """The model's signature and opset, or ``InvalidModel`` saying what is wrong."""
+def inspect_onnx(path: Path, *, allow_external_data: bool = False) -> OnnxInfo:
+    """The model's signature and opset, or ``InvalidModel`` saying what is wrong.
+
+    ``allow_external_data`` is for files the plane wrote itself (a generative bundle's
+    model.onnx beside its model.onnx.data): the reference must still name a plain file
+    beside the model, never a path.
+    """
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
@@ -112,7 +117,16 @@ def inspect_onnx(path: Path) -> OnnxInfo:
     if not model.graph.node and not model.graph.output:
         raise InvalidModel("the file is not an ONNX model: it has no graph")
     external = _external_location(model)
-    if external is not None:
+    if external is not None and allow_external_data:
+        for tensor in _tensors(model.graph):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            if tensor.data_location == TensorProto.EXTERNAL and (
+                Path(location).name != location or location in ("", ".", "..")
+            ):
+                raise InvalidModel(
+                    f"tensor {tensor.name!r} keeps its data in {location!r}, not in a file beside the model"
+                )
+    elif external is not None:
         raise InvalidModel(
             f"the model keeps tensor {external[0]!r} in an external file ({external[1]!r}); upload one file that "
             "holds its weights (onnx.save(model, path, save_as_external_data=False))"

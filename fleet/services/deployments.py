@@ -248,7 +248,11 @@ def _unsigned_desired(device: Device, deployment: Deployment | None, files: _Ver
         deployment_id=deployment.pk,
         model=version.model.name,
         version=str(version.number),
-        files=[files.manifest(deployment.artifact), *files.tokenizers.get(version.pk, [])],
+        files=[
+            files.manifest(deployment.artifact),
+            *files.parts.get(deployment.artifact_id, []),
+            *files.tokenizers.get(version.pk, []),
+        ],
         inference=msgspec.convert(
             {
                 "task": version.task,
@@ -257,19 +261,27 @@ def _unsigned_desired(device: Device, deployment: Deployment | None, files: _Ver
                 "max_length": version.max_length,
             },
             wire.InferenceSpec,
-        ),  # fmt: skip
+        ),
         issued_at=now,
         providers=variant_providers(deployment.artifact),
-        selftest=files.selftest(version),
+        selftest=files.selftest(version, deployment.artifact_id),
     )
 
 
 class _VersionFiles:
     """What the desired messages of a batch share, read once per version: manifests and self-tests."""
 
-    def __init__(self, tokenizers: dict[int, list[wire.FileManifest]], evaluations: dict[int, Artifact]) -> None:
+    def __init__(
+        self,
+        tokenizers: dict[int, list[wire.FileManifest]],
+        evaluations: dict[int, Artifact],
+        parts: dict[int, list[wire.FileManifest]] | None = None,
+    ) -> None:
+        # Per version: its tokenizer files and, for a generate version, its genai_config.json.
         self.tokenizers = tokenizers
         self.evaluations = evaluations
+        # Per model artifact: the files that go with it (its external weights).
+        self.parts = parts or {}
         self._manifests: dict[int, wire.FileManifest] = {}
 
     @classmethod
@@ -277,24 +289,31 @@ class _VersionFiles:
         pks = [v.pk for v in versions]
         tokenizers: dict[int, list[wire.FileManifest]] = {}
         evaluations: dict[int, Artifact] = {}
+        parts: dict[int, list[wire.FileManifest]] = {}
         if pks:
-            roles = (ArtifactRole.TOKENIZER, ArtifactRole.EVALUATION)
+            roles = (ArtifactRole.TOKENIZER, ArtifactRole.CONFIG, ArtifactRole.MODEL_DATA, ArtifactRole.EVALUATION)
             rows = Artifact.objects.filter(version__in=pks, role__in=roles, status=ArtifactStatus.READY).order_by("pk")
             for artifact in rows:
-                if artifact.role == ArtifactRole.TOKENIZER:
+                if artifact.role in (ArtifactRole.TOKENIZER, ArtifactRole.CONFIG):
                     tokenizers.setdefault(artifact.version_id, []).append(file_manifest(artifact))
+                elif artifact.role == ArtifactRole.MODEL_DATA and artifact.part_of_id is not None:
+                    parts.setdefault(artifact.part_of_id, []).append(file_manifest(artifact))
                 else:
                     # The newest evaluation set: one built from the version's current fp32 source.
                     evaluations[artifact.version_id] = artifact
-        return cls(tokenizers, evaluations)
+        return cls(tokenizers, evaluations, parts)
 
     def manifest(self, artifact: Artifact) -> wire.FileManifest:
         if artifact.pk not in self._manifests:
             self._manifests[artifact.pk] = file_manifest(artifact)
         return self._manifests[artifact.pk]
 
-    def selftest(self, version: ModelVersion) -> wire.SelfTest | None:
+    def selftest(self, version: ModelVersion, artifact_id: int | None = None) -> wire.SelfTest | None:
         evaluation_set = self.evaluations.get(version.pk)
+        if evaluation_set is not None and version.task == InferenceTask.GENERATE and artifact_id is not None:
+            from fleet.services.generative import selftest_for
+
+            return selftest_for(evaluation_set, artifact_id)
         if evaluation_set is None or version.task != InferenceTask.EMBEDDING:
             return None
         try:

@@ -33,7 +33,7 @@ from fleet.storage import get_store
 log = logging.getLogger(__name__)
 
 # Roles of the files that travel to devices, and so are signed at publish.
-DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.TOKENIZER)
+DEVICE_ROLES = (ArtifactRole.MODEL, ArtifactRole.MODEL_DATA, ArtifactRole.TOKENIZER, ArtifactRole.CONFIG)
 
 
 class RegistryError(ServiceError):
@@ -145,9 +145,9 @@ def _is_onnx_model(role: str, format: str) -> bool:
     return role == ArtifactRole.MODEL and format == "onnx"
 
 
-def _check_model_file(path: Path) -> dict:
+def _check_model_file(path: Path, *, allow_external_data: bool = False) -> dict:
     try:
-        info = inspect_onnx(path)
+        info = inspect_onnx(path, allow_external_data=allow_external_data)
     except InvalidModel as exc:
         raise ArtifactRejected(str(exc)) from None
     return {**info.signature, "opset": info.opset}
@@ -161,6 +161,16 @@ def _check_evaluation_set(path: Path) -> None:
         evaluation.check_set(path, max_bytes=settings.EVALUATION_SET_MAX_BYTES)
     except evaluation.EvaluationSetRejected as exc:
         raise ArtifactRejected(str(exc)) from None
+
+
+def _check_gguf(path: Path) -> None:
+    """Its metadata must read (memory-mapped, the tensors untouched); the conversion checks the rest."""
+    from fleet.lib.gguf.reader import GGUFError, GGUFModel
+
+    try:
+        GGUFModel(path)
+    except GGUFError as exc:
+        raise ArtifactRejected(str(exc).split(": ", 1)[-1]) from None
 
 
 def _check_draft(version: ModelVersion) -> None:
@@ -216,9 +226,14 @@ def add_generated_artifact(
     derived_from: Artifact | None = None,
     recipe: dict | None = None,
     quality: str = VariantQuality.UNEVALUATED,
+    part_of: Artifact | None = None,
 ) -> Artifact:
-    """A file the plane made itself (an import, a variant, an evaluation set): stored ready at once."""
-    signature = _check_model_file(path) if _is_onnx_model(role, format) else {}
+    """A file the plane made itself (an import, a variant, an evaluation set): stored ready at once.
+
+    Its model may keep its weights beside it (a generative bundle's model.onnx.data): the plane
+    wrote both files, so the checker may follow the reference, which must name a sibling file.
+    """
+    signature = _check_model_file(path, allow_external_data=True) if _is_onnx_model(role, format) else {}
     manifest = _build_manifest(path, role)
     store = get_store()
     key = store.promote(store.copy_in(path), manifest.sha256)
@@ -237,6 +252,7 @@ def add_generated_artifact(
             recipe=recipe,
             signature=signature,
             quality=quality,
+            part_of=part_of,
         )
     except BaseException:
         # Content-addressed: the file may be another artifact's too, and then it stays.
@@ -301,6 +317,8 @@ def process_artifact(artifact_id: int) -> Artifact | None:
         signature = _check_model_file(path) if _is_onnx_model(artifact.role, artifact.format) else {}
         if artifact.role == ArtifactRole.EVALUATION:
             _check_evaluation_set(path)
+        if artifact.format == "gguf":
+            _check_gguf(path)
     except ArtifactRejected as exc:
         return _fail_processing(artifact, str(exc))
     manifest = _build_manifest(path, artifact.role)

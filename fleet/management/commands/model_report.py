@@ -1,12 +1,15 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from fleet.choices import ArtifactRole
+from fleet.choices import ArtifactRole, InferenceTask, VariantQuality
 from fleet.models import ModelVersion
 
 
 class Command(BaseCommand):
-    help = "A Markdown table of a version's variants against fp32: size, cosine, latency, memory, verdict."
+    help = (
+        "A Markdown table of a version's variants against fp32: size, cosine (or, for a generative model, "
+        "token agreement and perplexity), speed, memory, verdict."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("model", help="model name")
@@ -21,6 +24,8 @@ class Command(BaseCommand):
 
 
 def report(version: ModelVersion) -> str:
+    if version.task == InferenceTask.GENERATE:
+        return generate_report(version)
     artifacts = list(
         version.artifacts.filter(role=ArtifactRole.MODEL, evaluation__isnull=False)
         .select_related("evaluation")
@@ -46,5 +51,37 @@ def report(version: ModelVersion) -> str:
             f"| {e.mean_cosine:.4f} | {e.min_cosine:.4f} | {e.max_abs_error:.3g} | {e.latency_median_ms:.2f} "
             f"| {e.latency_p95_ms:.2f} | {base.latency_median_ms / e.latency_median_ms:.2f}x "
             f"| {e.peak_memory_bytes / 1e6:.0f} | {artifact.quality} |"
+        )
+    return "\n".join(lines)
+
+
+def generate_report(version: ModelVersion) -> str:
+    """A generative version's variants: token agreement, perplexity, decode speed, TTFT, memory."""
+    artifacts = list(
+        version.artifacts.filter(role=ArtifactRole.MODEL, evaluation__isnull=False)
+        .select_related("evaluation")
+        .prefetch_related("parts")
+        .order_by("id")
+    )
+    reference = next((a for a in artifacts if a.quality == VariantQuality.REFERENCE), None)
+    if reference is None:
+        raise CommandError(f"{version.label} has no evaluated fp32 reference: run its pipeline first")
+    base = reference.evaluation
+    lines = [
+        f"{version.label}, {base.samples} prompts, measured {timezone.now():%Y-%m-%d} (accepted: teacher-forced "
+        f"token agreement >= {version.quality_threshold:.0%} and perplexity within 10% of the reference's)",
+        "",
+        "| variant | recipe | size (MB) | token agreement | free-running agreement | perplexity "
+        "| decode tok/s (1 thread) | TTFT ms (16 tokens) | peak RSS (MB) | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for artifact in artifacts:
+        e = artifact.evaluation
+        size = artifact.size + sum(p.size for p in artifact.parts.all())
+        variant = artifact.recipe.get("parameters", {}).get("variant", artifact.precision)
+        lines.append(
+            f"| {variant} | {artifact.precision} | {size / 1e6:.1f} | {e.token_agreement:.1%} "
+            f"| {e.details.get('token_agreement', 0):.1%} | {e.perplexity:.2f} | {e.decode_tokens_per_s:.1f} "
+            f"| {e.ttft_ms:.0f} | {e.peak_memory_bytes / 1e6:.0f} | {artifact.quality} |"
         )
     return "\n".join(lines)

@@ -84,3 +84,27 @@ def test_it_follows_a_pin_over_the_preference():
 
 def test_it_offers_nothing_without_candidates():
     assert choose_variant(x86(), []) is None
+
+
+def test_it_drops_a_generative_variant_whose_measured_peak_rss_does_not_fit():
+    # SmolLM2's bundles: the fp32 reference peaks near 700 MB, the 4-bit repack near 250 MB.
+    gguf = {"tool": "fleet.lib.gguf.convert"}
+    smollm2 = [
+        Candidate(1, "fp32", "any", 650 * MB, peak_memory_bytes=700 * MB, recipe=gguf),
+        Candidate(2, "int4", "any", 150 * MB, peak_memory_bytes=250 * MB, recipe=gguf),
+    ]
+
+    assert precision(x86("avx2", ram=GB), smollm2) == "int4"
+    assert precision(x86("avx2", ram=2 * GB), [smollm2[0]]) == "fp32"
+    # Nothing fits in 256 MB: the smallest peak is offered and the agent's admission refuses it.
+    assert choose_variant(x86("avx2", ram=256 * MB), smollm2).id == 2
+
+
+def test_it_gives_a_generative_model_its_smallest_measured_peak_not_its_preferred_precision():
+    gguf = {"tool": "fleet.lib.gguf.convert"}
+    smollm2 = [
+        Candidate(2, "int4", "any", 150 * MB, peak_memory_bytes=263 * MB, recipe=gguf),
+        Candidate(3, "int8", "any", 190 * MB, peak_memory_bytes=307 * MB, recipe=gguf),
+    ]
+
+    assert precision(x86("avx2", "avx512_vnni"), smollm2) == "int4"

@@ -1,0 +1,1 @@
+"""GGUF small language models to onnxruntime-genai bundles, with numpy and onnx only. No Django here."""
