@@ -223,7 +223,11 @@ def versions_show(version: str) -> None:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), help="Else read from file names")
 @click.option("--hardware-class", default="any", type=click.Choice(list(spec.HARDWARE_CLASSES)))
 @click.option("--notes", default="")
-@click.option("--task", type=click.Choice(["embedding", "tensor"]))
+@click.option(
+    "--task",
+    type=click.Choice(["embedding", "tensor", "generate"]),
+    help="What the model does (a .gguf is a generative model's source: generate)",
+)
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]))
 @click.option("--normalize/--no-normalize", default=None)
 @click.option("--max-length", type=int)
@@ -245,6 +249,8 @@ def versions_push(path: Path, model: str, precision: str | None, hardware_class:
         except errors.NotFound:
             client.create_model(model)
             say(f"created model {model}")
+    if task is None and any(u.format == "gguf" for u in uploads):
+        task = "generate"
     fields = {"notes": notes, "task": task, "pooling": pooling, "normalize": normalize, "max_length": max_length}
     version = client.create_version(model, **{k: v for k, v in fields.items() if v is not None})
     say(f"created draft version {version['label']} (id {version['id']})")
@@ -291,13 +297,15 @@ def versions_publish(version: str, wait: bool, timeout: float) -> None:
 
 @versions.command("optimize")
 @click.argument("version")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["int8", "int4", "fp16"]),
-              help="A variant to build (repeat; default all three)")  # fmt: skip
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["int8", "int4", "fp16", "repack"]),
+              help="A variant to build (repeat; default all three: int8, int4, fp16, or for a generative "
+                   "model's GGUF repack, int4, int8)")  # fmt: skip
 @click.option("--wait", is_flag=True, help="Wait until the pipeline succeeds or fails (exit 1 if it fails)")
 @click.option("--timeout", default=1800.0, show_default=True, help="Seconds to wait with --wait")
 @output_option
 def versions_optimize(version: str, variants: tuple[str, ...], wait: bool, timeout: float) -> None:
-    """Build and evaluate int8/int4/fp16 variants of a draft VERSION's fp32 model."""
+    """Build and evaluate variants of a draft VERSION: int8/int4/fp16 of its fp32 ONNX model, or the
+    repack/int4/int8 bundles (with an fp32 reference) of a generative model's GGUF."""
     client = settings().client()
     pipeline = client.optimize_version(version, variants=list(variants) or None)
     say(f"pipeline {pipeline['id']} {pipeline['state']}")

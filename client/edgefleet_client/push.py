@@ -46,7 +46,7 @@ def plan_uploads(path: Path, *, precision: str | None = None, hardware_class: st
             raise EdgefleetError(f"{path.name}: push an .onnx model, a .gguf model or a tokenizer.json")
         return [upload]
     uploads = [u for f in sorted(path.iterdir()) if f.is_file() and (u := _upload(f, precision, hardware_class))]
-    if not any(u.role == "model" for u in uploads):
+    if not any(u.role in ("model", "source") for u in uploads):
         raise EdgefleetError(f"{path} holds no .onnx or .gguf model file")
     return uploads
 
@@ -58,7 +58,8 @@ def _upload(path: Path, precision: str | None, hardware_class: str) -> Upload | 
     if name.endswith(".onnx"):
         return Upload(path, "model", "onnx", precision or guess_precision(name, "fp32"), hardware_class)
     if name.endswith(".gguf"):
-        return Upload(path, "model", "gguf", precision or guess_precision(name, "fp16"), hardware_class)
+        # A generative model's source: the plane converts it into the bundles devices run (optimize).
+        return Upload(path, "source", "gguf", precision or guess_precision(name, "fp16"), hardware_class)
     return None
 
 

@@ -7,6 +7,7 @@ import pytest
 from fleet.choices import ArtifactStatus, VersionStatus
 from fleet.models import Alias, Device, EnrollmentToken, ModelVersion
 from tests.fleet import helpers
+from tests.fleet.lib.gguf_fixtures import write_tiny_llama
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,14 +39,15 @@ def test_it_pushes_a_directory_and_publishes_it(run, plane_url, release_token, t
 
 def test_it_pushes_a_gguf_with_the_precision_its_name_states(run, plane_url, release_token, tmp_path):
     helpers.make_model("qwen")
-    gguf = tmp_path / "qwen2-0_5b-instruct-q4_k_m.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(1000))
+    gguf = write_tiny_llama(tmp_path / "qwen2-0_5b-instruct-q4_k_m.gguf")
 
     result = run("versions", "push", str(gguf), "--model", "qwen", url=plane_url, token=release_token)
 
     assert result.code == 0, result.stderr
-    artifact = ModelVersion.objects.get(model__name="qwen").artifacts.get()
-    assert (artifact.format, artifact.precision, artifact.role, artifact.size) == ("gguf", "int4", "model", 1004)
+    version = ModelVersion.objects.get(model__name="qwen")
+    artifact = version.artifacts.get()
+    assert (version.task, artifact.format, artifact.precision, artifact.role) == ("generate", "gguf", "int4", "source")
+    assert artifact.size == gguf.stat().st_size
 
 
 def test_it_refuses_to_push_a_path_with_no_model(run, plane_url, release_token, tmp_path):
