@@ -11,7 +11,7 @@ import msgspec
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
-from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str
+from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str, env_urls
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("EDGEFLEET_VAR_DIR", str(BASE_DIR / "var")))
@@ -138,6 +138,8 @@ BRIDGE_CHUNK_DEVICE_INFLIGHT = env_int("BRIDGE_CHUNK_DEVICE_INFLIGHT", 32 * 2**2
 BRIDGE_CHUNK_TOTAL_INFLIGHT = env_int("BRIDGE_CHUNK_TOTAL_INFLIGHT", 256 * 2**20, minimum=4 * 2**20)
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
+# Rollout events (rolled back, completed, held past its deadline) are POSTed as JSON to these.
+ROLLOUT_WEBHOOKS = env_urls("ROLLOUT_WEBHOOKS")
 
 # --- Cache ---------------------------------------------------------------------------
 # Sign-in failure counters live here (fleet/auth.py). Per process unless CACHE_URL names

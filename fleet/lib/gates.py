@@ -94,6 +94,8 @@ class StageCounts:
     failed: int = 0
     rolled_back: int = 0
     ineligible: int = 0
+    # Sent back to their previous version by the rollout's own rollback, whatever state they reached.
+    sent_back: int = 0
 
     @property
     def eligible(self) -> int:

@@ -26,6 +26,19 @@ class ReceivedHeartbeat:
     received_at: datetime
 
 
+def judged_deployments(batch: Iterable[ReceivedHeartbeat]) -> set[int]:
+    """The deployments these heartbeats bring inference numbers for: a health gate may now judge.
+
+    In memory, no query: the bridge calls it for every batch it stores, and the evaluation task
+    keeps only the deployments of running rollouts (rollouts.rollout_ids_for_deployments).
+    """
+    return {
+        item.message.active.deployment_id
+        for item in batch
+        if item.message.active is not None and (item.message.requests or item.message.latency is not None)
+    }
+
+
 def device_pks(device_ids: Iterable[str]) -> dict[str, int]:
     return dict(Device.objects.filter(device_id__in=set(device_ids)).values_list("device_id", "pk"))
 
