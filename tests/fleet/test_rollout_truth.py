@@ -231,3 +231,21 @@ def test_the_bridge_has_a_health_gate_judged_as_soon_as_the_heartbeats_arrive(
     rollout = Rollout.objects.get(pk=rollout_id)
     assert rollout.state == "rolled_back"
     assert "health gate tripped in stage 1" in rollout.reason
+
+
+@pytest.mark.parametrize("path", ["one", "batch"])
+def test_a_download_that_reused_every_chunk_reports_real_bytes(operator, lab, new_version, path):
+    device = lab[0]
+    (deployment,) = deployments.assign_version(new_version, [device], actor="system").deployments
+    # What an agent that held every chunk already sends: no bytes counted at all.
+    report = wire.StateReport(device_id=device.device_id, deployment_id=deployment.pk, state="active",
+                              sha256=deployment.artifact.sha256, sent_at=time.time())  # fmt: skip
+
+    if path == "one":
+        deployments.record_state(device, report)
+    else:
+        deployments.record_states([deployments.ReceivedState(device.pk, device.device_id, report)])
+
+    listed = token_client(operator).get("/api/v1/deployments/", {"device": device.device_id}).json()["results"][0]
+    assert listed["state"] == "active"
+    assert listed["bytes_done"] == listed["bytes_total"] == deployment.artifact.size > 0
