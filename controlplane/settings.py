@@ -35,6 +35,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    # Swagger UI's files served by the plane itself: no CDN, for operators on isolated networks.
+    "drf_spectacular_sidecar",
     "fleet",
 ]
 
@@ -98,6 +100,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
+# The console's pages send a signed-out operator to the admin's sign-in page.
+LOGIN_URL = "admin:login"
 STATIC_ROOT = VAR_DIR / "static"
 
 # --- Artifacts -----------------------------------------------------------------
@@ -191,6 +195,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Model registry, devices and deployments for fleets of edge devices.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Versions and artifacts both have a "status"; name each enum after its choices.
     "ENUM_NAME_OVERRIDES": {
         "VersionStatus": "fleet.choices.VersionStatus",

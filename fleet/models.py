@@ -152,6 +152,7 @@ class Alias(models.Model):
 
     class Meta:
         ordering = ["model__name", "name"]
+        verbose_name_plural = "aliases"
         constraints = [models.UniqueConstraint(fields=["model", "name"], name="unique_model_alias")]
 
     def __str__(self) -> str:

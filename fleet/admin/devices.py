@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 
 from fleet.admin.base import RECENT_ROWS, ReadOnlyInline, RecentFormSet
 from fleet.choices import VersionStatus
+from fleet.lib import hardware, humanize
 from fleet.models import (
     Deployment,
     Device,
@@ -58,8 +59,12 @@ class DeploymentInline(ReadOnlyInline):
     model = Deployment
     formset = RecentFormSet
     verbose_name_plural = f"Recent deployments (newest {RECENT_ROWS})"
-    fields = ["version", "state", "bytes_done", "bytes_total", "error", "created_by", "created_at", "updated_at"]
+    fields = ["version", "state", "downloaded", "error", "created_by", "created_at", "updated_at"]
     readonly_fields = fields
+
+    @admin.display(description="downloaded")
+    def downloaded(self, deployment):
+        return f"{humanize.size(deployment.bytes_done)} of {humanize.size(deployment.bytes_total)}"
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device", "version__model", "created_by").order_by("-id")
@@ -70,8 +75,12 @@ class HeartbeatInline(ReadOnlyInline):
     formset = RecentFormSet
     show_change_link = False
     verbose_name_plural = f"Last heartbeats (newest {RECENT_ROWS})"
-    fields = ["received_at", "seq", "cpu_percent", "mem_rss_bytes", "requests", "errors", "p50_ms", "p95_ms"]
+    fields = ["received_at", "seq", "cpu_percent", "memory", "requests", "errors", "p50_ms", "p95_ms"]
     readonly_fields = fields
+
+    @admin.display(description="agent memory")
+    def memory(self, beat):
+        return humanize.size(beat.mem_rss_bytes)
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device").order_by("-received_at")
@@ -110,9 +119,9 @@ class DeviceAdmin(admin.ModelAdmin):
                     "os_release",
                     "cpu_model",
                     "cpu_count",
-                    "cpu_flags",
-                    "ram_bytes",
-                    "disk_free_bytes",
+                    "cpu_features",
+                    "memory",
+                    "free_disk",
                     "providers",
                     "agent_version",
                 ]
@@ -123,6 +132,19 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("tags")
+
+    # Hardware in human units and a summary of the CPU flags, not a wall of them.
+    @admin.display(description="CPU features")
+    def cpu_features(self, device):
+        return hardware.cpu_features(device.cpu_flags or [])
+
+    @admin.display(description="memory")
+    def memory(self, device):
+        return humanize.size(device.ram_bytes)
+
+    @admin.display(description="free disk")
+    def free_disk(self, device):
+        return humanize.size(device.disk_free_bytes)
 
     @admin.display(description="tags")
     def tag_list(self, device: Device) -> str:

@@ -654,14 +654,20 @@ _BUCKETS = {
 
 def stage_counts(rollout: Rollout) -> dict[int, gates.StageCounts]:
     """Each stage's devices by where they are, in one query."""
+    return stage_counts_of([rollout.pk]).get(rollout.pk, {})
+
+
+def stage_counts_of(rollout_ids: Iterable[int]) -> dict[int, dict[int, gates.StageCounts]]:
+    """Rollout id -> each stage's devices by where they are, for many rollouts in one query."""
     rows = (
-        rollout.members.values("stage_index", "deployment__state", "deployment__active_at", "rollback_deployment")
+        RolloutDevice.objects.filter(rollout__in=list(rollout_ids))
+        .values("rollout_id", "stage_index", "deployment__state", "deployment__active_at", "rollback_deployment")
         .annotate(n=Count("id"))
         .order_by()
     )
-    tallies: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    tallies: dict[tuple[int, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:
-        tally = tallies[row["stage_index"]]
+        tally = tallies[row["rollout_id"], row["stage_index"]]
         tally["targeted"] += row["n"]
         if row["rollback_deployment"] is not None:
             tally["sent_back"] += row["n"]
@@ -674,7 +680,10 @@ def stage_counts(rollout: Rollout) -> dict[int, gates.StageCounts]:
         else:
             bucket = _BUCKETS[DeploymentState(state)]
         tally[bucket] += row["n"]
-    return {index: gates.StageCounts(**tally) for index, tally in tallies.items()}
+    out: dict[int, dict[int, gates.StageCounts]] = defaultdict(dict)
+    for (rollout_id, index), tally in tallies.items():
+        out[rollout_id][index] = gates.StageCounts(**tally)
+    return out
 
 
 def stage_progress(
