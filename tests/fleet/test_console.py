@@ -72,6 +72,20 @@ def test_the_overview_shows_classes_versions_rollouts_and_failures(operator):
     assert "Aliass" not in page
 
 
+def test_the_rollout_page_shows_a_failing_device_with_its_own_error(operator):
+    lab, rollout = build_fleet(3)
+    canary = rollout.members.select_related("device", "deployment__artifact").get()
+    report(canary.device, canary.deployment, "failed", error="self-test failed: output is NaN")
+    rollouts.evaluate_rollout(rollout.pk)
+
+    page = signed_in(operator).get(f"/rollouts/{rollout.pk}/").content.decode()
+
+    assert 'class="failing"' in page
+    assert f"{canary.device.device_id}: self-test failed: output is NaN" in page  # in the reason
+    assert "Never started." in page
+    assert "</button>" not in page  # a rolled-back rollout has no action left
+
+
 def test_the_rollout_page_names_the_canary_its_gates_and_the_actions(operator):
     lab, rollout = build_fleet(3)
     canary = rollout.members.select_related("device").get()
@@ -129,7 +143,7 @@ def test_the_device_page_speaks_in_human_units(operator):
 
 # Session, user and the permission checks (4), then each page's own reads: a fixed set of
 # aggregates and bounded lists (pinned here so that an N+1 shows up as a changed number).
-PAGE_QUERIES = {"/": 4 + 8, "/rollouts/{rollout}/": 4 + 10, "/devices/lab-000/": 4 + 5}
+PAGE_QUERIES = {"/": 4 + 8, "/rollouts/{rollout}/": 4 + 10, "/devices/lab-000/": 4 + 4}
 
 
 @pytest.mark.parametrize("path", list(PAGE_QUERIES))

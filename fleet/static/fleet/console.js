@@ -37,8 +37,15 @@
     fetch(location.href, { credentials: "same-origin", headers: { "X-Requested-With": "fetch" } })
       .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
       .then(function (html) {
-        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        var fresh = doc.getElementById("live");
         if (fresh) { live.innerHTML = fresh.innerHTML; drawCharts(live); }
+        // The action buttons only when what the state allows changed, so a reason being typed stays.
+        var actions = document.getElementById("actions"), freshActions = doc.getElementById("actions");
+        if (actions && freshActions && actions.dataset.key !== freshActions.dataset.key) {
+          actions.innerHTML = freshActions.innerHTML;
+          actions.dataset.key = freshActions.dataset.key;
+        }
         var stamp = document.getElementById("refreshed");
         if (stamp) { stamp.textContent = "updated " + new Date().toLocaleTimeString(); stamp.classList.remove("stale"); }
       })
