@@ -245,6 +245,7 @@ def device_page(device: Device, *, now: datetime) -> dict:
     history = list(
         device.deployments.select_related("version__model", "artifact")
         .only(
+            "device",
             "state",
             "error",
             "created_at",
