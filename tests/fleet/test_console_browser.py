@@ -142,3 +142,9 @@ def test_an_operator_watches_a_canary_fail_and_roll_back(page, live_server, djan
     page.wait_for_selector(".chart canvas")
     assert "minilm-embedder:2" in page.inner_text("table:has(th:has-text('Version'))")
     page.screenshot(path=shots / "device.png", full_page=True)
+
+    # Back on the overview: the rollback and its reason among the recent ones.
+    page.click("header a:has-text('Fleet overview')")
+    page.wait_for_selector("section:has(h2:has-text('Recent rollbacks')) >> text=health gate tripped in canary")
+    assert "No rollout is running or paused." in page.inner_text("body")
+    page.screenshot(path=shots / "overview-after.png", full_page=True)
