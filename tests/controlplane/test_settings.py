@@ -44,6 +44,7 @@ def test_it_starts_on_development_defaults():
         ({"DEBUG": "false"}, "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false"),
         ({"SECRET_KEY_FILE": "/nonexistent/key"}, "SECRET_KEY_FILE='/nonexistent/key' cannot be read"),
         ({"ARTIFACT_CHUNKING": "rolling"}, "ARTIFACT_CHUNKING='rolling' is not one of cdc, fixed"),
+        ({"ROLLOUT_WEBHOOKS": "https://ok.example/h,ftp://x"}, "ROLLOUT_WEBHOOKS: 'ftp://x' is not an http"),
     ],
 )
 def test_it_names_the_variable_that_is_wrong(env, named):
