@@ -429,6 +429,24 @@ def rollout_ids_for_deployments(deployment_ids: Iterable[int]) -> list[int]:
     )
 
 
+def health_judged_deployments(deployment_ids: Iterable[int]) -> set[int]:
+    """Of these deployments, those in the current, unpassed stage of a running rollout with a health gate."""
+    current = RolloutStage.objects.filter(
+        rollout=OuterRef("rollout"),
+        index=OuterRef("rollout__current_stage"),
+        health_p95_ratio__isnull=False,
+        passed_at__isnull=True,
+    )
+    return set(
+        RolloutDevice.objects.filter(
+            Exists(current),
+            deployment__in=list(deployment_ids),
+            rollout__state=RolloutState.RUNNING,
+            stage_index=F("rollout__current_stage"),
+        ).values_list("deployment_id", flat=True)
+    )
+
+
 def enqueue_evaluations(rollout_ids: Iterable[int]) -> None:
     """Queue an evaluation of each rollout; call it only after commit."""
     from fleet.tasks import evaluate_rollout as task
@@ -438,7 +456,8 @@ def enqueue_evaluations(rollout_ids: Iterable[int]) -> None:
 
 
 def _evaluate_locked(rollout: Rollout, *, now: datetime) -> str:
-    """Move the rollout as far as its gates allow; why the current stage waits, or "" once it ended."""
+    """Move the rollout as far as its gates allow; why the current stage is blocked by a gate that
+    cannot judge, or "" when it moved, ended, or waits only for devices or its soak."""
     stages = list(rollout.stages.all())
     # Each pass either stops or moves one stage on, so this ends within len(stages) passes.
     for _ in range(len(stages) + 1):
@@ -458,7 +477,8 @@ def _evaluate_locked(rollout: Rollout, *, now: datetime) -> str:
         if _track_hold(rollout, stage, progress, held=held, now=now):
             return ""
         if unassigned or not progress.gates_pass or not progress.soaked:
-            return _why_waiting(stage, progress, unassigned)
+            # Blocked, not merely on its way: a gate cannot judge, so skipping the soak changes nothing.
+            return _why_waiting(stage, progress, unassigned) if progress.inconclusive else ""
         stage.passed_at = now
         stage.final_gates = values
         stage.save(update_fields=["passed_at", "final_gates"])
@@ -479,9 +499,7 @@ def _why_waiting(stage: RolloutStage, progress: StageProgress, unassigned: int) 
     reasons = [f"{g.gate} gate {g.verdict}: {g.detail}" for g in progress.blocking]
     if unassigned:
         reasons.insert(0, f"{unassigned} device{'' if unassigned == 1 else 's'} still to assign (rate limit)")
-    if not reasons and not progress.soaked:
-        reasons.append(f"soaking for {progress.soak_remaining_s or 0:.0f} s more")
-    return f"{stage} is held: {'; '.join(reasons)}." if reasons else ""
+    return f"{stage} is held: {'; '.join(reasons)}."
 
 
 def _with_errors(rollout: Rollout, stage: RolloutStage, gate: gates.GateResult) -> str:

@@ -17,6 +17,7 @@ from django.db.models import Max, Q
 
 from agent import wire
 from fleet.models import Device, Heartbeat
+from fleet.services import rollouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,16 +28,17 @@ class ReceivedHeartbeat:
 
 
 def judged_deployments(batch: Iterable[ReceivedHeartbeat]) -> set[int]:
-    """The deployments these heartbeats bring inference numbers for: a health gate may now judge.
+    """The deployments these heartbeats bring inference numbers for, where a health gate judges them now.
 
-    In memory, no query: the bridge calls it for every batch it stores, and the evaluation task
-    keeps only the deployments of running rollouts (rollouts.rollout_ids_for_deployments).
+    One query for the whole batch, and none when no heartbeat names a deployment: the bridge
+    calls it for every batch it stores, so a fleet at 100% wakes no evaluator.
     """
-    return {
+    reported = {
         item.message.active.deployment_id
         for item in batch
         if item.message.active is not None and (item.message.requests or item.message.latency is not None)
     }
+    return rollouts.health_judged_deployments(reported) if reported else set()
 
 
 def device_pks(device_ids: Iterable[str]) -> dict[str, int]:

@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from agent import wire
-from fleet.models import AuditEvent, Rollout
+from fleet.models import AuditEvent, Deployment, Rollout
 from fleet.mqtt.bridge import Bridge
 from fleet.services import deployments, rollouts, telemetry
 from fleet.storage import get_store
@@ -249,3 +249,18 @@ def test_a_download_that_reused_every_chunk_reports_real_bytes(operator, lab, ne
     listed = token_client(operator).get("/api/v1/deployments/", {"device": device.device_id}).json()["results"][0]
     assert listed["state"] == "active"
     assert listed["bytes_done"] == listed["bytes_total"] == deployment.artifact.size > 0
+
+
+def test_only_heartbeats_a_health_gate_judges_now_wake_the_evaluator(operator, lab, new_version):
+    client = token_client(operator)
+    gated = create(client, new_version, HEALTH_CANARY, selector={"devices": ["dev-0", "dev-1"]})
+    plain = create(client, new_version, [{"devices": 1}, {"percent": 100}], selector={"devices": ["dev-2", "dev-3"]})
+    act(client, gated, "start")
+    act(client, plain, "start")
+    on_gate, on_plain = canary_of(gated), canary_of(plain)
+    old = Deployment.objects.filter(version__number=1).first().pk  # the lab's own, in no rollout
+
+    judged = rollouts.health_judged_deployments({on_gate.deployment_id, on_plain.deployment_id, old, 10**9})
+
+    # Not the canary of a rollout without a health gate, nor a deployment of no running rollout.
+    assert judged == {on_gate.deployment_id}
