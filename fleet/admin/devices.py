@@ -215,7 +215,8 @@ class DeviceAdmin(admin.ModelAdmin):
                 changed += 1
             except (enrollment.EnrollmentError, DynSecError) as exc:
                 self.message_user(request, f"{device}: {exc}", messages.ERROR)
-        self.message_user(request, f"{done} {changed} device(s).", messages.SUCCESS if changed else messages.WARNING)
+        level = messages.SUCCESS if changed else messages.WARNING
+        self.message_user(request, f"{done} {humanize.plural(changed, 'device')}.", level)
 
     @admin.action(description="Accept the selected devices", permissions=["enroll"])
     def accept(self, request, queryset):
@@ -232,7 +233,8 @@ class DeviceAdmin(admin.ModelAdmin):
     def _report_assignment(self, request, version: ModelVersion, result: deployments.AssignmentResult) -> None:
         self.message_user(
             request,
-            f"Assigned {version.label} to {len(result.deployments)} device(s); skipped {len(result.skipped)}.",
+            f"Assigned {version.label} to {humanize.plural(len(result.deployments), 'device')}; "
+            f"skipped {len(result.skipped)}.",
             messages.SUCCESS if result.deployments else messages.WARNING,
         )
         for device_id, why in list(result.skipped.items())[:RECENT_ROWS]:

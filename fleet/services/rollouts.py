@@ -30,6 +30,7 @@ from fleet.choices import (
     RolloutState,
 )
 from fleet.lib import gates
+from fleet.lib.humanize import plural
 from fleet.models import (
     Alias,
     Deployment,
@@ -274,7 +275,8 @@ def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, re
             names = ", ".join(f"{device_id} (rollout {other})" for device_id, other in sorted(found.items())[:10])
             more = f" and {len(found) - 10} more" if len(found) > 10 else ""
             raise RolloutConflict(
-                f"{len(found)} selected device(s) belong to another running or paused rollout: {names}{more}. "
+                f"{plural(len(found), 'selected device')} belong{'s' if len(found) == 1 else ''} to another "
+                f"running or paused rollout: {names}{more}. "
                 "Finish or abort that rollout first, or start this one with supersede to abort it."
             )
         for other_pk in sorted(set(found.values())):

@@ -126,3 +126,32 @@ def test_it_posts_the_rollback_event_with_its_reason(lab, hook_factory, django_c
     assert [(r["body"]["event"], r["body"]["reason"]) for r in hook.received] == [
         ("rollout.rolled_back", "canary looks wrong")
     ]
+
+
+def test_a_hold_past_its_deadline_posts_the_hold_expired_event_once(
+    lab, hook_factory, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.services import deployments
+    from tests.fleet.test_rollout_truth import report_state
+
+    hook = hook_factory([200])
+    version = make_published_version()
+    stage = {"device_count": 1, "health_p95_ratio": "1.5", "inconclusive_timeout": 60, "inconclusive_action": "notify"}
+    rollout = rollouts.create_rollout(version, stages=[stage, {"percent": 100}], tags=["lab"], actor="system")
+    rollouts.start_rollout(rollout, actor="system")
+    canary = rollout.members.select_related("device").get()
+    report_state(canary.device, deployments.current_deployment(canary.device), "active")
+    now = timezone.now()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        for seconds in (0, 30, 61, 90):
+            rollouts.evaluate_rollout(rollout.pk, now=now + timedelta(seconds=seconds))
+
+    assert [r["body"]["event"] for r in hook.received] == ["rollout.hold_expired"]
+    body = hook.received[0]["body"]
+    assert (body["stage"], body["rollout"]) == (0, rollout.pk)
+    assert "held past its deadline (60 s): health gate inconclusive: 0 samples" in body["reason"]
