@@ -184,6 +184,10 @@ def test_the_admin_says_aliases_and_shows_bytes_in_human_units(django_user_model
     assert "Aliases" in index and "Aliass" not in index
     assert "8.0 GiB" in device and str(8 << 30) not in device
     assert "50.0 MiB" in device and str(50 << 20) not in device
+    version = client.get(f"/admin/fleet/modelversion/{rollout.version_id}/change/").content.decode()
+    artifact = rollout.version.artifacts.get()
+    assert f"{artifact.sha256[:12]}…" in version and f">{artifact.sha256}<" not in version
+    assert "View site" in index  # to "/", the console
 
 
 def test_the_api_docs_load_swagger_ui_from_the_plane_not_a_cdn(operator):
