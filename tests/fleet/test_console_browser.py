@@ -108,6 +108,7 @@ def test_an_operator_watches_a_canary_fail_and_roll_back(page, live_server, djan
     rollout.members.update(assigned_at=began)
     RolloutStage.objects.filter(rollout=rollout, index=0).update(started_at=began)
     report_state(canary.device, canary.deployment, "active")
+    tasks.evaluate_rollouts_of_deployments([canary.deployment_id])  # soaked, but too few samples: held
 
     # Watch: the overview lists the rollout with a bar per stage; its page names the canary.
     page.goto(f"{live_server.url}/")
@@ -116,6 +117,8 @@ def test_an_operator_watches_a_canary_fail_and_roll_back(page, live_server, djan
     page.click("a:has-text('minilm v2 canary')")
     page.wait_for_selector(f"tr.canary:has-text('{canary.device.device_id}')")
     page.wait_for_selector("[data-gate=health] .badge.inconclusive")
+    held = page.inner_text("[data-stage='0'] .reason")
+    assert "Held since" in held and "then hold" in held and "0 samples on the new version" in held
     page.wait_for_selector("#canary-chart canvas")
     page.screenshot(path=shots / "rollout-watching.png", full_page=True)
 
