@@ -602,6 +602,13 @@ class StageHoldSerializer(serializers.Serializer):
     reason = serializers.CharField()
 
 
+class StageDeviceSerializer(serializers.Serializer):
+    device = serializers.CharField()
+    state = serializers.CharField(help_text="Its deployment's state, or ineligible.")
+    error = serializers.CharField(help_text="The device's own error, or why it is ineligible.")
+    sent_back = serializers.BooleanField(help_text="The rollout's rollback gave it its previous version.")
+
+
 class StageProgressSerializer(serializers.Serializer):
     index = serializers.IntegerField(source="stage.index")
     name = serializers.CharField(source="stage.__str__")
@@ -617,6 +624,8 @@ class StageProgressSerializer(serializers.Serializer):
     soak_remaining_s = serializers.FloatField(source="progress.soak_remaining_s", allow_null=True)
     counts = StageCountsSerializer(source="progress.counts")
     gates = GateSerializer(source="progress.gates", many=True)
+    canary = StageDeviceSerializer(many=True, help_text="The first stage's first 5 devices; empty for the others.")
+    failing = StageDeviceSerializer(many=True, help_text="Its failed devices with their errors (20 at most).")
 
 
 class RolloutProgressSerializer(serializers.Serializer):

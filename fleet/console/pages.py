@@ -14,7 +14,7 @@ from django.db.models.functions import TruncSecond
 
 from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, EnrollmentState, RolloutState
 from fleet.lib import gates, hardware, humanize
-from fleet.models import Deployment, Device, Heartbeat, Rollout, RolloutDevice
+from fleet.models import Deployment, Device, Heartbeat, Rollout
 from fleet.services import rollouts
 
 RECENT = 10
@@ -147,29 +147,6 @@ ACTIONS = {
 
 def rollout_page(rollout: Rollout, *, now: datetime) -> dict:
     progress = rollouts.rollout_progress(rollout, now=now)
-    members = (
-        RolloutDevice.objects.filter(rollout=rollout)
-        .select_related("device", "deployment")
-        .only(
-            "stage_index",
-            "ineligible_reason",
-            "rollback_deployment",
-            "device__device_id",
-            "device__online",
-            "deployment__state",
-            "deployment__error",
-        )
-    )
-    canaries = list(members.filter(stage_index=0).order_by("device__device_id")[:5])
-    failing = list(
-        members.filter(deployment__state__in=FAILED_STATES).order_by("stage_index", "device__device_id")[:20]
-    )
-    by_stage: dict[int, list[RolloutDevice]] = defaultdict(list)
-    for member in failing:
-        by_stage[member.stage_index].append(member)
-    for row in progress["stages"]:
-        row["failing"] = by_stage.get(row["stage"].index, [])
-        row["canaries"] = canaries if row["stage"].index == 0 else []
     return {
         "progress": progress,
         "chart": canary_chart(rollout, progress),

@@ -751,6 +751,7 @@ def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
     else:
         fleet = members
     targets = gates.cumulative_targets(fleet, [_size(s) for s in stages]) if fleet else [0] * len(stages)
+    canary, failing = _devices_to_show(rollout)
     out = []
     for stage, target in zip(stages, targets, strict=True):
         progress = stage_progress(rollout, stage, now=now, counts=counts)
@@ -766,9 +767,44 @@ def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
                 "progress": progress,
                 "status": _stage_status(rollout, stage),
                 "hold": _hold(stage, progress),
+                "canary": canary if stage.index == 0 else [],
+                "failing": [m for m in failing if m["stage"] == stage.index],
             }
         )
     return {"rollout": rollout, "fleet": fleet, "done": rollout.state in FINISHED_STATES, "stages": out}
+
+
+CANARY_SHOWN = 5
+FAILING_SHOWN = 20
+
+
+def _devices_to_show(rollout: Rollout) -> tuple[list[dict], list[dict]]:
+    """The first stage's devices (the canary, when it is small), and failed devices with their own errors.
+
+    Two bounded queries, whatever the size of the rollout.
+    """
+    members = RolloutDevice.objects.filter(rollout=rollout).select_related("device", "deployment")
+    members = members.only(
+        "stage_index", "ineligible_reason", "rollback_deployment", "device__device_id", "device__online",
+        "deployment__state", "deployment__error",
+    )  # fmt: skip
+    canary = members.filter(stage_index=0).order_by("device__device_id")[:CANARY_SHOWN]
+    failing = members.filter(deployment__state__in=[DeploymentState.FAILED, DeploymentState.ROLLED_BACK]).order_by(
+        "stage_index", "device__device_id"
+    )[:FAILING_SHOWN]
+    return [_shown(m) for m in canary], [_shown(m) for m in failing]
+
+
+def _shown(member: RolloutDevice) -> dict:
+    deployment = member.deployment
+    return {
+        "device": member.device.device_id,
+        "online": member.device.online,
+        "stage": member.stage_index,
+        "state": deployment.state if deployment else "ineligible",
+        "error": (deployment.error if deployment else member.ineligible_reason) or "",
+        "sent_back": member.rollback_deployment_id is not None,
+    }
 
 
 _GATE_ORDER = {"success": 0, "failure": 1, "health": 2}

@@ -117,6 +117,11 @@ def test_its_counts_follow_the_deployments_states_after_a_rollback(operator, lab
     assert (counts["failed"], counts["rolled_back"], counts["sent_back"]) == (1, 0, 1)
     # The reason names the canary and its own error.
     assert f"{canary.device.device_id}: out of memory loading the model" in rollout["reason"]
+    # And progress says which device is the canary, and what it said.
+    stage = client.get(f"{API}/{rollout_id}/progress/").json()["stages"][0]
+    shown = {"device": canary.device.device_id, "state": "failed", "error": "out of memory loading the model",
+             "sent_back": True}  # fmt: skip
+    assert stage["canary"] == stage["failing"] == [shown]
 
 
 def test_it_filters_deployments_by_rollout(operator, lab, new_version):
