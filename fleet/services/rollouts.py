@@ -713,6 +713,7 @@ def stage_progress(
     now: datetime,
     counts: dict[int, gates.StageCounts] | None = None,
     fleet: int | None = None,
+    judge: bool = True,
 ) -> StageProgress:
     counts = counts if counts is not None else stage_counts(rollout)
     mine = counts.get(stage.index, gates.StageCounts())
@@ -722,6 +723,8 @@ def stage_progress(
     soak_end = stage.started_at + timedelta(seconds=stage.min_soak_seconds)
     skip = rollout.soak_skipped and stage.index == rollout.current_stage
     progress.soak_remaining_s = 0.0 if skip else max(0.0, (soak_end - now).total_seconds())
+    if not judge:
+        return progress
     progress.gates = [
         gates.success_gate(mine, stage.success_percent),
         gates.failure_gate(mine, stage.failure_percent, stage.failure_min_finished),
@@ -754,7 +757,7 @@ def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
     canary, failing = _devices_to_show(rollout)
     out = []
     for stage, target in zip(stages, targets, strict=True):
-        progress = stage_progress(rollout, stage, now=now, counts=counts)
+        progress = stage_progress(rollout, stage, now=now, counts=counts, judge=stage.final_gates is None)
         if stage.final_gates is not None:
             # Judged for the last time when it passed or the rollout ended: show that, not a recount
             # of devices the rollback has since sent back.
