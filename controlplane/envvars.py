@@ -56,6 +56,15 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in raw.split(",") if item.strip()]
 
 
+def env_urls(name: str) -> list[str]:
+    """A comma-separated list of http(s) URLs; empty when unset."""
+    urls = env_list(name, [])
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ImproperlyConfigured(f"{name}: {url!r} is not an http:// or https:// URL")
+    return urls
+
+
 def env_secret(name: str, default: str | None = None) -> str:
     """Read ``NAME``, or the file that ``NAME_FILE`` points to (Docker and k8s secrets)."""
     path = os.environ.get(f"{name}_FILE")

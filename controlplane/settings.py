@@ -12,7 +12,7 @@ import msgspec
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
-from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str
+from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str, env_urls
 from fleet.lib.addresses import parse_networks
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -52,6 +52,8 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    # Swagger UI's files served by the plane itself: no CDN, for operators on isolated networks.
+    "drf_spectacular_sidecar",
     "fleet",
 ]
 
@@ -128,6 +130,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
+# The console's pages send a signed-out operator to the admin's sign-in page.
+LOGIN_URL = "admin:login"
 STATIC_ROOT = VAR_DIR / "static"
 
 # --- Artifacts -----------------------------------------------------------------
@@ -171,6 +175,8 @@ BRIDGE_CHUNK_DEVICE_INFLIGHT = env_int("BRIDGE_CHUNK_DEVICE_INFLIGHT", 32 * 2**2
 BRIDGE_CHUNK_TOTAL_INFLIGHT = env_int("BRIDGE_CHUNK_TOTAL_INFLIGHT", 256 * 2**20, minimum=4 * 2**20)
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
+# Rollout events (rolled back, completed, held past its deadline) are POSTed as JSON to these.
+ROLLOUT_WEBHOOKS = env_urls("ROLLOUT_WEBHOOKS")
 
 # --- Cache ---------------------------------------------------------------------------
 # Sign-in failure counters live here (fleet/auth.py). Per process unless CACHE_URL names
@@ -223,6 +229,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Model registry, devices and deployments for fleets of edge devices.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Versions and artifacts both have a "status"; name each enum after its choices.
     "ENUM_NAME_OVERRIDES": {
         "VersionStatus": "fleet.choices.VersionStatus",

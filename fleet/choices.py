@@ -100,6 +100,17 @@ SETTLED_DEPLOYMENT_STATES = (
 ACTIVE_ROLLOUT_STATES = (RolloutState.RUNNING, RolloutState.PAUSED)
 
 
+class HoldAction(models.TextChoices):
+    """What a stage held as inconclusive does once its inconclusive_timeout has passed."""
+
+    # Stay held; the stage shows as held_past_deadline.
+    HOLD = "hold"
+    # Roll the whole rollout back.
+    ROLLBACK = "rollback"
+    # Stay held and send the rollout.hold_expired event to the webhooks.
+    NOTIFY = "notify"
+
+
 class RolloutBaseline(models.TextChoices):
     # The stage's own devices, on the version they ran before the rollout reached them.
     PREVIOUS_VERSION = "previous_version", "Same devices on their previous version"

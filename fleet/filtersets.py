@@ -75,10 +75,12 @@ class DeviceFilterSet(filters.FilterSet):
 class DeploymentFilterSet(filters.FilterSet):
     device = filters.CharFilter(field_name="device__device_id")
     state = filters.ChoiceFilter(choices=DeploymentState.choices)
+    # The rollout's own deployments of its version (not the ones its rollback made).
+    rollout = filters.NumberFilter(field_name="rollout_member__rollout")
 
     class Meta:
         model = Deployment
-        fields = ["device", "state", "version"]
+        fields = ["device", "state", "version", "rollout"]
 
 
 class HeartbeatFilterSet(filters.FilterSet):

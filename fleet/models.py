@@ -9,6 +9,7 @@ from fleet.choices import (
     DeploymentState,
     EnrollmentState,
     HardwareClass,
+    HoldAction,
     InferenceTask,
     PipelineState,
     PipelineStepKind,
@@ -155,6 +156,7 @@ class Alias(models.Model):
 
     class Meta:
         ordering = ["model__name", "name"]
+        verbose_name_plural = "aliases"
         constraints = [models.UniqueConstraint(fields=["model", "name"], name="unique_model_alias")]
 
     def __str__(self) -> str:
@@ -449,8 +451,16 @@ class RolloutStage(models.Model):
     # baseline's, over at least health_min_samples chat completions on each side.
     health_ttft_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
     health_tps_ratio = models.DecimalField(max_digits=6, decimal_places=3, null=True, blank=True)
+    # A stage held by an inconclusive gate after its soak waits at most this long, then acts.
+    inconclusive_timeout = models.PositiveIntegerField(default=3600, help_text="Seconds.")
+    inconclusive_action = models.CharField(max_length=16, choices=HoldAction.choices, default=HoldAction.HOLD)
     started_at = models.DateTimeField(null=True, blank=True)
     passed_at = models.DateTimeField(null=True, blank=True)
+    # Since when the stage has been held by an inconclusive gate, and when that hold ran out.
+    held_since = models.DateTimeField(null=True, blank=True)
+    hold_expired_at = models.DateTimeField(null=True, blank=True)
+    # The gates as last judged once the stage passed or the rollout ended: the final verdicts.
+    final_gates = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["rollout", "index"]
@@ -461,7 +471,9 @@ class RolloutStage(models.Model):
 
     @property
     def size_label(self) -> str:
-        return f"{self.percent.normalize():f}%" if self.percent is not None else f"{self.device_count} device(s)"
+        if self.percent is not None:
+            return f"{self.percent.normalize():f}%"
+        return f"{self.device_count} device{'' if self.device_count == 1 else 's'}"
 
     def clean(self) -> None:
         if (self.percent is None) == (self.device_count is None):
@@ -477,6 +489,8 @@ class RolloutStage(models.Model):
             raise ValidationError({"health_p95_ratio": "More than 0."})
         if self.health_error_points < 0:
             raise ValidationError({"health_error_points": "At least 0."})
+        if self.inconclusive_timeout < 1:
+            raise ValidationError({"inconclusive_timeout": "At least one second."})
 
 
 class RolloutDevice(models.Model):

@@ -13,7 +13,7 @@ from django.conf import settings
 from agent import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
-from fleet.services import devices, reconcile, registry, rollouts
+from fleet.services import devices, notifications, reconcile, registry, rollouts
 from fleet.services.deployments import desired_messages
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,24 @@ def evaluate_rollouts_of_deployments(deployment_ids: list[int]) -> int:
     for rollout_id in ids:
         rollouts.evaluate_rollout(rollout_id)
     return len(ids)
+
+
+WEBHOOK_RETRIES = 5
+
+
+@shared_task(name="fleet.deliver_webhook", bind=True, max_retries=WEBHOOK_RETRIES)
+def deliver_webhook(self, url: str, body: dict) -> int | None:
+    """POST one rollout event; retried with backoff, audited once delivered or given up."""
+    attempts = self.request.retries + 1
+    try:
+        status = notifications.post_event(url, body)
+    except notifications.DeliveryFailed as exc:
+        if self.request.retries < WEBHOOK_RETRIES:
+            raise self.retry(countdown=min(600, 5 * 2**self.request.retries), exc=exc) from exc
+        notifications.record_delivery(url, body, attempts=attempts, error=str(exc))
+        return None
+    notifications.record_delivery(url, body, attempts=attempts, status=status)
+    return status
 
 
 # --- Model pipeline ---------------------------------------------------------------------

@@ -41,12 +41,22 @@ BASELINES = ("previous_version", "control")
 MAX_STAGES = 20
 TOP_KEYS = ("name", "version", "alias", "selector", "stages", "max_per_minute", "baseline")
 SELECTOR_KEYS = ("tags", "devices", "hardware_class")
-STAGE_KEYS = ("name", "percent", "devices", "min_soak_seconds", "gates")
+STAGE_KEYS = ("name", "percent", "devices", "min_soak_seconds", "gates", "hold")
+# A stage held by a gate that cannot judge: how long it may wait, then what the plane does.
+HOLD_KEYS = ("timeout", "action")
+HOLD_ACTIONS = ("hold", "rollback", "notify")
 # gate -> setting -> (kind, minimum, maximum); the API field is f"{gate}_{setting}".
 GATES: dict[str, dict[str, tuple[str, float, float | None]]] = {
     "success": {"percent": ("number", 0, 100)},
     "failure": {"percent": ("number", 0, 100), "min_finished": ("int", 1, None)},
-    "health": {"p95_ratio": ("number", 0, None), "error_points": ("number", 0, 100), "min_samples": ("int", 1, None)},
+    "health": {
+        "p95_ratio": ("number", 0, None),
+        "error_points": ("number", 0, 100),
+        "min_samples": ("int", 1, None),
+        # Generative models: time to first token p95 at most, decode tok/s at least, × the baseline's.
+        "ttft_ratio": ("number", 0, None),
+        "tps_ratio": ("number", 0, None),
+    },
 }
 
 
@@ -201,6 +211,21 @@ class _Checker:
             out["min_soak_seconds"] = self.integer(fields["min_soak_seconds"], f"{where}.min_soak_seconds", minimum=0)
         if "gates" in fields:
             out.update(self.gates(fields["gates"], f"{where}.gates"))
+        if "hold" in fields:
+            out.update(self.hold(fields["hold"], f"{where}.hold"))
+        return out
+
+    def hold(self, node: yaml.Node, where: str) -> dict[str, Any]:
+        fields = self.mapping(node, where, HOLD_KEYS) or {}
+        out: dict[str, Any] = {}
+        if "timeout" in fields:
+            out["inconclusive_timeout"] = self.integer(fields["timeout"], f"{where}.timeout", minimum=1)
+        if "action" in fields:
+            action = self.value(fields["action"])
+            if action not in HOLD_ACTIONS:
+                self.fail(fields["action"], f"{where}.action", f"expected one of {', '.join(HOLD_ACTIONS)}")
+            else:
+                out["inconclusive_action"] = action
         return out
 
     def gates(self, node: yaml.Node, where: str) -> dict[str, Any]:

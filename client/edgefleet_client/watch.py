@@ -4,13 +4,15 @@ Exit codes, for pipelines:
 
 - 0: the rollout completed;
 - 1: it rolled back or was aborted (or the CLI failed: unreachable plane, refused token);
-- 3: it is held: the current stage's soak is over but a gate neither passes nor fails
-  (``inconclusive`` health, or devices still ``waiting``), and nothing moved for
-  ``hold_timeout`` seconds;
+- 3: it is held past its deadline: the plane says so (the stage's status is
+  ``held_past_deadline``, after its ``inconclusive_timeout``), or the current stage's soak is
+  over, a gate neither passes nor fails (``inconclusive`` health, or devices still
+  ``waiting``), and nothing moved for ``hold_timeout`` seconds;
 - 4: ``--timeout`` passed while it was still running.
 
-The plane has no deadline of its own for a held stage yet, so "held past its deadline" is
-this client-side rule: the hold clock restarts whenever the stage or its device counts change.
+The plane's deadline is the stage's ``inconclusive_timeout`` (default an hour). The client-side
+rule is for a shorter wait in a pipeline: its clock restarts whenever the stage or its device
+counts change.
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ class Watch:
         if state in ("rolled_back", "aborted"):
             reason = progress.get("reason") or "no reason given"
             return Verdict(FAILED, f"the rollout was {state.replace('_', ' ')}: {reason}")
+        stage = current_stage(progress)
+        if state == "running" and stage is not None and stage["status"] == "held_past_deadline":
+            hold = stage.get("hold") or {}
+            return Verdict(
+                HELD,
+                f"stage {stage['index'] + 1} ({stage['name']}) is held past its deadline "
+                f"({hold.get('expired_at') or hold.get('deadline')}): {hold.get('reason') or 'a gate cannot judge'}",
+            )
         now = self.clock()
         held = holding_gates(progress)
         if held:
@@ -94,7 +104,7 @@ def current_stage(progress: dict[str, Any]) -> dict[str, Any] | None:
 def holding_gates(progress: dict[str, Any]) -> list[dict[str, Any]]:
     """The gates holding a running stage whose soak is over (none while it soaks or moves on)."""
     stage = current_stage(progress)
-    if progress["state"] != "running" or stage is None or stage["status"] != "running":
+    if progress["state"] != "running" or stage is None or stage["status"] not in ("running", "held"):
         return []
     soak = stage.get("soak_remaining_s")
     if soak is None or soak > 0:

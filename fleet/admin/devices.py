@@ -10,6 +10,7 @@ from fleet.admin.base import RECENT_ROWS, ReadOnlyInline, RecentFormSet
 from fleet.choices import VersionStatus
 from fleet.errors import ServiceError
 from fleet.http import request_address
+from fleet.lib import hardware, humanize
 from fleet.models import (
     Deployment,
     Device,
@@ -61,13 +62,16 @@ class DeploymentInline(ReadOnlyInline):
     fields = readonly_fields = (
         "version",
         "state",
-        "bytes_done",
-        "bytes_total",
+        "downloaded",
         "error",
         "created_by",
         "created_at",
         "updated_at",
     )
+
+    @admin.display(description="downloaded")
+    def downloaded(self, deployment):
+        return f"{humanize.size(deployment.bytes_done)} of {humanize.size(deployment.bytes_total)}"
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device", "version__model", "created_by").order_by("-id")
@@ -82,12 +86,16 @@ class HeartbeatInline(ReadOnlyInline):
         "received_at",
         "seq",
         "cpu_percent",
-        "mem_rss_bytes",
+        "memory",
         "requests",
         "errors",
         "p50_ms",
         "p95_ms",
     )
+
+    @admin.display(description="agent memory")
+    def memory(self, beat):
+        return humanize.size(beat.mem_rss_bytes)
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("device").order_by("-received_at")
@@ -126,9 +134,9 @@ class DeviceAdmin(admin.ModelAdmin):
                     "os_release",
                     "cpu_model",
                     "cpu_count",
-                    "cpu_flags",
-                    "ram_bytes",
-                    "disk_free_bytes",
+                    "cpu_features",
+                    "memory",
+                    "free_disk",
                     "providers",
                     "agent_version",
                 ]
@@ -141,6 +149,19 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).prefetch_related("tags")
+
+    # Hardware in human units and a summary of the CPU flags, not a wall of them.
+    @admin.display(description="CPU features")
+    def cpu_features(self, device):
+        return hardware.cpu_features(device.cpu_flags or [])
+
+    @admin.display(description="memory")
+    def memory(self, device):
+        return humanize.size(device.ram_bytes)
+
+    @admin.display(description="free disk")
+    def free_disk(self, device):
+        return humanize.size(device.disk_free_bytes)
 
     @admin.display(description="tags")
     def tag_list(self, device: Device) -> str:
@@ -211,7 +232,8 @@ class DeviceAdmin(admin.ModelAdmin):
                 changed += 1
             except ServiceError as exc:
                 self.message_user(request, f"{device}: {exc}", messages.ERROR)
-        self.message_user(request, f"{done} {changed} device(s).", messages.SUCCESS if changed else messages.WARNING)
+        level = messages.SUCCESS if changed else messages.WARNING
+        self.message_user(request, f"{done} {humanize.plural(changed, 'device')}.", level)
 
     @admin.action(description="Accept the selected devices", permissions=["enroll"])
     def accept(self, request, queryset):
@@ -228,7 +250,8 @@ class DeviceAdmin(admin.ModelAdmin):
     def _report_assignment(self, request, version: ModelVersion, result: deployments.AssignmentResult) -> None:
         self.message_user(
             request,
-            f"Assigned {version.label} to {len(result.deployments)} device(s); skipped {len(result.skipped)}.",
+            f"Assigned {version.label} to {humanize.plural(len(result.deployments), 'device')}; "
+            f"skipped {len(result.skipped)}.",
             messages.SUCCESS if result.deployments else messages.WARNING,
         )
         for device_id, why in list(result.skipped.items())[:RECENT_ROWS]:

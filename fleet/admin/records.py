@@ -3,6 +3,7 @@
 from django.contrib import admin
 
 from fleet.admin.base import ReadOnlyAdmin
+from fleet.lib import humanize
 from fleet.models import (
     AuditEvent,
     Deployment,
@@ -12,10 +13,14 @@ from fleet.models import (
 
 @admin.register(Deployment)
 class DeploymentAdmin(ReadOnlyAdmin):
-    list_display = ["id", "device", "version", "state", "bytes_done", "bytes_total", "created_by", "updated_at"]
+    list_display = ["id", "device", "version", "state", "downloaded", "created_by", "updated_at"]
     list_filter = ["state", ("version__model", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["device__device_id", "artifact__sha256"]
     list_select_related = ["device", "version__model", "created_by"]
+
+    @admin.display(description="downloaded")
+    def downloaded(self, deployment):
+        return f"{humanize.size(deployment.bytes_done)} of {humanize.size(deployment.bytes_total)}"
 
 
 @admin.register(Heartbeat)

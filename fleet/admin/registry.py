@@ -12,6 +12,7 @@ from django.utils.html import format_html
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline, ServiceErrorsMixin, _adopt
 from fleet.choices import VersionStatus
 from fleet.errors import ServiceError
+from fleet.lib import humanize
 from fleet.models import (
     Alias,
     AliasMove,
@@ -82,13 +83,24 @@ class ArtifactInline(ReadOnlyInline):
         "hardware_class",
         "status",
         "quality",
-        "size",
-        "sha256",
+        "file_size",
+        "digest",
         "error",
     )
 
     def get_queryset(self, request):
         return super().get_queryset(request).defer("chunk_hashes", "chunk_lengths")
+
+    # Human units, and the digest shortened (whole on hover): 64 hex digits pushed the table off the page.
+    @admin.display(description="size")
+    def file_size(self, artifact):
+        return humanize.size(artifact.size)
+
+    @admin.display(description="sha256")
+    def digest(self, artifact):
+        return (
+            format_html('<span title="{}">{}…</span>', artifact.sha256, artifact.sha256[:12]) if artifact.sha256 else ""
+        )
 
 
 class AliasMoveInline(ReadOnlyInline):

@@ -13,7 +13,7 @@ from django.utils.safestring import mark_safe
 
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline
 from fleet.api.serializers import RolloutCreateSerializer
-from fleet.choices import HardwareClass, RolloutBaseline, VersionStatus
+from fleet.choices import HardwareClass, HoldAction, RolloutBaseline, VersionStatus
 from fleet.errors import ServiceError
 from fleet.models import (
     ModelVersion,
@@ -96,6 +96,8 @@ class StageForm(forms.Form):
     )
     health_error_points = forms.DecimalField(initial=1, max_digits=5, decimal_places=2, label="health error points")
     health_min_samples = forms.IntegerField(initial=100, label="health min samples")
+    inconclusive_timeout = forms.IntegerField(initial=3600, min_value=1, label="hold deadline (s)")
+    inconclusive_action = forms.ChoiceField(choices=HoldAction.choices, initial=HoldAction.HOLD, label="then")
 
     def stage(self) -> dict | None:
         data = self.cleaned_data

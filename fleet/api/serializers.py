@@ -422,10 +422,14 @@ class RolloutStageSerializer(serializers.ModelSerializer):
             "health_min_samples",
             "health_ttft_ratio",
             "health_tps_ratio",
+            "inconclusive_timeout",
+            "inconclusive_action",
             "started_at",
             "passed_at",
+            "held_since",
+            "hold_expired_at",
         ]
-        read_only_fields = ["index", "started_at", "passed_at"]
+        read_only_fields = ["index", "started_at", "passed_at", "held_since", "hold_expired_at"]
         extra_kwargs = {
             "health_p95_ratio": {"help_text": "Health gate on when set: p95 at most this × the baseline's."},
             "health_ttft_ratio": {
@@ -604,6 +608,7 @@ class StageCountsSerializer(serializers.Serializer):
     failed = serializers.IntegerField()
     rolled_back = serializers.IntegerField()
     ineligible = serializers.IntegerField()
+    sent_back = serializers.IntegerField(help_text="Sent back to their previous version by the rollout's rollback.")
 
 
 class GateSerializer(serializers.Serializer):
@@ -614,17 +619,38 @@ class GateSerializer(serializers.Serializer):
     detail = serializers.CharField()
 
 
+class StageHoldSerializer(serializers.Serializer):
+    since = serializers.DateTimeField()
+    deadline = serializers.DateTimeField(help_text="When `inconclusive_action` applies.")
+    expired_at = serializers.DateTimeField(allow_null=True, help_text="Set once the hold ran past its deadline.")
+    action = serializers.CharField()
+    reason = serializers.CharField()
+
+
+class StageDeviceSerializer(serializers.Serializer):
+    device = serializers.CharField()
+    state = serializers.CharField(help_text="Its deployment's state, or ineligible.")
+    error = serializers.CharField(help_text="The device's own error, or why it is ineligible.")
+    sent_back = serializers.BooleanField(help_text="The rollout's rollback gave it its previous version.")
+
+
 class StageProgressSerializer(serializers.Serializer):
     index = serializers.IntegerField(source="stage.index")
     name = serializers.CharField(source="stage.__str__")
     size = serializers.CharField(source="stage.size_label")
     planned = serializers.IntegerField(help_text="Devices this stage adds, for the fleet selected now.")
-    status = serializers.CharField()
+    status = serializers.CharField(
+        help_text="pending, running, held (an inconclusive gate after the soak), held_past_deadline, paused, "
+        "passed, or the rollout's final state."
+    )
+    hold = StageHoldSerializer(allow_null=True, help_text="Set while an inconclusive gate holds the stage.")
     started_at = serializers.DateTimeField(source="stage.started_at", allow_null=True)
     passed_at = serializers.DateTimeField(source="stage.passed_at", allow_null=True)
     soak_remaining_s = serializers.FloatField(source="progress.soak_remaining_s", allow_null=True)
     counts = StageCountsSerializer(source="progress.counts")
     gates = GateSerializer(source="progress.gates", many=True)
+    canary = StageDeviceSerializer(many=True, help_text="The first stage's first 5 devices; empty for the others.")
+    failing = StageDeviceSerializer(many=True, help_text="Its failed devices with their errors (20 at most).")
 
 
 class RolloutProgressSerializer(serializers.Serializer):

@@ -293,6 +293,13 @@ class Ingest:
         done, held = self._apply_split("heartbeats", batch, telemetry.store_heartbeats)
         self._heartbeats = held + self._heartbeats
         self.stats.add("heartbeats_stored", sum(stored for _, stored in done))
+        try:
+            for items, _ in done:
+                # Their rollouts' health gates may judge now, not at the next 15 s beat.
+                self._settled_deployments |= telemetry.judged_deployments(items)
+        except Exception:
+            # Only a shortcut: the evaluator's beat judges them anyway.
+            log.exception("finding the rollouts these heartbeats decide failed")
 
     def _answer_hellos(self) -> None:
         """Publish the desired state of every device greeted since the last flush; their hellos are committed."""

@@ -94,6 +94,8 @@ class StageCounts:
     failed: int = 0
     rolled_back: int = 0
     ineligible: int = 0
+    # Sent back to their previous version by the rollout's own rollback, whatever state they reached.
+    sent_back: int = 0
 
     @property
     def eligible(self) -> int:
@@ -258,6 +260,7 @@ def health_gate(
     detail = (
         f"p95 {float(cand_p95):.2f} ms vs baseline {float(base_p95):.2f} ms (at most ×{float(ratio)}); "
         f"error rate {float(cand_err or 0) * 100:.2f}% vs {float(base_err) * 100:.2f}% "
-        f"(at most +{float(points)} points)"
+        f"(at most +{float(points)} points); {candidate.samples} samples on the new version, "
+        f"{baseline.samples} on the baseline"
     )
     return GateResult("health", Verdict.FAIL if slow or erring else Verdict.PASS, p95_ratio, float(ratio), detail)

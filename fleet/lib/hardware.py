@@ -14,3 +14,17 @@ def hardware_class(arch: str, os_name: str) -> str:
         if arch in ("x86_64", "aarch64"):
             return f"linux-{arch}"
     return ""
+
+
+# CPU flags worth naming: what decides which model variant runs fast (int8 dot products,
+# fp16, wide vectors). A device reports a hundred flags; operators read these.
+NOTABLE_CPU_FLAGS = ("avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "amx_tile", "neon",
+                     "asimd", "asimddp", "sve", "fp16", "i8mm")  # fmt: skip
+
+
+def cpu_features(flags: list[str]) -> str:
+    """``avx2, fma, f16c (of 112 flags)``: the flags that matter for inference, not all of them."""
+    present = set(flags)
+    notable = [f for f in NOTABLE_CPU_FLAGS if f in present]
+    count = f"{len(present)} flag{'' if len(present) == 1 else 's'}"
+    return f"{', '.join(notable) or 'none of note'} (of {count})"

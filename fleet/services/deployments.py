@@ -434,6 +434,10 @@ def _report_updates(deployment: Deployment, report: wire.StateReport, now) -> di
         return None
     updates: dict = {"state": new, "updated_at": now, "bytes_done": report.bytes_done,
                      "bytes_total": report.bytes_total}  # fmt: skip
+    if new in (DeploymentState.VERIFYING, DeploymentState.ACTIVE) and not report.bytes_total:
+        # An agent that already held the file (a delta that reused every chunk, or the model it
+        # runs under a new deployment) reports no bytes: the deployment still has them all.
+        updates["bytes_done"] = updates["bytes_total"] = deployment.artifact.size
     if new == DeploymentState.ACTIVE and report.sha256 and report.sha256 != deployment.artifact.sha256:
         new = updates["state"] = DeploymentState.FAILED
         updates["error"] = f"device activated sha256 {report.sha256}, expected {deployment.artifact.sha256}"
@@ -551,7 +555,7 @@ def _share_releases(rows: Iterable[Deployment]) -> None:
     two queries for a batch, where a fan-out's thousand reports share one of each."""
     rows = list(rows)
     versions = ModelVersion.objects.select_related("model").in_bulk({d.version_id for d in rows})
-    artifacts = Artifact.objects.only("version", "sha256").in_bulk({d.artifact_id for d in rows})
+    artifacts = Artifact.objects.only("version", "sha256", "size").in_bulk({d.artifact_id for d in rows})
     for deployment in rows:
         deployment.version = versions[deployment.version_id]
         deployment.artifact = artifacts[deployment.artifact_id]

@@ -16,14 +16,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Count, Exists, F, FloatField, OuterRef, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from fleet.choices import ACTIVE_ROLLOUT_STATES, DeploymentState, EnrollmentState, RolloutBaseline, RolloutState
+from fleet.choices import (
+    ACTIVE_ROLLOUT_STATES,
+    DeploymentState,
+    EnrollmentState,
+    HoldAction,
+    RolloutBaseline,
+    RolloutState,
+)
 from fleet.errors import ServiceError
 from fleet.lib import gates
+from fleet.lib.gates import GateResult
+from fleet.lib.humanize import plural
 from fleet.models import (
     Alias,
     Deployment,
@@ -34,7 +44,7 @@ from fleet.models import (
     RolloutDevice,
     RolloutStage,
 )
-from fleet.services import deployments
+from fleet.services import deployments, notifications
 from fleet.services.audit import Actor, acting_user, record
 
 log = logging.getLogger(__name__)
@@ -95,6 +105,7 @@ def create_rollout(
         raise RolloutError(f"{version.label} is a draft; publish it before rolling it out.")
     if not stages:
         raise RolloutError("A rollout needs at least one stage.")
+    _check_devices_exist(device_ids)
     user = acting_user(actor)
     with transaction.atomic():
         rollout = Rollout(
@@ -112,7 +123,7 @@ def create_rollout(
         rollout.save()
         rows = [RolloutStage(rollout=rollout, index=i, **fields) for i, fields in enumerate(stages)]
         for row in rows:
-            row.full_clean()
+            _clean_stage(row)
         _check_sizes_grow(rows)
         RolloutStage.objects.bulk_create(rows)
         record(
@@ -124,12 +135,43 @@ def create_rollout(
     return rollout
 
 
+def _check_devices_exist(device_ids: Iterable[str]) -> None:
+    """A selector naming a device the fleet does not have is a typo, not an empty selection."""
+    named = sorted(set(device_ids))
+    known = set(Device.objects.filter(device_id__in=named).values_list("device_id", flat=True))
+    unknown = [device_id for device_id in named if device_id not in known]
+    if unknown:
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise ValidationError({"selector": f"No device has the id {', '.join(unknown[:10])}{more}."})
+
+
+def _clean_stage(stage: RolloutStage) -> None:
+    """The stage's own checks, each message naming the stage it is about."""
+    try:
+        stage.full_clean(exclude=["rollout"])
+    except ValidationError as exc:
+        named = _stage_name(stage)
+        if hasattr(exc, "error_dict"):
+            raise ValidationError(
+                {"stages": [f"{named}: {field}: {m}" for field, ms in exc.message_dict.items() for m in ms]}
+            ) from None
+        raise ValidationError({"stages": [f"{named}: {m}" for m in exc.messages]}) from None
+
+
+def _stage_name(stage: RolloutStage) -> str:
+    return f"stage {stage.index + 1} ({stage.name})" if stage.name else f"stage {stage.index + 1}"
+
+
 def _check_sizes_grow(stages: list[RolloutStage]) -> None:
     """Sizes are cumulative, so each stage of a kind reaches at least as far as the one before."""
     for kind in ("percent", "device_count"):
-        sizes = [getattr(s, kind) for s in stages if getattr(s, kind) is not None]
-        if sizes != sorted(sizes):
-            raise RolloutError(f"Stage sizes are cumulative: each stage's {kind} must be at least the one before.")
+        sized = [s for s in stages if getattr(s, kind) is not None]
+        for before, after in zip(sized, sized[1:], strict=False):
+            if getattr(after, kind) < getattr(before, kind):
+                raise RolloutError(
+                    f"Stage sizes are cumulative: {_stage_name(after)}'s {kind} ({getattr(after, kind)}) "
+                    f"is less than {_stage_name(before)}'s ({getattr(before, kind)})."
+                )
 
 
 # --- Selection and conflicts ---------------------------------------------------------
@@ -183,6 +225,11 @@ def _transition(
     now = timezone.now()
     if new in FINISHED_STATES:
         updates.setdefault("finished_at", now)
+        if gate_values is None:
+            gate_values = _current_gate_values(current, now=now)
+        # The final verdicts, in the rollout and on the stage that was judged, so both say the same.
+        current.stages.filter(index=current.current_stage, started_at__isnull=False).update(final_gates=gate_values)
+        notifications.notify_rollout_finished(current, new, reason=reason)
     if action in ("rollback", "abort", "complete"):
         updates.setdefault("reason", reason)
         updates.setdefault("gates", gate_values or {})
@@ -199,6 +246,13 @@ def _transition(
     )
     current.refresh_from_db()
     return current
+
+
+def _current_gate_values(rollout: Rollout, *, now: datetime) -> dict:
+    stage = rollout.stages.filter(index=rollout.current_stage, started_at__isnull=False).first()
+    if stage is None:
+        return {}
+    return {g.gate: g.as_dict() for g in stage_progress(rollout, stage, now=now).gates}
 
 
 def _lock(rollout: Rollout) -> Rollout:
@@ -224,7 +278,8 @@ def start_rollout(rollout: Rollout, *, actor: Actor, supersede: bool = False, re
             names = ", ".join(f"{device_id} (rollout {other})" for device_id, other in sorted(found.items())[:10])
             more = f" and {len(found) - 10} more" if len(found) > 10 else ""
             raise RolloutConflict(
-                f"{len(found)} selected device(s) belong to another running or paused rollout: {names}{more}. "
+                f"{plural(len(found), 'selected device')} belong{'s' if len(found) == 1 else ''} to another "
+                f"running or paused rollout: {names}{more}. "
                 "Finish or abort that rollout first, or start this one with supersede to abort it."
             )
         for other_pk in sorted(set(found.values())):
@@ -290,7 +345,12 @@ def promote_rollout(rollout: Rollout, *, actor: Actor, reason: str = "") -> Roll
             reason=reason,
         )
         locked.refresh_from_db()
-        _evaluate_locked(locked, now=timezone.now())
+        stage = locked.current_stage
+        blocked = _evaluate_locked(locked, now=timezone.now())
+        locked.refresh_from_db()
+        if blocked and locked.state == RolloutState.RUNNING and locked.current_stage == stage:
+            # Refused as a whole: the operator sees why, and nothing is recorded as promoted.
+            raise RolloutError(f"Promote skips only the soak; {blocked}")
     return _fresh(rollout)
 
 
@@ -374,30 +434,119 @@ def rollout_ids_for_deployments(deployment_ids: Iterable[int]) -> list[int]:
     )
 
 
-def _evaluate_locked(rollout: Rollout, *, now: datetime) -> None:
+def health_judged_deployments(deployment_ids: Iterable[int]) -> set[int]:
+    """Of these deployments, those in the current, unpassed stage of a running rollout with a health gate."""
+    gated = Q(health_p95_ratio__isnull=False) | Q(health_ttft_ratio__isnull=False) | Q(health_tps_ratio__isnull=False)
+    current = RolloutStage.objects.filter(
+        gated,
+        rollout=OuterRef("rollout"),
+        index=OuterRef("rollout__current_stage"),
+        passed_at__isnull=True,
+    )
+    return set(
+        RolloutDevice.objects.filter(
+            Exists(current),
+            deployment__in=list(deployment_ids),
+            rollout__state=RolloutState.RUNNING,
+            stage_index=F("rollout__current_stage"),
+        ).values_list("deployment_id", flat=True)
+    )
+
+
+def _evaluate_locked(rollout: Rollout, *, now: datetime) -> str:
+    """Move the rollout as far as its gates allow; why the current stage is blocked by a gate that
+    cannot judge, or "" when it moved, ended, or waits only for devices or its soak."""
     stages = list(rollout.stages.all())
     # Each pass either stops or moves one stage on, so this ends within len(stages) passes.
     for _ in range(len(stages) + 1):
         if rollout.state != RolloutState.RUNNING:
-            return
+            return ""
         stage = stages[rollout.current_stage]
         unassigned = _fill(rollout, stages, now=now)
         progress = stage_progress(rollout, stage, now=now)
         values = {g.gate: g.as_dict() for g in progress.gates}
         tripped = [g for g in progress.gates if g.verdict == gates.Verdict.FAIL]
         if tripped:
-            reason = "; ".join(f"{g.gate} gate tripped in {stage}: {g.detail}" for g in tripped)
+            reason = "; ".join(f"{g.gate} gate tripped in {stage}: {_with_errors(rollout, stage, g)}" for g in tripped)
             _transition(rollout, "rollback", actor="system", reason=reason, gate_values=values)
             _send_back(rollout, actor="system")
-            return
+            return ""
+        held = unassigned == 0 and progress.soaked and progress.inconclusive
+        if _track_hold(rollout, stage, progress, held=held, now=now):
+            return ""
         if unassigned or not progress.gates_pass or not progress.soaked:
-            return
+            # Blocked, not merely on its way: a gate cannot judge, so skipping the soak changes nothing.
+            return _why_waiting(stage, progress, unassigned) if progress.inconclusive else ""
         stage.passed_at = now
-        stage.save(update_fields=["passed_at"])
+        stage.final_gates = values
+        stage.save(update_fields=["passed_at", "final_gates"])
         if rollout.current_stage == len(stages) - 1:
-            _transition(rollout, "complete", actor="system", reason=f"every stage passed; {stage} was the last")
-            return
+            _transition(
+                rollout,
+                "complete",
+                actor="system",
+                reason=f"every stage passed; {stage} was the last",
+                gate_values=values,
+            )
+            return ""
         rollout = _next_stage(rollout, stages, values, now=now)
+    return ""
+
+
+def _why_waiting(stage: RolloutStage, progress: StageProgress, unassigned: int) -> str:
+    reasons = [f"{g.gate} gate {g.verdict}: {g.detail}" for g in progress.blocking]
+    if unassigned:
+        reasons.insert(0, f"{unassigned} device{'' if unassigned == 1 else 's'} still to assign (rate limit)")
+    return f"{stage} is held: {'; '.join(reasons)}."
+
+
+def _with_errors(rollout: Rollout, stage: RolloutStage, gate: gates.GateResult) -> str:
+    """A tripped failure gate names the devices that failed and their own errors."""
+    if gate.gate != "failure":
+        return gate.detail
+    failed = (
+        rollout.members.filter(
+            stage_index=stage.index,
+            deployment__state__in=[DeploymentState.FAILED, DeploymentState.ROLLED_BACK],
+        )
+        .order_by("device__device_id")
+        .values_list("device__device_id", "deployment__error")[:3]
+    )
+    errors = "; ".join(f"{device_id}: {error or 'no error given'}" for device_id, error in failed)
+    return f"{gate.detail} ({errors})" if errors else gate.detail
+
+
+def _track_hold(rollout: Rollout, stage: RolloutStage, progress: StageProgress, *, held: bool, now: datetime) -> bool:
+    """Start, end or expire the stage's inconclusive hold; True when the expiry rolled the rollout back."""
+    if not held:
+        if stage.held_since is not None:
+            stage.held_since = stage.hold_expired_at = None
+            stage.save(update_fields=["held_since", "hold_expired_at"])
+        return False
+    if stage.held_since is None:
+        stage.held_since = now
+        stage.save(update_fields=["held_since"])
+        record("system", "rollout.stage_held", rollout, after={"stage": stage.index}, reason=_hold_reason(progress))
+    if stage.hold_expired_at is not None or now < stage.held_since + timedelta(seconds=stage.inconclusive_timeout):
+        return False
+    # A compare-and-swap, so the expiry acts once even if two evaluations see it.
+    if not RolloutStage.objects.filter(pk=stage.pk, hold_expired_at__isnull=True).update(hold_expired_at=now):
+        return False
+    stage.hold_expired_at = now
+    why = f"{stage} held past its deadline ({stage.inconclusive_timeout} s): {_hold_reason(progress)}"
+    record("system", "rollout.hold_expired", rollout, after={"stage": stage.index}, reason=why)
+    if stage.inconclusive_action == HoldAction.ROLLBACK:
+        values = {g.gate: g.as_dict() for g in progress.gates}
+        _transition(rollout, "rollback", actor="system", reason=why, gate_values=values)
+        _send_back(rollout, actor="system")
+        return True
+    if stage.inconclusive_action == HoldAction.NOTIFY:
+        notifications.notify(rollout, "rollout.hold_expired", reason=why, stage=stage.index)
+    return False
+
+
+def _hold_reason(progress: StageProgress) -> str:
+    return "; ".join(f"{g.gate} gate inconclusive: {g.detail}" for g in progress.gates if g.verdict == "inconclusive")
 
 
 def _next_stage(rollout: Rollout, stages: list[RolloutStage], values: dict, *, now: datetime) -> Rollout:
@@ -485,6 +634,20 @@ class StageProgress:
         return self.soak_remaining_s is not None and self.soak_remaining_s <= 0
 
     @property
+    def inconclusive(self) -> bool:
+        """Held by too little data: nothing failed, nothing waits on devices, but a gate cannot judge."""
+        verdicts = {g.verdict for g in self.gates}
+        return (
+            gates.Verdict.INCONCLUSIVE in verdicts
+            and gates.Verdict.FAIL not in verdicts
+            and not any(g.verdict == gates.Verdict.WAITING and g.gate != "failure" for g in self.gates)
+        )
+
+    @property
+    def blocking(self) -> list[GateResult]:
+        return [g for g in self.gates if g.verdict != gates.Verdict.PASS and g.gate != "failure"]
+
+    @property
     def gates_pass(self) -> bool:
         # The failure gate can only stop a stage; success and health must pass outright.
         return all(g.verdict == gates.Verdict.PASS or g.gate == "failure" for g in self.gates) and not any(
@@ -507,26 +670,36 @@ _BUCKETS = {
 
 def stage_counts(rollout: Rollout) -> dict[int, gates.StageCounts]:
     """Each stage's devices by where they are, in one query."""
+    return stage_counts_of([rollout.pk]).get(rollout.pk, {})
+
+
+def stage_counts_of(rollout_ids: Iterable[int]) -> dict[int, dict[int, gates.StageCounts]]:
+    """Rollout id -> each stage's devices by where they are, for many rollouts in one query."""
     rows = (
-        rollout.members.values("stage_index", "deployment__state", "deployment__active_at", "rollback_deployment")
+        RolloutDevice.objects.filter(rollout__in=list(rollout_ids))
+        .values("rollout_id", "stage_index", "deployment__state", "deployment__active_at", "rollback_deployment")
         .annotate(n=Count("id"))
         .order_by()
     )
-    tallies: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    tallies: dict[tuple[int, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for row in rows:
-        tally = tallies[row["stage_index"]]
+        tally = tallies[row["rollout_id"], row["stage_index"]]
         tally["targeted"] += row["n"]
-        state = row["deployment__state"]
         if row["rollback_deployment"] is not None:
-            bucket = "rolled_back"
-        elif state is None:
+            tally["sent_back"] += row["n"]
+        # By the deployment's own state, even once sent back: a failed device stays failed.
+        state = row["deployment__state"]
+        if state is None:
             bucket = "ineligible"  # no artifact of the version fits its hardware
         elif state == DeploymentState.SUPERSEDED and row["deployment__active_at"] is None:
             bucket = "ineligible"  # replaced before it ever ran: not this rollout's outcome
         else:
             bucket = _BUCKETS[DeploymentState(state)]
         tally[bucket] += row["n"]
-    return {index: gates.StageCounts(**tally) for index, tally in tallies.items()}
+    out: dict[int, dict[int, gates.StageCounts]] = defaultdict(dict)
+    for (rollout_id, index), tally in tallies.items():
+        out[rollout_id][index] = gates.StageCounts(**tally)
+    return out
 
 
 def stage_progress(
@@ -536,6 +709,7 @@ def stage_progress(
     now: datetime,
     counts: dict[int, gates.StageCounts] | None = None,
     fleet: int | None = None,
+    judge: bool = True,
 ) -> StageProgress:
     counts = counts if counts is not None else stage_counts(rollout)
     mine = counts.get(stage.index, gates.StageCounts())
@@ -545,6 +719,8 @@ def stage_progress(
     soak_end = stage.started_at + timedelta(seconds=stage.min_soak_seconds)
     skip = rollout.soak_skipped and stage.index == rollout.current_stage
     progress.soak_remaining_s = 0.0 if skip else max(0.0, (soak_end - now).total_seconds())
+    if not judge:
+        return progress
     progress.gates = [
         gates.success_gate(mine, stage.success_percent),
         gates.failure_gate(mine, stage.failure_percent, stage.failure_min_finished),
@@ -584,12 +760,81 @@ def rollout_progress(rollout: Rollout, *, now: datetime | None = None) -> dict:
     else:
         fleet = members
     targets = gates.cumulative_targets(fleet, [_size(s) for s in stages]) if fleet else [0] * len(stages)
+    canary, failing = _devices_to_show(rollout)
     out = []
     for stage, target in zip(stages, targets, strict=True):
-        progress = stage_progress(rollout, stage, now=now, counts=counts)
+        progress = stage_progress(rollout, stage, now=now, counts=counts, judge=stage.final_gates is None)
+        if stage.final_gates is not None:
+            # Judged for the last time when it passed or the rollout ended: show that, not a recount
+            # of devices the rollback has since sent back.
+            progress.gates = _stored_gates(stage.final_gates)
         planned = target - (targets[stage.index - 1] if stage.index else 0)
-        out.append({"stage": stage, "planned": planned, "progress": progress, "status": _stage_status(rollout, stage)})
+        out.append(
+            {
+                "stage": stage,
+                "planned": planned,
+                "progress": progress,
+                "status": _stage_status(rollout, stage),
+                "hold": _hold(stage, progress),
+                "canary": canary if stage.index == 0 else [],
+                "failing": [m for m in failing if m["stage"] == stage.index],
+            }
+        )
     return {"rollout": rollout, "fleet": fleet, "done": rollout.state in FINISHED_STATES, "stages": out}
+
+
+CANARY_SHOWN = 5
+FAILING_SHOWN = 20
+
+
+def _devices_to_show(rollout: Rollout) -> tuple[list[dict], list[dict]]:
+    """The first stage's devices (the canary, when it is small), and failed devices with their own errors.
+
+    Two bounded queries, whatever the size of the rollout.
+    """
+    members = RolloutDevice.objects.filter(rollout=rollout).select_related("device", "deployment")
+    members = members.only(
+        "stage_index", "ineligible_reason", "rollback_deployment", "device__device_id", "device__online",
+        "deployment__state", "deployment__error",
+    )  # fmt: skip
+    canary = members.filter(stage_index=0).order_by("device__device_id")[:CANARY_SHOWN]
+    failing = members.filter(deployment__state__in=[DeploymentState.FAILED, DeploymentState.ROLLED_BACK]).order_by(
+        "stage_index", "device__device_id"
+    )[:FAILING_SHOWN]
+    return [_shown(m) for m in canary], [_shown(m) for m in failing]
+
+
+def _shown(member: RolloutDevice) -> dict:
+    deployment = member.deployment
+    return {
+        "device": member.device.device_id,
+        "online": member.device.online,
+        "stage": member.stage_index,
+        "state": deployment.state if deployment else "ineligible",
+        "error": (deployment.error if deployment else member.ineligible_reason) or "",
+        "sent_back": member.rollback_deployment_id is not None,
+    }
+
+
+_GATE_ORDER = {"success": 0, "failure": 1, "health": 2}
+
+
+def _stored_gates(values: dict) -> list[gates.GateResult]:
+    # In the order they are judged: JSONB keeps its own order of keys.
+    rows = sorted(values.values(), key=lambda g: _GATE_ORDER.get(g["gate"], len(_GATE_ORDER)))
+    return [gates.GateResult(**{**g, "verdict": gates.Verdict(g["verdict"])}) for g in rows]
+
+
+def _hold(stage: RolloutStage, progress: StageProgress) -> dict | None:
+    if stage.held_since is None or stage.passed_at is not None:
+        return None
+    return {
+        "since": stage.held_since,
+        "deadline": stage.held_since + timedelta(seconds=stage.inconclusive_timeout),
+        "expired_at": stage.hold_expired_at,
+        "action": stage.inconclusive_action,
+        "reason": _hold_reason(progress),
+    }
 
 
 def _stage_status(rollout: Rollout, stage: RolloutStage) -> str:
@@ -597,6 +842,10 @@ def _stage_status(rollout: Rollout, stage: RolloutStage) -> str:
         return "passed"
     if stage.started_at is None or stage.index != rollout.current_stage:
         return "pending"
+    if rollout.state == RolloutState.RUNNING and stage.hold_expired_at is not None:
+        return "held_past_deadline"
+    if rollout.state == RolloutState.RUNNING and stage.held_since is not None:
+        return "held"
     labels: dict[str, str] = {RolloutState.RUNNING: "running", RolloutState.PAUSED: "paused"}
     return labels.get(rollout.state, rollout.state)
 

@@ -17,6 +17,7 @@ from django.db.models import Field, Q
 
 from agent import wire
 from fleet.models import Device, Heartbeat
+from fleet.services import rollouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,20 @@ class ReceivedHeartbeat:
     device_pk: int
     message: wire.Heartbeat
     received_at: datetime
+
+
+def judged_deployments(batch: Iterable[ReceivedHeartbeat]) -> set[int]:
+    """The deployments these heartbeats bring inference numbers for, where a health gate judges them now.
+
+    One query for the whole batch, and none when no heartbeat names a deployment: the bridge
+    calls it for every batch it stores, so a fleet at 100% wakes no evaluator.
+    """
+    reported = {
+        item.message.active.deployment_id
+        for item in batch
+        if item.message.active is not None and (item.message.requests or item.message.latency is not None)
+    }
+    return rollouts.health_judged_deployments(reported) if reported else set()
 
 
 def device_pks(device_ids: Iterable[str]) -> dict[str, int]:

@@ -166,3 +166,29 @@ def test_the_rollout_file_of_docs_cli_md_is_valid():
 
     assert loaded.version == "minilm-embedder:3"
     assert [stage.get("name") for stage in loaded.body["stages"]] == ["canary", "quarter", "everyone"]
+
+
+def test_a_stage_the_plane_holds_past_its_deadline_ends_the_watch_with_3_at_once():
+    watcher = Watch(timeout=None, hold_timeout=900)
+    hold = {"since": "2026-12-07T19:00:00Z", "deadline": "2026-12-07T20:00:00Z",
+            "expired_at": "2026-12-07T20:00:05Z", "action": "hold", "reason": "health: 5 of 100 samples"}  # fmt: skip
+    stage = {"index": 0, "name": "canary", "status": "held_past_deadline", "soak_remaining_s": 0.0,
+             "counts": {"active": 1}, "gates": [], "hold": hold}  # fmt: skip
+
+    verdict = watcher.observe({"state": "running", "current_stage": 0, "stages": [stage]})
+
+    assert verdict is not None and verdict.code == HELD
+    assert "held past its deadline (2026-12-07T20:00:05Z): health: 5 of 100 samples" in verdict.message
+
+
+def test_a_rollout_file_states_the_hold_deadline_and_the_generation_gate():
+    loaded = spec.load(
+        "version: 3\nselector: {tags: [lab]}\nstages:\n"
+        "  - {devices: 1, hold: {timeout: 600, action: rollback},\n"
+        "     gates: {health: {ttft_ratio: 1.5, tps_ratio: 0.8, min_samples: 50}}}\n"
+    )
+
+    assert json.loads(json.dumps(loaded.body["stages"][0])) == {
+        "devices": 1, "health_ttft_ratio": "1.5", "health_tps_ratio": "0.8", "health_min_samples": 50,
+        "inconclusive_timeout": 600, "inconclusive_action": "rollback",
+    }  # fmt: skip

@@ -61,6 +61,7 @@ def test_it_refuses_to_start_without_debug_or_a_secret_key():
         ({"DEBUG": "false"}, "SECRET_KEY (or SECRET_KEY_FILE) must be set when DEBUG is false"),
         ({"SECRET_KEY_FILE": "/nonexistent/key"}, "SECRET_KEY_FILE='/nonexistent/key' cannot be read"),
         ({"ARTIFACT_CHUNKING": "rolling"}, "ARTIFACT_CHUNKING='rolling' is not one of cdc, fixed"),
+        ({"ROLLOUT_WEBHOOKS": "https://ok.example/h,ftp://x"}, "ROLLOUT_WEBHOOKS: 'ftp://x' is not an http"),
     ],
 )
 def test_it_names_the_variable_that_is_wrong(env, named):

@@ -223,7 +223,7 @@ def test_it_assigns_a_version_with_the_admin_action(admin_client, fake_publisher
     )
 
     messages = [str(m) for m in done.context["messages"]]
-    assert "Assigned embedder:1 to 1 device(s); skipped 1." in messages
+    assert "Assigned embedder:1 to 1 device; skipped 1." in messages
     assert any(m.startswith("Skipped pi:") for m in messages)
     assert list(Deployment.objects.values_list("device__device_id", flat=True)) == ["x86"]
     assert [topic for topic, _, _ in fake_publisher.messages] == ["fleet/x86/desired"]

@@ -58,7 +58,7 @@ def test_it_assigns_a_version_to_devices_from_the_device_list(page, live_server,
     page.fill("input[name=reason]", "canary from the browser")
     page.click("input[value=Assign]")
 
-    page.wait_for_selector("text=Assigned minilm-embedder:1 to 1 device(s)")
+    page.wait_for_selector("text=Assigned minilm-embedder:1 to 1 device;")
     page.screenshot(path=str(tmp_path / "assigned.png"), full_page=True)
     deployment = Deployment.objects.get()
     assert deployment.device.device_id == "lab-1"

@@ -102,6 +102,8 @@ def add_form(version, **fields) -> dict:
             f"stages-{i}-failure_min_finished": 1,
             f"stages-{i}-health_error_points": 1,
             f"stages-{i}-health_min_samples": 100,
+            f"stages-{i}-inconclusive_timeout": 3600,
+            f"stages-{i}-inconclusive_action": "hold",
         }
     body |= fields
     return {k: v for k, v in body.items() if v is not None}

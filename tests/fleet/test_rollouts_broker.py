@@ -140,7 +140,8 @@ def test_too_few_samples_holds_the_stage(fleet):
     wait_until(lambda: _runs(canary, v2), timeout=10, what="the canary on the new version")
     canary.beat(p95_ms=10, count=5)
     wait_until(lambda: _stored(sims, 3), timeout=10, what="the canary's heartbeat")
-    rollouts.promote_rollout(rollout, actor="system")
+    with pytest.raises(rollouts.RolloutError, match="health gate inconclusive: 5 samples"):
+        rollouts.promote_rollout(rollout, actor="system")  # held, not merely soaking: refused
     rollouts.evaluate_rollout(rollout.pk)
 
     rollout.refresh_from_db()
