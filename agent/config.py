@@ -28,6 +28,14 @@ class HttpConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     port: Port = 8471
 
 
+class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The agent's Prometheus /metrics (agent/metrics.py): off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9471
+
+
 class TransferConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How artifact chunks are pulled from the plane."""
 
@@ -109,6 +117,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     broker_url: str = "mqtt://127.0.0.1:1883"
     heartbeat_interval: Seconds = 30.0
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
     activation: ActivationConfig = msgspec.field(default_factory=ActivationConfig)

@@ -136,6 +136,13 @@ BRIDGE_CHUNK_DEVICE_RATE = env_int("BRIDGE_CHUNK_DEVICE_RATE", 256 * 2**20, mini
 BRIDGE_CHUNK_DEVICE_BURST = env_int("BRIDGE_CHUNK_DEVICE_BURST", 64 * 2**20, minimum=4 * 2**20)
 BRIDGE_CHUNK_DEVICE_INFLIGHT = env_int("BRIDGE_CHUNK_DEVICE_INFLIGHT", 32 * 2**20, minimum=4 * 2**20)
 BRIDGE_CHUNK_TOTAL_INFLIGHT = env_int("BRIDGE_CHUNK_TOTAL_INFLIGHT", 256 * 2**20, minimum=4 * 2**20)
+# Prometheus (docs/metrics.md): each bridge and each Celery worker serves /metrics on its own
+# port (0: off), bound to METRICS_ADDR; the plane's /metrics/ answers loopback clients, or any
+# client that sends "Authorization: Bearer <METRICS_TOKEN>" once METRICS_TOKEN is set.
+BRIDGE_METRICS_PORT = env_int("BRIDGE_METRICS_PORT", 0, minimum=0)
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0)
+METRICS_ADDR = env_str("METRICS_ADDR", "127.0.0.1")
+METRICS_TOKEN = env_secret("METRICS_TOKEN", "")
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
 

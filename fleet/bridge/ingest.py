@@ -200,8 +200,11 @@ class Ingest:
         to be tried again once the database answers. Returns the batches applied with their
         results, and the items held.
         """
+        started = time.perf_counter()
         try:
-            return [(items, apply(items))], []
+            result = apply(items)
+            self.stats.batch_applied(kind, len(items), time.perf_counter() - started)
+            return [(items, result)], []
         except TRANSIENT_DB_ERRORS as exc:
             self._database_down(kind, exc)
             return [], items
@@ -293,6 +296,8 @@ class Ingest:
         done, held = self._apply_split("heartbeats", batch, telemetry.store_heartbeats)
         self._heartbeats = held + self._heartbeats
         self.stats.add("heartbeats_stored", sum(stored for _, stored in done))
+        if done:  # in arrival order: the first is the one that waited longest
+            self.stats.heartbeats_committed(done[0][0][0].received_at)
 
     def _answer_hellos(self) -> None:
         """Publish the desired state of every device greeted since the last flush; their hellos are committed."""

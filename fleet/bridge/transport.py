@@ -86,6 +86,7 @@ class Bridge:
         item = Inbound(message.topic, message.payload, self.clock())
         target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
         self.stats.received += 1
+        self.stats.count_kind(message.topic)
         while not self.stopping.is_set():
             try:
                 target.put(item, timeout=0.5)
