@@ -7,7 +7,6 @@ and scrapes every second, and the test asks it for one series from each.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -102,13 +101,15 @@ def test_it_is_scraped_by_a_real_prometheus_from_the_plane_a_bridge_a_worker_and
     procs = []
     with celery_on_redis():
         try:
-            procs.append(Process("plane", [sys.executable, "-m", "gunicorn", "controlplane.wsgi:application",
-                                           "-b", f"127.0.0.1:{ports['edgefleet-plane']}", "-w", "2"], env, tmp_path))  # fmt: skip
-            procs.append(Process("bridge", [sys.executable, "manage.py", "run_bridge",
-                                            "--metrics-port", str(ports["edgefleet-bridge"])], env, tmp_path))  # fmt: skip
-            procs.append(Process("worker", [sys.executable, "-m", "celery", "-A", "controlplane", "worker",
-                                            "--pool", "prefork", "--concurrency", "2", "-l", "info"], worker_env, tmp_path))  # fmt: skip
-            procs.append(Process("agent", [sys.executable, "-m", "agent", "--config", str(config)], env, tmp_path))
+            py = sys.executable
+            plane = [py, "-m", "gunicorn", "controlplane.wsgi:application", "-w", "2",
+                     "-b", f"127.0.0.1:{ports['edgefleet-plane']}"]  # fmt: skip
+            bridge = [py, "manage.py", "run_bridge", "--metrics-port", str(ports["edgefleet-bridge"])]
+            worker = [py, "-m", "celery", "-A", "controlplane", "worker", "--pool", "prefork", "--concurrency", "2"]
+            procs.append(Process("plane", plane, env, tmp_path))
+            procs.append(Process("bridge", bridge, env, tmp_path))
+            procs.append(Process("worker", worker, worker_env, tmp_path))
+            procs.append(Process("agent", [py, "-m", "agent", "--config", str(config)], env, tmp_path))
             for port in ports.values():
                 wait_for_port(port, timeout=60)
             tasks.mark_offline_devices.delay()  # run by one of the worker's pool children
@@ -116,7 +117,7 @@ def test_it_is_scraped_by_a_real_prometheus_from_the_plane_a_bridge_a_worker_and
             series = {
                 "edgefleet-plane": 'edgefleet_devices{enrollment="accepted", status="online"}',
                 "edgefleet-bridge": 'edgefleet_bridge_messages_total{kind="heartbeat"}',
-                "edgefleet-worker": 'edgefleet_worker_tasks_total{task="fleet.mark_offline_devices", outcome="success"}',
+                "edgefleet-worker": 'edgefleet_worker_tasks_total{task="fleet.mark_offline_devices",outcome="success"}',
                 "edgefleet-agent": "edgefleet_inference_requests_total",
             }
             for job, promql in series.items():
