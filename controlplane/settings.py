@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 import msgspec
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
@@ -143,6 +144,12 @@ BRIDGE_METRICS_PORT = env_int("BRIDGE_METRICS_PORT", 0, minimum=0)
 WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0)
 METRICS_ADDR = env_str("METRICS_ADDR", "127.0.0.1")
 METRICS_TOKEN = env_secret("METRICS_TOKEN", "")
+# Heartbeats (fleet/services/heartbeat_retention.py): raw rows are kept this many days (on
+# PostgreSQL, whole daily partitions are dropped), hourly rollups this many; partitions are
+# made this many days ahead.
+HEARTBEAT_RETENTION_DAYS = env_int("HEARTBEAT_RETENTION_DAYS", 14, minimum=1)
+HEARTBEAT_ROLLUP_RETENTION_DAYS = env_int("HEARTBEAT_ROLLUP_RETENTION_DAYS", 400, minimum=1)
+HEARTBEAT_PARTITIONS_AHEAD = env_int("HEARTBEAT_PARTITIONS_AHEAD", 3, minimum=1)
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
 
@@ -170,6 +177,8 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile-deployments": {"task": "fleet.reconcile_deployments", "schedule": 60.0},
     # Soak times end and rate-limited stages fill up without any device report.
     "evaluate-rollouts": {"task": "fleet.evaluate_rollouts", "schedule": 15.0},
+    # Hourly, once the bridges have stored the hour that ended: rollups, partitions, retention.
+    "maintain-heartbeats": {"task": "fleet.maintain_heartbeats", "schedule": crontab(minute=5)},
 }
 
 # --- API -------------------------------------------------------------------------
