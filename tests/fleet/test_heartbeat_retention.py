@@ -167,9 +167,9 @@ def test_it_partitions_a_populated_table_and_can_go_back():
     with connection.cursor() as cursor:
         for n, sent in enumerate([now, now - timedelta(days=2), now - timedelta(days=400), now + timedelta(days=90)]):
             cursor.execute(
-                "INSERT INTO fleet_heartbeat (device_id, received_at, sent_at, seq, uptime_s, cpu_percent, mem_rss_bytes,"
-                " mem_available_bytes, active_sha256, requests, errors, latency_count) VALUES (%s, %s, %s, %s, 1, 1, 1,"
-                " 1, '', 0, 0, 0)",
+                "INSERT INTO fleet_heartbeat (device_id, received_at, sent_at, seq, uptime_s, cpu_percent,"
+                " mem_rss_bytes, mem_available_bytes, active_sha256, requests, errors, latency_count)"
+                " VALUES (%s, %s, %s, %s, 1, 1, 1, 1, '', 0, 0, 0)",
                 [device.pk, now, sent, n],
             )
     try:
