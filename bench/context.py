@@ -24,6 +24,10 @@ class Sizes:
     # subscriber and one bridge took everything offered.
     ingest_rate: float = 30_000.0
     ingest_bridges: tuple[int, ...] = (1, 2)
+    # Partitioned against unpartitioned heartbeats (bench/partitions.py): rounds of each, alternating.
+    partition_rounds: int = 3
+    partition_seconds: float = 15.0
+    partition_rows: int = 100_000
     hold_devices: int = 10_000
     hold_seconds: float = 60.0
     hold_interval: float = 30.0
@@ -41,6 +45,9 @@ QUICK = Sizes(
     ingest_devices=500,
     ingest_rate=15_000.0,
     ingest_bridges=(1,),
+    partition_rounds=1,
+    partition_seconds=5.0,
+    partition_rows=20_000,
     hold_devices=300,
     hold_seconds=10.0,
     hold_interval=5.0,
@@ -59,6 +66,9 @@ TINY = Sizes(
     ingest_devices=50,
     ingest_rate=2_000.0,
     ingest_bridges=(1,),
+    partition_rounds=1,
+    partition_seconds=2.0,
+    partition_rows=2_000,
     hold_devices=50,
     hold_seconds=3.0,
     hold_interval=1.0,
