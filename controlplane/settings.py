@@ -128,6 +128,10 @@ MQTT_PASSWORD = env_secret("MQTT_PASSWORD", "")
 if MQTT_PASSWORD:
     MQTT_BROKER = msgspec.structs.replace(MQTT_BROKER, password=MQTT_PASSWORD)
 MQTT_CLIENT_PREFIX = env_str("MQTT_CLIENT_PREFIX", "edgefleet-plane")
+# A bridge with a name keeps its broker client id and a persistent session of this many seconds:
+# restarted under the same name (a supervisor's job) it is handed what it had not stored (docs/scaling.md).
+BRIDGE_NAME = env_str("BRIDGE_NAME", "")
+BRIDGE_SESSION_EXPIRY = env_int("BRIDGE_SESSION_EXPIRY", 3600, minimum=0)
 BRIDGE_QUEUE_SIZE = env_int("BRIDGE_QUEUE_SIZE", 20_000, minimum=1)
 BRIDGE_BATCH_SIZE = env_int("BRIDGE_BATCH_SIZE", 500, minimum=1)
 BRIDGE_FLUSH_SECONDS = env_int("BRIDGE_FLUSH_MS", 200, minimum=1) / 1000

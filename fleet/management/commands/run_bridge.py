@@ -17,15 +17,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--chunk-workers", type=int, default=2, help="threads serving chunk requests")
         parser.add_argument("--stats-every", type=float, default=60.0, help="seconds between stats log lines")
+        parser.add_argument("--name", default=settings.BRIDGE_NAME,
+                            help="stable name: the broker keeps its session across restarts (BRIDGE_NAME)")  # fmt: skip
         parser.add_argument("--metrics-port", type=int, default=settings.BRIDGE_METRICS_PORT,
                             help="serve Prometheus /metrics on this port (0: off; BRIDGE_METRICS_PORT)")  # fmt: skip
         parser.add_argument("--metrics-addr", default=settings.METRICS_ADDR,
                             help="address /metrics listens on (METRICS_ADDR, 127.0.0.1 by default)")  # fmt: skip
 
-    def handle(self, *args, chunk_workers: int, stats_every: float, metrics_port: int, metrics_addr: str, **options):
+    def handle(
+        self, *args, chunk_workers: int, stats_every: float, metrics_port: int, metrics_addr: str, name: str, **options
+    ):
         broker = settings.MQTT_BROKER
         bridge = Bridge(
-            make_client("bridge"),
+            make_client("bridge", name=name),
             get_store(),
             shared=broker.mqtt_v5,
             queue_size=settings.BRIDGE_QUEUE_SIZE,
@@ -33,6 +37,7 @@ class Command(BaseCommand):
             flush_seconds=settings.BRIDGE_FLUSH_SECONDS,
             chunk_workers=chunk_workers,
             chunk_limits=ChunkLimits.from_settings(),
+            session_expiry=settings.BRIDGE_SESSION_EXPIRY if name else 0,
         )
         metrics = BridgeMetrics(bridge)
         if metrics_port:

