@@ -176,6 +176,10 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A task taken by a worker that dies before finishing it (acks_late) goes back to the queue after
+# this many seconds, for another worker: shorter recovers sooner, but a task running longer than
+# this is handed out a second time (every task is idempotent; docs/scaling.md).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)}
 CELERY_BEAT_SCHEDULE = {
     "mark-offline-devices": {"task": "fleet.mark_offline_devices", "schedule": 30.0},
     "reconcile-deployments": {"task": "fleet.reconcile_deployments", "schedule": 60.0},

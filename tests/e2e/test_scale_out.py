@@ -5,11 +5,13 @@
   stored exactly once: the bridges acknowledge a message only once it is stored, the broker
   keeps the killed bridge's unacknowledged messages in its persistent session and hands them
   to it again, and the unique constraint (device, seq, sent_at) absorbs those it had stored.
-- A Celery worker is killed with SIGKILL while it holds a fan-out's task; the other worker
-  runs it once the broker gives it back, and the rollout completes.
+- A Celery worker is killed with SIGKILL while it holds a fan-out's task (its publish waiting
+  on a broker it cannot reach); Redis gives the unacknowledged task back after the visibility
+  timeout (acks_late), the other worker runs it, and the rollout completes.
 """
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +30,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 DEVICES = 40
 BEATS = 60  # a device: 2,400 heartbeats in all
 RATE = 600.0  # heartbeats a second, all devices together
+# A worker's log line for a fan-out task it took.
+TAKEN = re.compile(r"Task fleet\.publish_desired\[([0-9a-f-]+)\] received")
 
 
 def heartbeat(device_id: str, seq: int) -> bytes:
@@ -101,3 +105,74 @@ def test_it_stores_every_heartbeat_exactly_once_when_a_bridge_is_killed_mid_load
         for proc in bridges:
             if proc.proc.poll() is None:
                 proc.stop()
+
+
+def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(settings, tmp_path):
+    from fleet.choices import RolloutState
+    from fleet.models import Rollout
+    from fleet.services import devices, rollouts
+    from tests.fleet import helpers
+    from tests.fleet.simulated import SimulatedDevice
+    from tests.support import REDIS_URL, TcpProxy, broker, celery_on_redis
+
+    with broker(tmp_path / "mosquitto") as mosquitto, celery_on_redis():
+        env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}",
+               "ARTIFACT_ROOT": str(tmp_path / "artifacts"), "REDIS_URL": REDIS_URL, "BRIDGE_FLUSH_MS": "50",
+               "CELERY_VISIBILITY_TIMEOUT": "5"}  # fmt: skip
+        settings.MQTT_BROKER = wire.parse_broker_url(env["MQTT_URL"])
+        bridge = Process("bridge", [sys.executable, "manage.py", "run_bridge", "--name", "fanout-test"], env, tmp_path)
+        # The workers reach the broker through a proxy the test can cut: a worker's publish then waits.
+        proxy = TcpProxy(mosquitto.port)
+        worker_env = {**env, "MQTT_URL": f"mqtt://127.0.0.1:{proxy.port}"}
+        worker = [sys.executable, "-m", "celery", "-A", "controlplane", "worker", "--pool", "solo", "-l", "info"]
+        workers = [Process(f"worker-{n}", [*worker, "-n", f"fanout-{n}@%h"], worker_env, tmp_path) for n in range(2)]
+        sims = []
+        try:
+            for worker in workers:
+                wait_until(lambda w=worker: "ready." in w.output(), timeout=60, what=f"{worker.name} ready")
+            sims = [SimulatedDevice(f"fan-{n}", mosquitto.port).start() for n in range(6)]
+            wait_until(lambda: Device.objects.filter(device_id__startswith="fan-").count() == 6, timeout=20,
+                       what="hellos")  # fmt: skip
+            for device in Device.objects.filter(device_id__startswith="fan-"):
+                devices.set_tags(device, ["lab"], actor="system")
+            version = helpers.make_published_version()
+            stages = [{"device_count": 1, "failure_percent": 0}, {"percent": 100, "failure_percent": 0}]
+            rollout = rollouts.create_rollout(version, stages=stages, tags=["lab"], actor="system")
+            # The workers lose the broker: whichever takes the canary's fan-out task waits in it, unpublished.
+            seen = {w.name: len(w.output()) for w in workers}  # the hellos' own fan-outs are before this
+
+            def taken() -> tuple[Process, str] | None:
+                for w in workers:
+                    if match := TAKEN.search(w.output()[seen[w.name] :]):
+                        return w, match.group(1)
+                return None
+
+            proxy.cut()
+            try:
+                rollouts.start_rollout(rollout, actor="system")
+                holder, task_id = wait_until(taken, timeout=30, what="a worker taking the fan-out")
+                time.sleep(0.5)
+                holder.proc.send_signal(signal.SIGKILL)
+                holder.proc.wait(timeout=10)
+            finally:
+                proxy.mend()
+            survivor = next(w for w in workers if w is not holder)
+            wait_until(lambda: Rollout.objects.get(pk=rollout.pk).state == RolloutState.COMPLETED, timeout=90,
+                       what="the rollout completed")  # fmt: skip
+            assert Device.objects.filter(device_id__startswith="fan-", current_version=version).count() == 6
+            done = f"Task fleet.publish_desired[{task_id}] succeeded"
+            assert done in survivor.output() and done not in holder.output(), (
+                "the other worker ran the killed one's task"
+            )
+            assert all(sim.versions_received() == [str(version.number)] for sim in sims)
+        except Exception:
+            for proc in [bridge, *workers]:
+                print(f"--- {proc.name} ---\n{proc.output()[-3000:]}")
+            raise
+        finally:
+            for sim in sims:
+                sim.stop()
+            proxy.close()
+            for proc in [bridge, *workers]:
+                if proc.proc.poll() is None:
+                    proc.stop()
