@@ -13,12 +13,13 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 	DATABASE_CONN_MAX_AGE=0 \
 	DJANGO_SETTINGS_MODULE=controlplane.settings
 
-.PHONY: help venv models services test lint demo clean bench bench-quick
+.PHONY: help venv models services test lint demo clean bench bench-quick cluster
 
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
 	@echo "make lint   ruff, mypy, the migrations check, docker/ files, agent wheels for every device platform"
+	@echo "make cluster  gunicorn, 3 bridges, 2 workers and the simulator as processes; figures in var/cluster.md"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml
@@ -64,3 +65,7 @@ bench: venv models services
 
 bench-quick: venv models services
 	$(BENCH_ENV) $(PY) -m bench.run --quick
+
+# The plane scaled out without Docker: gunicorn, 3 bridges, 2 Celery workers and the simulator (docs/scaling.md).
+cluster: venv services
+	$(BENCH_ENV) $(PY) -m bench.run --only cluster --out var/cluster.md $(ARGS)
