@@ -28,9 +28,11 @@ class Sizes:
     partition_rounds: int = 3
     partition_seconds: float = 15.0
     partition_rows: int = 100_000
-    # bench/cluster.py: gunicorn, 3 bridges, 2 workers under the simulator.
-    cluster_devices: int = 10_000
-    cluster_interval: float = 2.0
+    # bench/cluster.py: gunicorn, 3 bridges, 2 workers under the simulator. 10,000 devices every
+    # 2 s (5,000/s) was more than this 2-core machine held with nine plane processes beside the
+    # simulator: 611/s stored, 30 s of lag (docs/benchmarks.md).
+    cluster_devices: int = 5_000
+    cluster_interval: float = 5.0
     cluster_seconds: float = 40.0
     hold_devices: int = 10_000
     hold_seconds: float = 60.0
