@@ -63,6 +63,15 @@ def publish_all(port: int, device_ids: list[str], halfway: threading.Event) -> N
     client.loop_stop()
 
 
+@pytest.fixture
+def broker_port(tmp_path):
+    """A broker of this test's own: a killed bridge's session must not outlive the test on a shared one."""
+    from tests.support import broker
+
+    with broker(tmp_path / "mosquitto") as running:
+        yield running.port
+
+
 def test_it_stores_every_heartbeat_exactly_once_when_a_bridge_is_killed_mid_load(settings, broker_port, tmp_path):
     device_ids = [f"scale-{n:03d}" for n in range(DEVICES)]
     Device.objects.bulk_create([Device(device_id=d) for d in device_ids])
@@ -76,9 +85,7 @@ def test_it_stores_every_heartbeat_exactly_once_when_a_bridge_is_killed_mid_load
     bridges = [bridge(n) for n in range(3)]
     try:
         for proc in bridges:
-            wait_until(lambda p=proc: "subscribed" in p.output() or "connecting" in p.output(), timeout=30,
-                       what=f"{proc.name} starting")  # fmt: skip
-        time.sleep(2.0)  # all three subscribed: the broker shares the load between them
+            wait_until(lambda p=proc: "subscribed" in p.output(), timeout=60, what=f"{proc.name} subscribed")
         halfway = threading.Event()
         load = threading.Thread(target=publish_all, args=(broker_port, device_ids, halfway))
         load.start()
@@ -176,3 +183,37 @@ def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(se
             for proc in [bridge, *workers]:
                 if proc.proc.poll() is None:
                     proc.stop()
+
+
+def test_it_leaves_no_session_behind_when_a_named_bridge_is_stopped_for_good(broker_port, tmp_path):
+    device_ids = [f"leave-{n:02d}" for n in range(10)]
+    Device.objects.bulk_create([Device(device_id=d) for d in device_ids])
+    env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{broker_port}",
+           "ARTIFACT_ROOT": str(tmp_path / "artifacts"), "BRIDGE_FLUSH_MS": "50"}  # fmt: skip
+    bridges = [
+        Process(f"bridge-{n}", [sys.executable, "manage.py", "run_bridge", "--name", f"leave-{n}"], env, tmp_path)
+        for n in range(2)
+    ]
+    try:
+        for proc in bridges:
+            wait_until(lambda p=proc: "subscribed" in p.output(), timeout=60, what=f"{proc.name} subscribed")
+        assert bridges[1].stop() == 0  # SIGTERM: scaled down, not crashed
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker_port)
+        client.loop_start()
+        infos = [
+            client.publish(wire.topic(d, wire.Channel.HEARTBEAT), heartbeat(d, seq), qos=1)
+            for seq in range(1, 11)
+            for d in device_ids
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+        client.disconnect()
+        client.loop_stop()
+        # Had the stopped bridge kept its session, the broker would hold about half of these for it.
+        wait_until(lambda: Heartbeat.objects.count() == 100, timeout=20,
+                   what=f"100 heartbeats stored by the bridge left (have {Heartbeat.objects.count()})")  # fmt: skip
+    finally:
+        for proc in bridges:
+            if proc.proc.poll() is None:
+                proc.stop()
