@@ -14,13 +14,14 @@ TEST_ENV := DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/edgefleet \
 	DEBUG=true \
 	DJANGO_SETTINGS_MODULE=controlplane.settings
 
-.PHONY: help venv models services test test-arm64 lint demo clean bench bench-quick
+.PHONY: help venv models services test test-arm64 lint demo clean bench bench-quick cluster
 
 help:
 	@echo "make demo   run the plane, a bridge, a worker and one agent with a real model (ARGS=--once to exit)"
 	@echo "make test   install what is needed and run the whole suite against PostgreSQL, Redis, Mosquitto"
 	@echo "make test-arm64  the real agent on an emulated Linux aarch64 (qemu) against the plane; needs root"
 	@echo "make lint   ruff, mypy, import contracts, the migrations check, docker/ files, agent wheels for every device platform"
+	@echo "make cluster  gunicorn, 3 bridges, 2 workers and the simulator as processes; figures in var/cluster.md"
 	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml client/pyproject.toml
@@ -75,3 +76,7 @@ bench: venv models services
 
 bench-quick: venv models services
 	$(BENCH_ENV) $(PY) -m bench.run --quick
+
+# The plane scaled out without Docker: gunicorn, 3 bridges, 2 Celery workers and the simulator (docs/scaling.md).
+cluster: venv services
+	$(BENCH_ENV) $(PY) -m bench.run --only cluster --out var/cluster.md $(ARGS)

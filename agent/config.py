@@ -48,6 +48,14 @@ class GenerationConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
         return self.threads or max(1, (os.cpu_count() or 1) - 1)
 
 
+class MetricsConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The agent's Prometheus /metrics (agent/metrics.py): off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 9471
+
+
 class TransferConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How artifact chunks are pulled from the plane."""
 
@@ -138,6 +146,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_interval: Seconds = 30.0
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     generation: GenerationConfig = msgspec.field(default_factory=GenerationConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     transfer: TransferConfig = msgspec.field(default_factory=TransferConfig)
     admission: AdmissionConfig = msgspec.field(default_factory=AdmissionConfig)
     activation: ActivationConfig = msgspec.field(default_factory=ActivationConfig)

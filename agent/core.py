@@ -33,6 +33,7 @@ from agent.config import Config
 from agent.deployment import DeploymentJob
 from agent.files import write_atomic
 from agent.hardware import detect_profile
+from agent.metrics import AgentMetrics, MetricsServer, Sample
 from agent.mqtt import Inbound, Link, LinkError
 from agent.runtime import Loaded, ModelLoadError, Runner
 from agent.server import InferenceServer
@@ -69,7 +70,10 @@ class Agent:
         self.clock = clock
         self.device_id = config.device_id
         self.data_dir = config.data_path
-        self.recorder = LatencyRecorder()
+        # Recorded always, served only with [metrics] enabled; a generative runtime records here too.
+        self.metrics = AgentMetrics()
+        self.metrics_server: MetricsServer | None = None
+        self.recorder = LatencyRecorder(self.metrics)
         self.generations = GenerationRecorder()
         self.heartbeats = HeartbeatBuilder(self.device_id, clock, self.recorder, self.generations)
         self.malformed = 0
@@ -109,6 +113,7 @@ class Agent:
         self.outbox.open()
         self._restore_slots()
         self._start_server()
+        self._start_metrics()
         self.mqtt.on_connected = self._on_connected
         self.mqtt.connect()
         self.outbox.start()
@@ -142,6 +147,8 @@ class Agent:
         self.mqtt.close(farewell=Inbound(self.topic(wire.Channel.PRESENCE), wire.encode(goodbye)))
         if self.server is not None:
             self.server.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         for thread in self._threads:
             thread.join(JOIN_TIMEOUT_S)
         if job is not None:
@@ -168,6 +175,32 @@ class Agent:
         self.server.start()
         # With port 0 the kernel picks; whoever starts us reads the real one here.
         write_atomic(self.data_dir / "http.port", f"{self.server.port}\n".encode())
+
+    def _start_metrics(self) -> None:
+        settings = self.config.metrics
+        if not settings.enabled:
+            return
+        self.metrics_server = MetricsServer(self.metrics, self.metric_samples, host=settings.host, port=settings.port)
+        self.metrics_server.start()
+        write_atomic(self.data_dir / "metrics.port", f"{self.metrics_server.port}\n".encode())
+
+    def metric_samples(self) -> list[Sample]:
+        """The gauges /metrics reads at each scrape: the download under way, the outbox, the link."""
+        with self._lock:
+            job = self._job
+        running = job is not None and job.running
+        return [
+            Sample("edgefleet_download_received_bytes", "gauge", "Bytes of the current download on disk (0: none).",
+                   job.bytes_done if job is not None and running else 0),
+            Sample("edgefleet_download_size_bytes", "gauge", "Size of the current download (0: none).",
+                   job.bytes_total if job is not None and running else 0),
+            Sample("edgefleet_outbox_messages", "gauge", "Heartbeats and reports queued for the broker.",
+                   self.outbox.depth),
+            Sample("edgefleet_outbox_dropped_total", "counter", "Queued heartbeats dropped: the outbox was full.",
+                   self.outbox.dropped),
+            Sample("edgefleet_broker_connected", "gauge", "1 while the agent holds its broker connection.",
+                   int(self.mqtt.connected)),
+        ]  # fmt: skip
 
     # --- slots ------------------------------------------------------------------
 

@@ -14,12 +14,14 @@ import psutil
 
 from agent import wire
 from agent.clock import Clock
+from agent.metrics import AgentMetrics
 
 
 class LatencyRecorder:
     """Thread-safe: the HTTP server's threads record, the heartbeat drains."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: AgentMetrics | None = None) -> None:
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._latencies: list[float] = []
         self._requests = 0
@@ -37,6 +39,8 @@ class LatencyRecorder:
                 self._latencies.append(latency_ms)
             else:
                 self._errors += 1
+        if self._metrics is not None:
+            self._metrics.observe_inference(latency_ms / 1000, ok=ok, fault=fault)
 
     def count(self, ok: bool, fault: bool = False) -> None:
         """A request whose latency is not an inference latency (a chat completion): counted, not timed."""

@@ -23,7 +23,17 @@ class Sizes:
     # so that the ceiling is the subscriber's, not the load's: at 15,000/s both the bare
     # subscriber and one bridge took everything offered.
     ingest_rate: float = 30_000.0
-    ingest_bridges: tuple[int, ...] = (1, 2)
+    ingest_bridges: tuple[int, ...] = (1, 2, 3)
+    # Partitioned against unpartitioned heartbeats (bench/partitions.py): rounds of each, alternating.
+    partition_rounds: int = 3
+    partition_seconds: float = 15.0
+    partition_rows: int = 100_000
+    # bench/cluster.py: gunicorn, 3 bridges, 2 workers under the simulator. 10,000 devices every
+    # 2 s (5,000/s) was more than this 2-core machine held with nine plane processes beside the
+    # simulator: 611/s stored, 30 s of lag (docs/benchmarks.md).
+    cluster_devices: int = 5_000
+    cluster_interval: float = 5.0
+    cluster_seconds: float = 40.0
     hold_devices: int = 10_000
     hold_seconds: float = 60.0
     hold_interval: float = 30.0
@@ -41,6 +51,12 @@ QUICK = Sizes(
     ingest_devices=500,
     ingest_rate=15_000.0,
     ingest_bridges=(1,),
+    partition_rounds=1,
+    partition_seconds=5.0,
+    partition_rows=20_000,
+    cluster_devices=1_000,
+    cluster_interval=1.0,
+    cluster_seconds=15.0,
     hold_devices=300,
     hold_seconds=10.0,
     hold_interval=5.0,
@@ -59,6 +75,12 @@ TINY = Sizes(
     ingest_devices=50,
     ingest_rate=2_000.0,
     ingest_bridges=(1,),
+    partition_rounds=1,
+    partition_seconds=2.0,
+    partition_rows=2_000,
+    cluster_devices=100,
+    cluster_interval=1.0,
+    cluster_seconds=6.0,
     hold_devices=50,
     hold_seconds=3.0,
     hold_interval=1.0,

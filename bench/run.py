@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import harness, report
 from bench.context import QUICK, TINY, Context, Sizes
 
-BENCHMARKS = ("ingestion", "transfer", "fanout", "hold", "api", "console", "delta")
+BENCHMARKS = ("ingestion", "partitions", "cluster", "transfer", "fanout", "hold", "api", "console", "delta")
 # Named by the issue, not built yet: the report says so rather than show a number nobody measured.
 NOT_YET: tuple[str, ...] = ()
 REPO = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ from typing import Any
 
 import dj_database_url
 import msgspec
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.wire import WireError, parse_broker_url
@@ -164,6 +165,10 @@ MQTT_PASSWORD = env_secret("MQTT_PASSWORD", "")
 if MQTT_PASSWORD:
     MQTT_BROKER = msgspec.structs.replace(MQTT_BROKER, password=MQTT_PASSWORD)
 MQTT_CLIENT_PREFIX = env_str("MQTT_CLIENT_PREFIX", "edgefleet-plane")
+# A bridge with a name keeps its broker client id and a persistent session of this many seconds:
+# restarted under the same name (a supervisor's job) it is handed what it had not stored (docs/scaling.md).
+BRIDGE_NAME = env_str("BRIDGE_NAME", "")
+BRIDGE_SESSION_EXPIRY = env_int("BRIDGE_SESSION_EXPIRY", 3600, minimum=0)
 BRIDGE_QUEUE_SIZE = env_int("BRIDGE_QUEUE_SIZE", 20_000, minimum=1)
 BRIDGE_BATCH_SIZE = env_int("BRIDGE_BATCH_SIZE", 500, minimum=1)
 BRIDGE_FLUSH_SECONDS = env_int("BRIDGE_FLUSH_MS", 200, minimum=1) / 1000
@@ -173,6 +178,19 @@ BRIDGE_CHUNK_DEVICE_RATE = env_int("BRIDGE_CHUNK_DEVICE_RATE", 256 * 2**20, mini
 BRIDGE_CHUNK_DEVICE_BURST = env_int("BRIDGE_CHUNK_DEVICE_BURST", 64 * 2**20, minimum=4 * 2**20)
 BRIDGE_CHUNK_DEVICE_INFLIGHT = env_int("BRIDGE_CHUNK_DEVICE_INFLIGHT", 32 * 2**20, minimum=4 * 2**20)
 BRIDGE_CHUNK_TOTAL_INFLIGHT = env_int("BRIDGE_CHUNK_TOTAL_INFLIGHT", 256 * 2**20, minimum=4 * 2**20)
+# Prometheus (docs/metrics.md): each bridge and each Celery worker serves /metrics on its own
+# port (0: off), bound to METRICS_ADDR; the plane's /metrics/ answers loopback clients, or any
+# client that sends "Authorization: Bearer <METRICS_TOKEN>" once METRICS_TOKEN is set.
+BRIDGE_METRICS_PORT = env_int("BRIDGE_METRICS_PORT", 0, minimum=0)
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0)
+METRICS_ADDR = env_str("METRICS_ADDR", "127.0.0.1")
+METRICS_TOKEN = env_secret("METRICS_TOKEN", "")
+# Heartbeats (fleet/services/heartbeat_retention.py): raw rows are kept this many days (on
+# PostgreSQL, whole daily partitions are dropped), hourly rollups this many; partitions are
+# made this many days ahead.
+HEARTBEAT_RETENTION_DAYS = env_int("HEARTBEAT_RETENTION_DAYS", 14, minimum=1)
+HEARTBEAT_ROLLUP_RETENTION_DAYS = env_int("HEARTBEAT_ROLLUP_RETENTION_DAYS", 400, minimum=1)
+HEARTBEAT_PARTITIONS_AHEAD = env_int("HEARTBEAT_PARTITIONS_AHEAD", 3, minimum=1)
 # A device is offline once no heartbeat came for this many seconds.
 DEVICE_OFFLINE_AFTER = env_int("DEVICE_OFFLINE_AFTER", 90, minimum=1)
 # Rollout events (rolled back, completed, held past its deadline) are POSTed as JSON to these.
@@ -197,11 +215,17 @@ CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A task taken by a worker that dies before finishing it (acks_late) goes back to the queue after
+# this many seconds, for another worker: shorter recovers sooner, but a task running longer than
+# this is handed out a second time (every task is idempotent; docs/scaling.md).
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 3600, minimum=1)}
 CELERY_BEAT_SCHEDULE = {
     "mark-offline-devices": {"task": "fleet.mark_offline_devices", "schedule": 30.0},
     "reconcile-deployments": {"task": "fleet.reconcile_deployments", "schedule": 60.0},
     # Soak times end and rate-limited stages fill up without any device report.
     "evaluate-rollouts": {"task": "fleet.evaluate_rollouts", "schedule": 15.0},
+    # Hourly, once the bridges have stored the hour that ended: rollups, partitions, retention.
+    "maintain-heartbeats": {"task": "fleet.maintain_heartbeats", "schedule": crontab(minute=5)},
 }
 
 # --- API -------------------------------------------------------------------------

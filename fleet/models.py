@@ -357,6 +357,36 @@ class Heartbeat(models.Model):
         return f"{self.device.device_id} #{self.seq}"
 
 
+class HeartbeatRollup(models.Model):
+    """One device's heartbeats over one hour of arrival: kept longer than the raw rows, read by charts and history."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="rollups", db_index=False)
+    # The start of the hour (UTC) in which the heartbeats reached a bridge.
+    hour = models.DateTimeField()
+    heartbeats = models.PositiveIntegerField()
+    requests = models.PositiveBigIntegerField(default=0)
+    errors = models.PositiveBigIntegerField(default=0)
+    latency_count = models.PositiveBigIntegerField(default=0)
+    # Each a percentile, over the hour's heartbeats, of the heartbeats' own p50, p95 and p99: an
+    # approximation (the raw latencies stay on the device), unweighted by each interval's count.
+    p50_ms = models.FloatField(null=True, blank=True)
+    p95_ms = models.FloatField(null=True, blank=True)
+    p99_ms = models.FloatField(null=True, blank=True)
+    max_ms = models.FloatField(null=True, blank=True)
+    cpu_percent = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-hour"]
+        constraints = [
+            # One row a device and hour: rolling an hour up again replaces it. It also serves a device's history.
+            models.UniqueConstraint(fields=["device", "hour"], name="unique_rollup_hour"),
+        ]
+        indexes = [models.Index(fields=["-hour"], name="rollup_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.device.device_id} {self.hour:%Y-%m-%d %H}:00"
+
+
 class AuditEvent(models.Model):
     """A record of one state change: who did what to which object, and why."""
 

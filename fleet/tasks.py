@@ -13,7 +13,7 @@ from django.conf import settings
 from agent import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
-from fleet.services import devices, notifications, reconcile, registry, rollouts
+from fleet.services import devices, heartbeat_retention, notifications, reconcile, registry, rollouts
 from fleet.services.deployments import desired_messages
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,19 @@ def publish_desired(device_pks: list[int]) -> int:
 @shared_task(name="fleet.mark_offline_devices")
 def mark_offline_devices() -> int:
     return devices.mark_offline_devices(older_than=timedelta(seconds=settings.DEVICE_OFFLINE_AFTER))
+
+
+@shared_task(name="fleet.maintain_heartbeats")
+def maintain_heartbeats() -> dict[str, int]:
+    """Roll up the hours that ended, make the next days' partitions, drop what is past the retention."""
+    done = heartbeat_retention.maintain_heartbeats()
+    return {
+        "hours_rolled_up": len(done.hours_rolled_up),
+        "partitions_created": len(done.partitions_created),
+        "partitions_dropped": len(done.partitions_dropped),
+        "rows_deleted": done.rows_deleted,
+        "rollups_deleted": done.rollups_deleted,
+    }
 
 
 @shared_task(name="fleet.reconcile_deployments")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL, Redis and Mosquitto answer on 127.0.0.1: install what is
 # missing (Debian, apt-get), start what is installed but stopped. Chromium comes
-# along for the admin's browser tests.
+# along for the admin's browser tests, Prometheus (and its promtool) for the metrics tests;
+# neither is started here: the tests start their own.
 set -euo pipefail
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -19,6 +20,7 @@ command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v mosquitto >/dev/null || missing+=(mosquitto)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v promtool >/dev/null || missing+=(prometheus)
 installed_pg=no
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then

@@ -15,6 +15,7 @@ from fleet.models import (
     Deployment,
     Device,
     Heartbeat,
+    HeartbeatRollup,
     ModelVersion,
     slug_validator,
 )
@@ -101,6 +102,19 @@ class HeartbeatInline(ReadOnlyInline):
         return super().get_queryset(request).select_related("device").order_by("-received_at")
 
 
+class HeartbeatRollupInline(ReadOnlyInline):
+    model = HeartbeatRollup
+    formset = RecentFormSet
+    show_change_link = False
+    verbose_name_plural = f"Hour by hour (newest {RECENT_ROWS} hours; kept longer than the heartbeats)"
+    fields = readonly_fields = (
+        "hour", "heartbeats", "requests", "errors", "p50_ms", "p95_ms", "p99_ms", "max_ms", "cpu_percent",
+    )  # fmt: skip
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("device").order_by("-hour")
+
+
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
     """Devices register themselves; an operator tags them and assigns them versions."""
@@ -119,7 +133,7 @@ class DeviceAdmin(admin.ModelAdmin):
     search_fields = ["device_id", "name", "cpu_model"]
     list_select_related = ["current_version__model"]
     actions = ["assign_version", "accept", "reject", "decommission"]
-    inlines = [DeploymentInline, HeartbeatInline]
+    inlines = [DeploymentInline, HeartbeatRollupInline, HeartbeatInline]
     fieldsets = [
         (None, {"fields": ["device_id", "name", "tag_names"]}),
         ("Status", {"fields": ["online", "first_seen", "last_seen", "current_version", "current_artifact"]}),

@@ -16,6 +16,7 @@ from fleet.models import (
     Device,
     EnrollmentToken,
     Heartbeat,
+    HeartbeatRollup,
     Model,
     ModelVersion,
     Pipeline,
@@ -339,6 +340,13 @@ class AssignResultSerializer(serializers.Serializer):
     skipped = serializers.DictField(
         child=serializers.CharField(), help_text="Device id -> why the device was not assigned."
     )
+
+
+class HeartbeatRollupSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = HeartbeatRollup
+        fields = ["hour", "heartbeats", "requests", "errors", "latency_count", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+                  "cpu_percent"]  # fmt: skip
 
 
 class HeartbeatSerializer(serializers.ModelSerializer):

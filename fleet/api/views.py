@@ -8,6 +8,7 @@ from django.db import connection
 from django.db.models import Count, Prefetch
 from django.http import Http404
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
@@ -324,6 +325,7 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
         "reject": ["fleet.change_device"],
         "decommission": ["fleet.change_device"],
         "heartbeats": ["fleet.view_device", "fleet.view_heartbeat"],
+        "history": ["fleet.view_device", "fleet.view_heartbeatrollup"],
     }
 
     @extend_schema(request=serializers.TagsSerializer, responses=serializers.DeviceSerializer)
@@ -371,6 +373,22 @@ class DeviceViewSet(viewsets.ReadOnlyModelViewSet):
         for beat in beats:
             beat.device = device  # the serializer names it; no need to load it again per row
         return Response(serializers.HeartbeatSerializer(beats, many=True).data)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("hours", OpenApiTypes.INT, description="How many hours back (at most 24 x 400).")],
+        responses=serializers.HeartbeatRollupSerializer(many=True),
+    )
+    @action(detail=True, methods=["get"], filter_backends=[], pagination_class=None)
+    def history(self, request, device_id=None):
+        """The device's heartbeats hour by hour, newest first: rollups, kept longer than the raw heartbeats."""
+        device = self.get_object()
+        try:
+            hours = min(max(int(request.query_params.get("hours", 48)), 1), 24 * 400)
+        except ValueError:
+            hours = 48
+        since = timezone.now() - timedelta(hours=hours)
+        rollups = device.rollups.filter(hour__gte=since).order_by("-hour")
+        return Response(serializers.HeartbeatRollupSerializer(rollups, many=True).data)
 
 
 class DeploymentViewSet(viewsets.ReadOnlyModelViewSet):

@@ -43,6 +43,10 @@ class Inbound:
     topic: str
     payload: bytes
     received_at: float
+    # The broker's packet id of a QoS 1 message (0: none to acknowledge), and which of the
+    # bridge's connections it came on: an id means nothing on a later connection.
+    mid: int = 0
+    connection: int = 0
 
 
 class Ingest:
@@ -73,6 +77,11 @@ class Ingest:
         self._db_retry_at = 0.0
         # Set by the transport on SIGTERM: how long to keep trying a database that is down.
         self.stop_deadline = float("inf")
+        # Messages taken from the inbox and not yet acknowledged to the broker; acknowledged through
+        # ``acknowledge`` once a flush leaves nothing held, so a bridge killed before its commit
+        # leaves them with the broker, which delivers them again (docs/scaling.md).
+        self._taken: list[Inbound] = []
+        self.acknowledge: Callable[[list[Inbound]], None] | None = None
 
     def handle(self, item: Inbound) -> None:
         """Apply one agent message. Never raises: a failure is counted and logged."""
@@ -186,6 +195,10 @@ class Ingest:
             step()
         if self._db_failures == failures:
             self._db_failures = 0
+        if self._taken and not self.held():
+            taken, self._taken = self._taken, []
+            if self.acknowledge is not None:
+                self.acknowledge(taken)
 
     # --- applying batches: one path for every kind ------------------------------------
 
@@ -200,8 +213,11 @@ class Ingest:
         to be tried again once the database answers. Returns the batches applied with their
         results, and the items held.
         """
+        started = time.perf_counter()
         try:
-            return [(items, apply(items))], []
+            result = apply(items)
+            self.stats.batch_applied(kind, len(items), time.perf_counter() - started)
+            return [(items, result)], []
         except TRANSIENT_DB_ERRORS as exc:
             self._database_down(kind, exc)
             return [], items
@@ -293,6 +309,8 @@ class Ingest:
         done, held = self._apply_split("heartbeats", batch, telemetry.store_heartbeats)
         self._heartbeats = held + self._heartbeats
         self.stats.add("heartbeats_stored", sum(stored for _, stored in done))
+        if done:  # in arrival order: the first is the one that waited longest
+            self.stats.heartbeats_committed(done[0][0][0].received_at)
         try:
             for items, _ in done:
                 # Their rollouts' health gates may judge now, not at the next 15 s beat.
@@ -354,9 +372,13 @@ class Ingest:
                 self.handle(self._retry.popleft())
             else:
                 try:
-                    self.handle(inbox.get(timeout=self.flush_seconds))
+                    item = inbox.get(timeout=self.flush_seconds)
                 except queue.Empty:
                     pass
+                else:
+                    if item.mid:
+                        self._taken.append(item)
+                    self.handle(item)
             if time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.tick()
         if not self.database_down:

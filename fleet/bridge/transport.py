@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from django.db import connection
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent import wire
 from fleet.bridge.chunks import ChunkLimits, ChunkServer
@@ -31,6 +33,10 @@ log = logging.getLogger("fleet.bridge")
 
 # On SIGTERM with the database down, how long the bridge keeps trying before it gives up.
 STOP_GRACE_S = 10.0
+# On SIGTERM: how long to wait for the broker to confirm the unsubscription, and for the
+# messages already on their way to stop arriving (quiet for LEAVE_QUIET_S).
+LEAVE_TIMEOUT_S = 5.0
+LEAVE_QUIET_S = 0.3
 
 
 class Bridge:
@@ -48,6 +54,7 @@ class Bridge:
         chunk_workers: int = 2,
         clock: Callable[[], float] = time.time,
         chunk_limits: ChunkLimits | None = None,
+        session_expiry: int = 0,
     ) -> None:
         self.client = client
         self.store = store
@@ -62,6 +69,15 @@ class Bridge:
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self._threads: list[threading.Thread] = []
+        # QoS 1 messages are acknowledged once stored, not on arrival (Ingest.flush): with a
+        # persistent session (a named client and session_expiry), a bridge killed mid-batch
+        # leaves what it had not stored with the broker, for the bridge that comes back.
+        self.session_expiry = session_expiry
+        self._connection = 0
+        self._last_message_at = 0.0
+        if hasattr(client, "manual_ack_set"):  # a test's fake client acknowledges nothing
+            client.manual_ack_set(True)
+        self.ingest.acknowledge = self._acknowledge
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -72,6 +88,7 @@ class Bridge:
         if reason_code.is_failure:
             log.error("broker refused the bridge: %s", reason_code)
             return
+        self._connection += 1
         subscriptions = wire.plane_subscriptions(shared=self.shared)
         client.subscribe([(s, 1) for s in subscriptions])
         self.connected.set()
@@ -83,15 +100,57 @@ class Bridge:
             log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        item = Inbound(message.topic, bytes(message.payload), self.clock())
-        target = self.chunk_inbox if message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST) else self.inbox
+        self._last_message_at = time.monotonic()
+        chunk_request = message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST)
+        if chunk_request and message.qos:
+            client.ack(message.mid, message.qos)  # a request: the agent asks again after its stall timeout
+        mid = message.mid if message.qos == 1 and not chunk_request else 0
+        item = Inbound(message.topic, bytes(message.payload), self.clock(), mid, self._connection)
+        target = self.chunk_inbox if chunk_request else self.inbox
         self.stats.received += 1
+        self.stats.count_kind(message.topic)
         while not self.stopping.is_set():
             try:
                 target.put(item, timeout=0.5)
                 return
             except queue.Full:
                 self.stats.add("backpressure_waits")
+
+    def _leave_group(self) -> None:
+        """Unsubscribe, then take what was already on its way, so that nothing is left unacknowledged.
+
+        A named bridge stopped for good must not leave a session behind: the broker would go on
+        routing a share of the fleet's messages to it, and drop them when the session expires.
+        """
+        if not self.connected.is_set():
+            return
+        left = threading.Event()
+        self.client.on_unsubscribe = lambda *args: left.set()
+        self.client.unsubscribe(wire.plane_subscriptions(shared=self.shared))
+        left.wait(LEAVE_TIMEOUT_S)
+        deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        while time.monotonic() - self._last_message_at < LEAVE_QUIET_S and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _end_session(self) -> Properties | None:
+        """On a clean stop, the broker may forget a named bridge's session: it holds nothing unstored."""
+        if not (self.session_expiry and self.shared):
+            return None
+        properties = Properties(PacketTypes.DISCONNECT)
+        properties.SessionExpiryInterval = 0
+        return properties
+
+    def _acknowledge(self, items: list[Inbound]) -> None:
+        """The database thread: PUBACK what it stored or refused; ids of an earlier connection are void."""
+        mids = [item.mid for item in items if item.connection == self._connection]
+        if not mids:
+            return
+        ack_many = getattr(self.client, "ack_many", None)
+        if ack_many is not None:
+            ack_many(mids)
+        else:
+            for mid in mids:
+                self.client.ack(mid, 1)
 
     # --- the database thread and the chunk pool ---------------------------------------
 
@@ -121,7 +180,7 @@ class Bridge:
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
-        connect(self.client)
+        connect(self.client, session_expiry=self.session_expiry)
         self.client.loop_start()
         self._threads = [
             threading.Thread(target=self.ingest.run, args=(self.inbox, self.stopping), name="bridge-db", daemon=True)
@@ -134,11 +193,13 @@ class Bridge:
             thread.start()
 
     def stop(self) -> None:
-        """Stop taking messages, apply what is queued, store what is batched, disconnect."""
+        """Leave the subscription, apply what is queued, store what is batched, disconnect."""
+        self._leave_group()
         self.ingest.stop_deadline = time.monotonic() + STOP_GRACE_S
         self.stopping.set()
-        self.client.disconnect()
-        self.client.loop_stop()
+        # The database thread stores and acknowledges what it took before the connection closes.
         for thread in self._threads:
             thread.join(timeout=30)
+        self.client.disconnect(properties=self._end_session())
+        self.client.loop_stop()
         log.info("bridge stopped: %s", self.stats.snapshot())

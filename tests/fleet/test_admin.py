@@ -184,7 +184,7 @@ def test_it_offers_only_drafts_for_an_upload(admin_client):
 
 
 def test_it_sets_a_devices_tags_through_the_service(admin_client, fleet):
-    data = {"tag_names": "field, lab , rack-2", **empty_inlines("deployments", "heartbeats")}
+    data = {"tag_names": "field, lab , rack-2", **empty_inlines("deployments", "rollups", "heartbeats")}
 
     response = admin_client.post(url(Device, "change", fleet.pk), data)
 
@@ -195,7 +195,7 @@ def test_it_sets_a_devices_tags_through_the_service(admin_client, fleet):
 
 
 def test_it_refuses_a_tag_that_is_not_a_slug_in_the_admin(admin_client, fleet):
-    data = {"tag_names": "Lab Room", **empty_inlines("deployments", "heartbeats")}
+    data = {"tag_names": "Lab Room", **empty_inlines("deployments", "rollups", "heartbeats")}
 
     response = admin_client.post(url(Device, "change", fleet.pk), data)
 

@@ -202,7 +202,7 @@ def test_only_an_admin_revokes_a_token(fleet):
 def test_only_operators_and_admins_change_a_devices_tags(fleet, role):
     device = fleet[Device]
     data = {"tag_names": "lab, floor-2"}
-    for prefix in ("deployments", "heartbeats"):
+    for prefix in ("deployments", "rollups", "heartbeats"):
         data |= {f"{prefix}-TOTAL_FORMS": "0", f"{prefix}-INITIAL_FORMS": "0", f"{prefix}-MAX_NUM_FORMS": "0"}
 
     response = signed_in(role).post(url(Device, "change", device.pk), data)
