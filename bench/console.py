@@ -34,7 +34,7 @@ def populate(count: int) -> tuple[str, str, list[int]]:
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
     from django.contrib.sessions.backends.db import SessionStore
     from django.utils import timezone
-    from rest_framework.authtoken.models import Token
+    from fleet.auth import create_api_token
 
     from bench.fanout import tiny_release
     from fleet.choices import DeploymentState, EnrollmentState
@@ -87,7 +87,7 @@ def populate(count: int) -> tuple[str, str, list[int]]:
     session[BACKEND_SESSION_KEY] = settings.AUTHENTICATION_BACKENDS[0]
     session[HASH_SESSION_KEY] = user.get_session_auth_hash()
     session.create()
-    return f"{settings.SESSION_COOKIE_NAME}={session.session_key}", Token.objects.create(user=user).key, ids
+    return f"{settings.SESSION_COOKIE_NAME}={session.session_key}", create_api_token(user, reason="bench"), ids
 
 
 def _heartbeats(pks: list[int], now, heartbeat_model) -> None:
