@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from fleet.choices import DeploymentState, RolloutState
-from fleet.models import Artifact, Deployment, Device, Heartbeat, Rollout
+from fleet.models import Artifact, Deployment, Device, Heartbeat, Rollout, VariantEvaluation
 from tests.agent.generators import SMOLLM2_GGUF
 from tests.e2e.helpers import Process, release_gguf
 from tests.support import free_port, wait_for_port, wait_until
@@ -121,3 +121,33 @@ def test_it_rolls_smollm2_out_and_answers_paris_to_the_openai_client(fleet, api)
         what="the rollout finishing",
     )
     assert rollout_state == RolloutState.COMPLETED
+
+
+def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(fleet, api):
+    """int4 RTN degrades SmolLM2 (docs/models.md): the pipeline rejects it. Forced through anyway,
+    with the bar of a variant that agreed on 90%, the device's self-test refuses to switch to it."""
+    version = release_gguf(api, SMOLLM2_GGUF, model="smollm2", variants=["int4"], publish=False)
+    int4 = Artifact.objects.get(version=version["id"], role="model", recipe__parameters__variant="int4")
+    assert int4.quality == "rejected"
+    Artifact.objects.filter(pk=int4.pk).update(quality="accepted")
+    evaluation = VariantEvaluation.objects.get(artifact=int4)
+    VariantEvaluation.objects.filter(pk=evaluation.pk).update(details={**evaluation.details, "token_agreement": 0.9})
+    response = api.post(f"/api/v1/versions/{version['id']}/publish/")
+    assert response.status_code == 200, response.content
+
+    rollout = roll_out(api, version)
+
+    finished_rollout = wait_until(
+        lambda: (r := Rollout.objects.get(pk=rollout["id"])).state != RolloutState.RUNNING and r,
+        timeout=300,
+        interval=0.5,
+        what="the rollout's failure gate",
+    )
+    assert finished_rollout.state == RolloutState.ROLLED_BACK
+    deployment = Deployment.objects.get(rollout_member__rollout=rollout["id"])
+    assert deployment.artifact_id == int4.pk
+    # The device reported it failed; with no version before it, the rollback withdrew it.
+    assert deployment.state == DeploymentState.SUPERSEDED
+    assert "self-test failed" in deployment.error and "below the 65%" in deployment.error, deployment.error
+    assert Device.objects.get(device_id=DEVICE).current_version_id is None
+    assert "runtime.installed" not in fleet.agent.output()
