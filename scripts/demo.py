@@ -257,7 +257,7 @@ def heartbeat_with_latency(api: Client, device_id: str) -> dict:
     return beat
 
 
-def register_slm(api: Client, slow_api: Client) -> dict:
+def register_slm(api: Client, slow_api: Client, procs: Processes) -> dict:
     """What an API client does to release a GGUF: a generate version, the GGUF as its source,
     the pipeline that converts and evaluates the variant to ship, then publish."""
     if not api.list_models(name=SLM_MODEL):
@@ -287,7 +287,7 @@ def register_slm(api: Client, slow_api: Client) -> dict:
 
     caller = threading.Thread(target=optimize, name="optimize", daemon=True)
     caller.start()
-    pipeline = follow_pipeline(api, version["id"], caller, started)
+    pipeline = follow_pipeline(api, version["id"], caller, started, procs)
     if pipeline["state"] != "succeeded":
         raise DemoFailed(f"the conversion pipeline {pipeline['state']}: {pipeline.get('error') or pipeline}")
     version = api.get_version(version["id"])
@@ -310,11 +310,12 @@ def fmt(value, spec: str) -> str:
     return "?" if value is None else format(value, spec)
 
 
-def follow_pipeline(api: Client, version_id: int, caller: threading.Thread, started: dict) -> dict:
+def follow_pipeline(api: Client, version_id: int, caller: threading.Thread, started: dict, procs: Processes) -> dict:
     """Print each step's progress as it changes until the pipeline ends."""
     shown: dict[str, str] = {}
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
+        procs.check()  # a worker that died would leave the pipeline running forever
         if "error" in started:
             raise DemoFailed(f"optimize was refused: {started['error']}")
         found = api.get("/pipelines/", version=version_id)["results"]
@@ -509,7 +510,7 @@ def run_scenario(args: argparse.Namespace, services: Services, procs: Processes,
             key=key,
         )
         procs.start("agent-slm", PYTHON, "-m", "agent", "--config", str(var / "agent-slm.toml"))
-        slm_version = register_slm(api, Client(f"http://127.0.0.1:{args.web_port}", token, timeout=1200))
+        slm_version = register_slm(api, Client(f"http://127.0.0.1:{args.web_port}", token, timeout=1200), procs)
         say(f"published {slm_version['label']}")
         wait_until(lambda: (procs.check(), device_seen(api, slm_device))[1], timeout=60,
                    what=f"{slm_device} saying hello")  # fmt: skip
