@@ -9,6 +9,7 @@ then the variant: about a minute here). Skipped when the GGUF is not cached (``m
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(not SMOLLM2_GGUF.exists(), reason=f"no SmolLM2 GGUF in {SMOLLM2_GGUF.parent}: make models"),
 ]
-DEVICE = "edge-slm"
 # Greedy answers flip on near-ties; a short-answer system message keeps this one on "Paris".
 FRANCE = [
     {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."},
@@ -36,13 +36,15 @@ CANARY = [{"name": "canary", "devices": 1, "min_soak_seconds": 0}, {"name": "all
 
 
 class Fleet:
-    """The bridge and one agent, with the agent's HTTP port."""
+    """The bridge and one agent, with the agent's device id and HTTP port."""
 
     def __init__(self, plane: dict, api, broker_port: int, tmp_path: Path) -> None:
+        # A device id of its own: the session's broker keeps the last test's retained desired state.
+        self.device = f"edge-slm-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         config = tmp_path / "agent.toml"
         config.write_text(
-            f'device_id = "{DEVICE}"\nbroker_url = "mqtt://127.0.0.1:{broker_port}"\n'
+            f'device_id = "{self.device}"\nbroker_url = "mqtt://127.0.0.1:{broker_port}"\n'
             f'data_dir = "{tmp_path / "agent"}"\nheartbeat_interval = 1.0\n\n'
             f'[http]\nhost = "127.0.0.1"\nport = {self.port}\n\n'
             "[generation]\nthreads = 1\n\n"
@@ -64,14 +66,16 @@ class Fleet:
 def fleet(plane, api, broker_port, tmp_path) -> Iterator[Fleet]:
     running = Fleet(plane, api, broker_port, tmp_path)
     try:
-        wait_until(lambda: Device.objects.filter(device_id=DEVICE).exists(), timeout=30, what="the agent's hello")
+        wait_until(
+            lambda: Device.objects.filter(device_id=running.device).exists(), timeout=30, what="the agent's hello"
+        )
         yield running
     finally:
         running.stop()
 
 
-def roll_out(api, version: dict) -> dict:
-    body = {"name": f"{version['label']} canary", "version": version["id"], "selector": {"devices": [DEVICE]},
+def roll_out(api, version: dict, device: str) -> dict:
+    body = {"name": f"{version['label']} canary", "version": version["id"], "selector": {"devices": [device]},
             "stages": CANARY}  # fmt: skip
     response = api.post("/api/v1/rollouts/", body, format="json")
     assert response.status_code == 201, response.content
@@ -95,9 +99,9 @@ def test_it_rolls_smollm2_out_and_answers_paris_to_the_openai_client(fleet, api)
     repack = Artifact.objects.get(version=version["id"], role="model", recipe__parameters__variant="repack")
     assert repack.quality == "accepted"
 
-    rollout = roll_out(api, version)
+    rollout = roll_out(api, version, fleet.device)
 
-    deployment = finished({"device__device_id": DEVICE, "rollout_member__rollout": rollout["id"]})
+    deployment = finished({"device__device_id": fleet.device, "rollout_member__rollout": rollout["id"]})
     assert deployment.state == DeploymentState.ACTIVE, deployment.error
     assert deployment.artifact_id == repack.pk
     wait_for_port(fleet.port)
@@ -107,7 +111,7 @@ def test_it_rolls_smollm2_out_and_answers_paris_to_the_openai_client(fleet, api)
     assert "Paris" in (answer.choices[0].message.content or ""), answer
 
     beat = wait_until(
-        lambda: Heartbeat.objects.filter(device__device_id=DEVICE, gen_requests__gt=0).first(),
+        lambda: Heartbeat.objects.filter(device__device_id=fleet.device, gen_requests__gt=0).first(),
         timeout=30,
         what="a heartbeat with generation figures",
     )
@@ -135,7 +139,7 @@ def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(f
     response = api.post(f"/api/v1/versions/{version['id']}/publish/")
     assert response.status_code == 200, response.content
 
-    rollout = roll_out(api, version)
+    rollout = roll_out(api, version, fleet.device)
 
     finished_rollout = wait_until(
         lambda: (r := Rollout.objects.get(pk=rollout["id"])).state != RolloutState.RUNNING and r,
@@ -149,5 +153,5 @@ def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(f
     # The device reported it failed; with no version before it, the rollback withdrew it.
     assert deployment.state == DeploymentState.SUPERSEDED
     assert "self-test failed" in deployment.error and "below the 65%" in deployment.error, deployment.error
-    assert Device.objects.get(device_id=DEVICE).current_version_id is None
+    assert Device.objects.get(device_id=fleet.device).current_version_id is None
     assert "runtime.installed" not in fleet.agent.output()
