@@ -226,10 +226,13 @@ class ChunkServer:
             raise ChunkRefused(f"deployment {deployment_id} is not assigned to {device_id}")
         if not may_speak(deployment.device.enrollment):
             raise ChunkRefused(f"{device_id} is {deployment.device.enrollment or EnrollmentState.PENDING}")
-        allowed = Artifact.objects.filter(status=ArtifactStatus.READY, sha256=sha256).filter(
-            pk=deployment.artifact_id
-        ) | Artifact.objects.filter(
-            status=ArtifactStatus.READY, sha256=sha256, version=deployment.version_id, role=ArtifactRole.TOKENIZER
+        # What the desired message sends (services.deployments): the model file, its external
+        # weights (a generate bundle's model.onnx.data), the version's tokenizer and config files.
+        ready = Artifact.objects.filter(status=ArtifactStatus.READY, sha256=sha256)
+        allowed = (
+            ready.filter(pk=deployment.artifact_id)
+            | ready.filter(role=ArtifactRole.MODEL_DATA, part_of=deployment.artifact_id)
+            | ready.filter(version=deployment.version_id, role__in=(ArtifactRole.TOKENIZER, ArtifactRole.CONFIG))
         )
         artifact = allowed.first()
         if artifact is None:

@@ -68,3 +68,28 @@ def release_minilm(api: APIClient, minilm: dict, variants: Sequence[tuple[dict, 
     response = api.post(f"/api/v1/versions/{version['id']}/publish/")
     assert response.status_code == 200, response.content
     return version
+
+
+def release_gguf(api: APIClient, gguf: Path, *, model: str, variants: Sequence[str], publish: bool = True) -> dict:
+    """What an API client does with a GGUF: a generate version, the GGUF as its source, the
+    pipeline that converts and evaluates ``variants``, then (if ``publish``) publish."""
+    assert api.post("/api/v1/models/", {"name": model}, format="json").status_code == 201
+    version = api.post(
+        "/api/v1/versions/",
+        {"model": model, "task": "generate", "max_length": 2048, "quality_threshold": 0.9},
+        format="json",
+    ).json()
+    upload_artifact(api, version, {"role": "source", "format": "gguf"}, gguf)
+    response = api.post(f"/api/v1/versions/{version['id']}/optimize/", {"variants": list(variants)}, format="json")
+    assert response.status_code == 202, response.content
+    pipeline = wait_until(
+        lambda url=response["Location"]: (p := api.get(url).json())["state"] in ("succeeded", "failed") and p,
+        timeout=900,
+        interval=1,
+        what="the worker converting and evaluating the GGUF",
+    )
+    assert pipeline["state"] == "succeeded", pipeline
+    if publish:
+        response = api.post(f"/api/v1/versions/{version['id']}/publish/")
+        assert response.status_code == 200, response.content
+    return api.get(f"/api/v1/versions/{version['id']}/").json()

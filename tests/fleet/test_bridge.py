@@ -9,6 +9,7 @@ from agent import wire
 from fleet.bridge.ingest import Inbound
 from fleet.bridge.transport import Bridge
 from fleet.choices import DeploymentState
+from fleet.models import Artifact as ArtifactModel
 from fleet.models import AuditEvent, Deployment, Device, Heartbeat
 from fleet.mqtt.client import make_client
 from fleet.services import deployments, registry
@@ -328,6 +329,43 @@ class TestChunks:
         frame = wire.decode_chunk(bridge.client.published[0][1])
         assert frame.kind == wire.ChunkKind.ERROR
         assert b"not part of deployment" in frame.data
+
+    def test_it_serves_a_bundles_external_weights_and_config_but_not_another_models(
+        self, settings, bridge, tmp_path, django_capture_on_commit_callbacks, fake_publisher
+    ):
+        bridge.handle(inbound("dev-1", wire.Channel.HELLO, hello()))
+        bridge.flush()
+        version = registry.create_version(registry.create_model(name="lm", actor="system"), actor="system")
+        with django_capture_on_commit_callbacks(execute=True):
+            models = [
+                registry.add_artifact(
+                    version,
+                    io.BytesIO(onnx_bytes(weights=n)),
+                    filename=f"m{n}.onnx",
+                    precision=precision,
+                    actor="system",
+                )  # fmt: skip
+                for n, precision in ((1000, "int4"), (2000, "int8"))
+            ]
+        files = {}
+        for name, role, part_of in [("w4", "model_data", 0), ("w8", "model_data", 1), ("cfg", "config", None)]:
+            (tmp_path / name).write_bytes(name.encode() * 1000)
+            files[name] = registry.add_generated_artifact(
+                version, tmp_path / name, filename=name, actor="system", role=role, format="bin",
+                part_of=None if part_of is None else models[part_of],
+            )  # fmt: skip
+        ArtifactModel.objects.filter(pk=models[1].pk).update(quality="rejected")
+        version = registry.publish_version(version, actor="system")
+        with django_capture_on_commit_callbacks(execute=True):
+            dep = deployments.assign_version(version, Device.objects.all(), actor="system").deployments[0]
+        assert dep.artifact_id == models[0].pk
+
+        for name in ("w4", "cfg", "w8"):
+            bridge.serve_chunk_request(self.request(dep, files[name].sha256, [0]))
+        served, refused = bridge.client.published[:2], bridge.client.published[2]
+
+        assert [wire.decode_chunk(payload).data for _, payload in served] == [b"w4" * 1000, b"cfg" * 1000]
+        assert wire.decode_chunk(refused[1]).kind == wire.ChunkKind.ERROR
 
     def test_it_refuses_another_devices_deployment(self, bridge, deployment):
         dep, data = deployment
