@@ -34,9 +34,9 @@ def populate(count: int) -> tuple[str, str, list[int]]:
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
     from django.contrib.sessions.backends.db import SessionStore
     from django.utils import timezone
-    from fleet.auth import create_api_token
 
     from bench.fanout import tiny_release
+    from fleet.auth import create_api_token
     from fleet.choices import DeploymentState, EnrollmentState
     from fleet.models import Deployment, Device, Heartbeat, Tag
     from fleet.services import rollouts
