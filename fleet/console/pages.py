@@ -218,6 +218,10 @@ def device_page(device: Device, *, now: datetime) -> dict:
             "mem_available_bytes",
             "requests",
             "errors",
+            "gen_requests",
+            "ttft_p50_ms",
+            "ttft_p95_ms",
+            "decode_tps_p50",
         )[:CHART_POINTS]  # fmt: skip
     )
     beats.reverse()
@@ -277,8 +281,30 @@ def device_page(device: Device, *, now: datetime) -> dict:
             "unit": "MiB",
             "empty": "No heartbeat in the last 24 hours.",
         },
+        # Generative models: shown only where the device answered chat completions.
+        "generation_chart": _generation_chart(beats) if any(b["gen_requests"] for b in beats) else None,
         "requests": sum(b["requests"] for b in beats),
         "errors": sum(b["errors"] for b in beats),
+    }
+
+
+def _generation_chart(beats: list[dict]) -> dict:
+    """Time to first token (ms) and decode rate (tok/s) of the heartbeats that carried chat completions."""
+    chatted = [b for b in beats if b["gen_requests"]]
+    return {
+        "series": [
+            {"label": "TTFT p50 (ms)", "key": "ttft50", "stroke": "#4a7bd0"},
+            {"label": "TTFT p95 (ms)", "key": "ttft95", "stroke": "#c62828"},
+            {"label": "decode tok/s", "key": "tps", "stroke": "#1a7f37"},
+        ],
+        "data": {
+            "t": [b["received_at"].timestamp() for b in chatted],
+            "ttft50": [b["ttft_p50_ms"] for b in chatted],
+            "ttft95": [b["ttft_p95_ms"] for b in chatted],
+            "tps": [b["decode_tps_p50"] for b in chatted],
+        },
+        "unit": "",
+        "empty": "No chat completion in the last 24 hours.",
     }
 
 

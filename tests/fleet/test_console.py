@@ -195,3 +195,25 @@ def test_the_api_docs_load_swagger_ui_from_the_plane_not_a_cdn(operator):
 
     assert "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js" in page
     assert "cdn" not in page.lower()
+
+
+def test_the_device_page_charts_time_to_first_token_and_decode_rate_of_a_generative_model(operator):
+    device = make_device("chat-1")
+    beat = heartbeat("chat-1")
+    beat.generation = wire.GenerationStats(
+        requests=4, tokens=256, ttft_p50_ms=61.0, ttft_p95_ms=88.5, decode_tps_p50=63.2
+    )
+    telemetry.store_heartbeats([telemetry.ReceivedHeartbeat(device.pk, beat, timezone.now())])
+
+    page = signed_in(operator).get("/devices/chat-1/").content.decode()
+
+    assert "Generation: time to first token and decode rate" in page
+    assert "88.5" in page and "63.2" in page
+
+
+def test_the_device_page_of_an_embedder_shows_no_generation_chart(operator):
+    lab, _ = build_fleet(1)
+
+    page = signed_in(operator).get(f"/devices/{lab[0].device_id}/").content.decode()
+
+    assert "time to first token" not in page
