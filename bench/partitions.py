@@ -1,7 +1,7 @@
 """Heartbeat ingestion into the partitioned table against the unpartitioned one, side by side.
 
 The same database is switched between the two layouts by the migration itself (back to
-0010 and forward again), the table emptied before each round, and the rounds alternate
+0014 and forward again), the table emptied before each round, and the rounds alternate
 (partitioned, unpartitioned, partitioned, unpartitioned...) so that whatever else the
 machine does falls on both. Each round measures:
 
@@ -22,7 +22,8 @@ from bench import ingestion
 from bench.context import Context
 from bench.report import Figure, Section
 
-UNPARTITIONED = "0010_heartbeat_device_index"
+# The migration before the partitions (0015): back to it is the unpartitioned table, as it was.
+UNPARTITIONED = "0014_stage_holds_final_gates"
 BATCH = 1000
 
 
