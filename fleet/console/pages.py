@@ -288,7 +288,7 @@ def device_page(device: Device, *, now: datetime) -> dict:
     }
 
 
-def _generation_chart(beats: list[dict]) -> dict:
+def _generation_chart(beats: list[Any]) -> dict:
     """Time to first token (ms) and decode rate (tok/s) of the heartbeats that carried chat completions."""
     chatted = [b for b in beats if b["gen_requests"]]
     return {
