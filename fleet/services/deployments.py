@@ -6,7 +6,6 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
 
 import msgspec
 from django.conf import settings
@@ -32,6 +31,7 @@ from fleet.errors import ServiceError
 from fleet.lib import variants
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion, VariantPin
 from fleet.services.audit import Actor, acting_user, audit_event, record, record_many
+from fleet.services.registry import file_manifest
 
 log = logging.getLogger(__name__)
 
@@ -380,21 +380,6 @@ def variant_providers(artifact: Artifact) -> list[str]:
     if named is None and artifact.precision == "fp16" and artifact.hardware_class == HardwareClass.DARWIN_ARM64:
         named = ["CoreMLExecutionProvider"]
     return [str(p) for p in (named or []) if p != "CPUExecutionProvider"][:8]
-
-
-def file_manifest(artifact: Artifact) -> wire.FileManifest:
-    return wire.FileManifest(
-        role=cast(wire.FileRole, artifact.role),  # the model's choices are the wire's roles
-        filename=artifact.filename,
-        sha256=artifact.sha256,
-        size=artifact.size,
-        chunk_size=artifact.chunk_size,
-        chunks=artifact.chunk_hashes,
-        lengths=artifact.chunk_lengths,
-        format=artifact.format,
-        precision=artifact.precision,
-        signature=artifact.manifest_signature,
-    )
 
 
 class StaleReport(ServiceError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from django.conf import settings
 from django.db import transaction
@@ -27,7 +27,6 @@ from fleet.lib.chunking import chunk_lengths
 from fleet.lib.onnx_check import InvalidModel, inspect_onnx
 from fleet.models import Artifact, Device, Model, ModelVersion, Tag, VariantPin, VersionTag
 from fleet.services.audit import Actor, acting_user, record
-from fleet.services.deployments import file_manifest
 from fleet.storage import get_store
 
 log = logging.getLogger(__name__)
@@ -443,3 +442,18 @@ def set_version_tags(version: ModelVersion, tags: dict[str, str], *, actor: Acto
         VersionTag.objects.bulk_create(rows)
         record(actor, "version.tags_changed", locked, before={"tags": before}, after={"tags": dict(tags)})
     return locked
+
+
+def file_manifest(artifact: Artifact) -> wire.FileManifest:
+    return wire.FileManifest(
+        role=cast(wire.FileRole, artifact.role),  # the model's choices are the wire's roles
+        filename=artifact.filename,
+        sha256=artifact.sha256,
+        size=artifact.size,
+        chunk_size=artifact.chunk_size,
+        chunks=artifact.chunk_hashes,
+        lengths=artifact.chunk_lengths,
+        format=artifact.format,
+        precision=artifact.precision,
+        signature=artifact.manifest_signature,
+    )

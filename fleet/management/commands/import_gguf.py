@@ -1,11 +1,9 @@
 import tempfile
-import time
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from fleet.choices import OPEN_PIPELINE_STATES
-from fleet.models import Pipeline
+from fleet.management.waiting import wait_for_pipeline
 from fleet.services import generative
 from fleet.services.registry import RegistryError
 
@@ -35,12 +33,4 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Imported {started.version.label} (version id {started.version.pk}); queued pipeline {started.pk}."
         )
-        deadline = time.monotonic() + wait
-        while wait and time.monotonic() < deadline:
-            state = Pipeline.objects.get(pk=started.pk).state
-            if state not in OPEN_PIPELINE_STATES:
-                self.stdout.write(f"Pipeline {started.pk} {state}.")
-                return
-            time.sleep(1)
-        if wait:
-            raise CommandError(f"pipeline {started.pk} still running after {wait:.0f} s")
+        wait_for_pipeline(self.stdout, started.pk, wait)
