@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import connection
 
 from agent import wire
 from fleet import jobs
 from fleet.bridge.stats import Stats
+from fleet.bridge.writer import TRANSIENT_DB_ERRORS, HeartbeatWriter, Stored, apply_split, store_heartbeats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES
 from fleet.services import deployments, devices, enrollment, telemetry
 
@@ -32,10 +33,11 @@ log = logging.getLogger("fleet.bridge")
 
 T = TypeVar("T")
 R = TypeVar("R")
-# What a lost or restarting database raises. Anything else a batch raises is about what it holds.
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 # Retries while the database is down back off up to this; nothing is taken from the broker meanwhile.
 MAX_DB_BACKOFF_S = 5.0
+# While the writer stores one batch, the next may grow to this many batch sizes before the
+# database thread waits for it.
+MAX_BATCHES_WAITING = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,10 @@ class Ingest:
         # device id -> online, the latest presence of each since the last flush
         self._presences: dict[str, bool] = {}
         self._heartbeats: list[telemetry.ReceivedHeartbeat] = []
+        # Heartbeats (with their arrival time) and state reports (None) of devices this bridge has
+        # not looked up yet: looked up together at the next flush.
+        self._unresolved: list[tuple[str, wire.Heartbeat | wire.StateReport, datetime | None]] = []
+        self._unresolved_ids: set[str] = set()
         self._states: list[deployments.ReceivedState] = []
         self._last_flush = time.monotonic()
         self._device_pks: dict[str, int] = {}
@@ -81,7 +87,11 @@ class Ingest:
         # ``acknowledge`` once a flush leaves nothing held, so a bridge killed before its commit
         # leaves them with the broker, which delivers them again (docs/scaling.md).
         self._taken: list[Inbound] = []
+        # Taken messages whose heartbeats are in the writer's batch: acknowledged once it is stored.
+        self._taken_in_flight: list[Inbound] = []
         self.acknowledge: Callable[[list[Inbound]], None] | None = None
+        # Started by ``run``: a bridge driven by hand (the tests) stores on the calling thread.
+        self._writer: HeartbeatWriter | None = None
 
     def handle(self, item: Inbound) -> None:
         """Apply one agent message. Never raises: a failure is counted and logged."""
@@ -105,6 +115,9 @@ class Ingest:
 
     def _apply(self, device_id: str, channel: wire.Channel, message: wire.Message, received_at: float) -> None:
         if channel is wire.Channel.HELLO:
+            if device_id in self._unresolved_ids:
+                # What the device sent before this hello is judged as it stood before it.
+                self._resolve_devices()
             self._hellos[device_id] = message  # type: ignore[assignment]  # the channel fixes the type
             # A device back after its last will: the hello, later, marks it online.
             self._presences.pop(device_id, None)
@@ -129,27 +142,16 @@ class Ingest:
             self._presences[device_id] = message.online  # type: ignore[attr-defined]
             self.stats.add("presence")
             if len(self._presences) >= self.batch_size:
-                self.flush()
+                self._flush()
 
     # Under ENROLLMENT_REQUIRED, how stale the cache of accepted devices may get: a device
     # decommissioned while the bridge runs is refused within this many seconds.
     enrollment_recheck_seconds = 5.0
 
-    def _device_pk(self, device_id: str) -> int | None:
+    def _known_pk(self, device_id: str) -> int | None:
+        """The device's pk if this bridge knows it may speak; None when it must be looked up."""
         self._recheck_accepted()
-        pk = self._device_pks.get(device_id)
-        if pk is not None:
-            return pk
-        # Cache a miss briefly, so a flood from an unknown id costs one query a second.
-        if self._unknown_until.get(device_id, 0) > time.monotonic():
-            return None
-        enrollment.require_accepted(device_id)  # under ENROLLMENT_REQUIRED only
-        pk = telemetry.device_pks([device_id]).get(device_id)
-        if pk is None:
-            self._unknown_until[device_id] = time.monotonic() + 1.0
-        else:
-            self._device_pks[device_id] = pk
-        return pk
+        return self._device_pks.get(device_id)
 
     def _recheck_accepted(self) -> None:
         """Forget cached devices that are no longer accepted; one query per interval, not per device."""
@@ -161,80 +163,109 @@ class Ingest:
         if refused:
             self._device_pks = {d: pk for d, pk in self._device_pks.items() if pk not in refused}
 
+    def _recently_unknown(self, device_id: str, what: str) -> bool:
+        """A device looked up and not found within the last second: refused without a query."""
+        if self._unknown_until.get(device_id, 0) <= time.monotonic():
+            return False
+        self._refuse("unknown_device", device_id, f"{what} from a device that never said hello")
+        return True
+
     def _queue_heartbeat(self, device_id: str, beat: wire.Heartbeat, received_at: float) -> None:
-        pk = self._device_pk(device_id)
-        if pk is None:
-            self._refuse("unknown_device", device_id, "heartbeat from a device that never said hello")
-            return
         at = datetime.fromtimestamp(received_at, tz=UTC)
-        self._heartbeats.append(telemetry.ReceivedHeartbeat(pk, beat, at))
-        if len(self._heartbeats) >= self.batch_size:
-            self.flush()
+        pk = self._known_pk(device_id)
+        if pk is not None:
+            self._heartbeats.append(telemetry.ReceivedHeartbeat(pk, beat, at))
+        elif not self._recently_unknown(device_id, "heartbeat"):
+            # Looked up with the others at the flush: a bridge that starts (or restarts) under a
+            # fleet of 10,000 would otherwise spend its first minute on two queries a device.
+            self._unresolved.append((device_id, beat, at))
+            self._unresolved_ids.add(device_id)
+        if len(self._heartbeats) + len(self._unresolved) >= self.batch_size:
+            self._flush()
 
     def _apply_state(self, device_id: str, report: wire.StateReport) -> None:
-        pk = self._device_pk(device_id)
-        if pk is None:
-            self._refuse("unknown_device", device_id, "state report from a device that never said hello")
-            return
         # Batched like heartbeats: a fan-out to thousands of devices is thousands of reports a
         # second, and one transaction each cost six queries (docs/benchmarks.md).
-        self._states.append(deployments.ReceivedState(pk, device_id, report))
-        if len(self._states) >= self.batch_size:
-            self.flush()
+        pk = self._known_pk(device_id)
+        if pk is not None:
+            self._states.append(deployments.ReceivedState(pk, device_id, report))
+        elif not self._recently_unknown(device_id, "state report"):
+            self._unresolved.append((device_id, report, None))
+            self._unresolved_ids.add(device_id)
+        if len(self._states) + len(self._unresolved) >= self.batch_size:
+            self._flush()
+
+    def _resolve_devices(self) -> None:
+        """Look up, in one query, the devices of the messages queued since the last flush that this
+        bridge did not know, and queue their messages or refuse them. Held while the database is down."""
+        if not self._unresolved:
+            return
+        try:
+            speaking, refused = enrollment.speaking_devices(self._unresolved_ids)
+        except TRANSIENT_DB_ERRORS as exc:
+            self._database_down("device lookups", exc)
+            return
+        self._device_pks.update(speaking)
+        pending, self._unresolved, self._unresolved_ids = self._unresolved, [], set()
+        for device_id, message, at in pending:
+            pk = speaking.get(device_id)
+            what = "heartbeat" if at is not None else "state report"
+            if device_id in refused:
+                self._refuse("not_accepted", device_id, f"{device_id} is {refused[device_id]}")
+            elif pk is None:
+                self._unknown_until[device_id] = time.monotonic() + 1.0
+                self._refuse("unknown_device", device_id, f"{what} from a device that never said hello")
+            elif at is not None:
+                self._heartbeats.append(telemetry.ReceivedHeartbeat(pk, message, at))  # type: ignore[arg-type]
+            else:
+                self._states.append(deployments.ReceivedState(pk, device_id, message))  # type: ignore[arg-type]
 
     def flush(self) -> None:
+        """Apply everything pending and wait until it is stored (or held, with the database down)."""
+        self._flush(wait=True)
+
+    def _flush(self, *, wait: bool = False) -> None:
         """Apply pending hellos, store pending heartbeats, then apply pending presences and state
-        reports, each kind in one transaction. While the database is down, everything is held."""
+        reports, each kind in one transaction. While the database is down, everything is held.
+
+        Heartbeats go to the writer thread when the bridge runs one; unless ``wait``, or
+        presences or reports must follow them, the flush does not wait for them to be stored.
+        """
         self._last_flush = time.monotonic()
         failures = self._db_failures
+        self._take_stored(wait=False)
         # Heartbeats before reports, so the stored series stays in the order the device sent it;
         # before presences, since storing a heartbeat marks its device online.
-        for step in (self._flush_hellos, self._flush_heartbeats, self._flush_presences, self._flush_states):
+        steps = (self._flush_hellos, self._resolve_devices, lambda: self._flush_heartbeats(wait=wait),
+                 self._flush_presences, self._flush_states)  # fmt: skip
+        for step in steps:
             if self.database_down:
                 return
             step()
         if self._db_failures == failures:
             self._db_failures = 0
-        if self._taken and not self.held():
+        if self._taken and not self._pending():
+            # All they carry is applied, or in the writer's batch: acknowledged once that is stored.
             taken, self._taken = self._taken, []
-            if self.acknowledge is not None:
-                self.acknowledge(taken)
+            if self._writer is not None and self._writer.busy:
+                self._taken_in_flight += taken
+            else:
+                self._acknowledge(taken)
+
+    def _acknowledge(self, taken: list[Inbound]) -> None:
+        if taken and self.acknowledge is not None:
+            self.acknowledge(taken)
 
     # --- applying batches: one path for every kind ------------------------------------
 
     def _apply_split(
         self, kind: str, items: list[T], apply: Callable[[list[T]], R]
     ) -> tuple[list[tuple[list[T], R]], list[T]]:
-        """Apply ``items`` as one batch; if the batch fails for what it holds, as batches of one.
-
-        An item that fails alone is dropped, counted as ``bad_<kind>`` and logged: one bad row
-        can never stop a kind of message for the whole fleet. If the database cannot be
-        reached, nothing is dropped: the items not applied come back as the second value,
-        to be tried again once the database answers. Returns the batches applied with their
-        results, and the items held.
-        """
-        started = time.perf_counter()
-        try:
-            result = apply(items)
-            self.stats.batch_applied(kind, len(items), time.perf_counter() - started)
-            return [(items, result)], []
-        except TRANSIENT_DB_ERRORS as exc:
-            self._database_down(kind, exc)
-            return [], items
-        except Exception:
-            if len(items) > 1:
-                log.warning("applying %d %s in one batch failed; applying them one by one", len(items), kind)
-        applied: list[tuple[list[T], R]] = []
-        for n, item in enumerate(items):
-            try:
-                applied.append(([item], apply([item])))
-            except TRANSIENT_DB_ERRORS as exc:
-                self._database_down(kind, exc)
-                return applied, items[n:]
-            except Exception:
-                self.stats.add(f"bad_{kind}")
-                log.exception("dropped one of %s that cannot be applied: %r", kind, item)
-        return applied, []
+        """``writer.apply_split`` on this thread: the batches applied with their results, and the items held."""
+        split = apply_split(kind, items, apply, self.stats)
+        if split.down is not None:
+            self._database_down(kind, split.down)
+        return split.done, split.held
 
     def _database_down(self, kind: str, exc: Exception) -> None:
         """Hold what is pending and stop taking messages until the database answers again."""
@@ -301,23 +332,44 @@ class Ingest:
                 if outcome.state in SETTLED_DEPLOYMENT_STATES:
                     self._settled_deployments.add(outcome.pk)
 
-    def _flush_heartbeats(self) -> None:
-        """Store the pending heartbeats in one transaction."""
-        if not self._heartbeats:
+    def _flush_heartbeats(self, *, wait: bool) -> None:
+        """Store the pending heartbeats in one transaction: on the writer thread when there is one."""
+        writer = self._writer
+        if writer is None:  # not running (a test drives the bridge): store them here and now
+            if self._heartbeats:
+                batch, self._heartbeats = self._heartbeats, []
+                self._heartbeats_stored(store_heartbeats(batch, self.stats))
             return
-        batch, self._heartbeats = self._heartbeats, []
-        done, held = self._apply_split("heartbeats", batch, telemetry.store_heartbeats)
-        self._heartbeats = held + self._heartbeats
-        self.stats.add("heartbeats_stored", sum(stored for _, stored in done))
-        if done:  # in arrival order: the first is the one that waited longest
-            self.stats.heartbeats_committed(done[0][0][0].received_at)
-        try:
-            for items, _ in done:
-                # Their rollouts' health gates may judge now, not at the next 15 s beat.
-                self._settled_deployments |= telemetry.judged_deployments(items)
-        except Exception:
-            # Only a shortcut: the evaluator's beat judges them anyway.
-            log.exception("finding the rollouts these heartbeats decide failed")
+        wait = wait or bool(self._presences or self._states)
+        if writer.busy:
+            if not wait and len(self._heartbeats) < self.batch_size * MAX_BATCHES_WAITING:
+                return  # the next batch grows meanwhile: the busier the database, the larger its batches
+            self._take_stored(wait=True)
+            if self.database_down:
+                return
+        if self._heartbeats:
+            batch, self._heartbeats = self._heartbeats, []
+            writer.submit(batch)
+            if wait:
+                self._take_stored(wait=True)
+
+    def _take_stored(self, *, wait: bool) -> None:
+        """Take back the writer's outcome, if it has one: acknowledge what it stored, hold what it could not."""
+        stored = self._writer.result(wait=wait) if self._writer is not None else None
+        if stored is None:
+            return
+        taken, self._taken_in_flight = self._taken_in_flight, []
+        if stored.split.down is None:
+            self._acknowledge(taken)
+        else:
+            self._taken = taken + self._taken
+        self._heartbeats_stored(stored)
+
+    def _heartbeats_stored(self, stored: Stored) -> None:
+        if stored.split.down is not None:
+            self._database_down("heartbeats", stored.split.down)
+        self._heartbeats = stored.split.held + self._heartbeats
+        self._settled_deployments |= stored.judged
 
     def _answer_hellos(self) -> None:
         """Publish the desired state of every device greeted since the last flush; their hellos are committed."""
@@ -345,8 +397,8 @@ class Ingest:
         self.stats.add(reason)
         log.warning("refused (%s) on %s: %s", reason, where, detail)
 
-    def tick(self) -> None:
-        self.flush()
+    def tick(self, *, wait: bool = False) -> None:
+        self._flush(wait=wait)
         if self.database_down:
             return
         # Once a flush interval, not per message: thousands of devices stay a few tasks a tick.
@@ -355,17 +407,27 @@ class Ingest:
 
     def run(self, inbox: queue.Queue[Inbound], stopping: threading.Event) -> None:
         """The database thread's loop, until ``stopping`` is set and the inbox is drained."""
+        self._writer = HeartbeatWriter(self.stats)
+        try:
+            self._loop(inbox, stopping)
+        finally:
+            self._take_stored(wait=True)
+            self._writer.stop()
+            self._writer = None
+            connection.close()
+
+    def _loop(self, inbox: queue.Queue[Inbound], stopping: threading.Event) -> None:
         while not (stopping.is_set() and inbox.empty() and not self._retry):
             if self.database_down:
                 # Take nothing more: the inbox fills, paho waits, and the broker holds the backlog.
                 if stopping.is_set() and time.monotonic() >= self.stop_deadline:
                     log.error("stopping with the database unreachable; %d message(s) not applied", self.held())
-                    break
+                    return
                 time.sleep(0.05)
                 continue
             if self._db_failures:
                 # Back from an outage: what was held goes in before anything new.
-                self.tick()
+                self.tick(wait=True)
                 if self.database_down:
                     continue
             if self._retry:
@@ -381,13 +443,18 @@ class Ingest:
                     self.handle(item)
             if time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.tick()
+            else:
+                self._take_stored(wait=False)
         if not self.database_down:
-            self.tick()
-        connection.close()
+            self.tick(wait=True)
+
+    def _pending(self) -> int:
+        """Messages taken and not yet applied, on this thread (the writer's batch aside)."""
+        pending = len(self._hellos) + len(self._presences) + len(self._heartbeats) + len(self._states)
+        return pending + len(self._unresolved) + len(self._retry)
 
     def held(self) -> int:
-        """Messages taken but not yet applied (the database thread's view)."""
-        pending = len(self._hellos) + len(self._presences) + len(self._heartbeats) + len(self._states)
-        return pending + len(self._retry)
+        """Messages taken but not yet applied."""
+        return self._pending() + (self._writer.in_flight if self._writer is not None else 0)
 
     # --- chunk serving ----------------------------------------------------------------

@@ -280,11 +280,22 @@ def may_speak(enrollment_state: str | None) -> bool:
     return enrollment_state == EnrollmentState.ACCEPTED
 
 
-def require_accepted(device_id: str) -> None:
-    """Refuse a device that may not speak (the bridge calls this)."""
-    state = Device.objects.filter(device_id=device_id).values_list("enrollment", flat=True).first()
-    if not may_speak(state):
-        raise NotAccepted(f"{device_id} is {state or 'not enrolled'}")
+def speaking_devices(device_ids: Iterable[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Of these device ids, in one query: the pks of those that may speak, and why each of the
+    others may not (its enrollment state, or "not enrolled"). An id in neither answer was never
+    seen and may register by its hello (``may_speak(None)``). The bridge calls this once a flush.
+    """
+    known = {
+        device_id: (pk, state)
+        for device_id, pk, state in Device.objects.filter(device_id__in=set(device_ids)).values_list(
+            "device_id", "pk", "enrollment"
+        )
+    }
+    speaking = {device_id: pk for device_id, (pk, state) in known.items() if may_speak(state)}
+    refused = {device_id: state for device_id, (_, state) in known.items() if not may_speak(state)}
+    if not may_speak(None):
+        refused |= {device_id: "not enrolled" for device_id in set(device_ids) - known.keys()}
+    return speaking, refused
 
 
 def refused_device_pks(pks: Iterable[int]) -> set[int]:

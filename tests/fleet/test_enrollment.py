@@ -174,6 +174,7 @@ class TestBridgeUnderEnrollment:
     def test_it_refuses_hellos_and_heartbeats_from_a_device_never_enrolled(self, bridge):
         self.send(bridge, "dev-9", wire.Channel.HELLO, hello("dev-9"))
         self.send(bridge, "dev-9", wire.Channel.HEARTBEAT, heartbeat("dev-9"))
+        bridge.flush()
 
         assert bridge.stats.snapshot()["not_accepted"] == 2
         assert not Device.objects.exists()
