@@ -122,9 +122,11 @@ def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(se
     from tests.fleet.simulated import SimulatedDevice
     from tests.support import REDIS_URL, TcpProxy, broker, celery_on_redis
 
+    # The workers check the version's artifact too: they must find it where this process stores it.
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
     with broker(tmp_path / "mosquitto") as mosquitto, celery_on_redis():
         env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}",
-               "ARTIFACT_ROOT": str(tmp_path / "artifacts"), "REDIS_URL": REDIS_URL, "BRIDGE_FLUSH_MS": "50",
+               "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT), "REDIS_URL": REDIS_URL, "BRIDGE_FLUSH_MS": "50",
                "CELERY_VISIBILITY_TIMEOUT": "5"}  # fmt: skip
         settings.MQTT_BROKER = wire.parse_broker_url(env["MQTT_URL"])
         bridge = Process("bridge", [sys.executable, "manage.py", "run_bridge", "--name", "fanout-test"], env, tmp_path)
