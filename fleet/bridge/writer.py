@@ -111,6 +111,9 @@ class HeartbeatWriter:
         self._results: queue.Queue[Stored] = queue.Queue(maxsize=1)
         # The size of the batch submitted and not yet taken back (0: idle).
         self.in_flight = 0
+        # Set by the writer once its outcome waits: checked before every message, it spares the
+        # database thread a locked queue operation each time (9% of its samples).
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name="bridge-writer", daemon=True)
         self._thread.start()
 
@@ -121,11 +124,12 @@ class HeartbeatWriter:
     def submit(self, batch: Sequence[telemetry.ReceivedHeartbeat]) -> None:
         assert not self.busy, "one batch at a time: take the last one's result first"
         self.in_flight = len(batch)
+        self._finished = False
         self._batches.put(list(batch))
 
     def result(self, *, wait: bool) -> Stored | None:
         """The outcome of the batch in flight: None if there is none, or (not waiting) it is not done."""
-        if not self.busy:
+        if not self.busy or not (wait or self._finished):
             return None
         try:
             stored = self._results.get(timeout=None) if wait else self._results.get_nowait()
@@ -150,5 +154,6 @@ class HeartbeatWriter:
                 if stored.split.down is not None:
                     connection.close()  # broken; the next batch opens a new one
                 self._results.put(stored)
+                self._finished = True
         finally:
             connection.close()
