@@ -29,6 +29,7 @@ from fleet.models import (
     device_id_validator,
     slug_validator,
 )
+from fleet.services.stages import MAX_STAGES
 
 # One request names at most this many devices, and this many tags.
 MAX_NAMED_DEVICES = 10_000
@@ -405,13 +406,16 @@ class AuditEventSerializer(serializers.ModelSerializer):
 
 
 class RolloutStageSerializer(serializers.ModelSerializer):
-    """A stage's size is cumulative: how many selected devices run the version once it is reached."""
+    """A stage's size is cumulative: how many selected devices run the version once it is reached.
+
+    It only reshapes: the stage rules are the domain's (RolloutStage.clean, fleet/services/stages.py).
+    """
 
     percent = serializers.DecimalField(
         max_digits=5, decimal_places=2, required=False, allow_null=True, help_text="Share of the selected fleet."
     )
     devices = serializers.IntegerField(
-        source="device_count", required=False, allow_null=True, min_value=1, help_text="Or a count of devices."
+        source="device_count", required=False, allow_null=True, help_text="Or a count of devices."
     )
 
     class Meta:
@@ -449,11 +453,6 @@ class RolloutStageSerializer(serializers.ModelSerializer):
             },
         }
 
-    def validate(self, attrs: dict) -> dict:
-        if (attrs.get("percent") is None) == (attrs.get("device_count") is None):
-            raise serializers.ValidationError("Give each stage a 'percent' or a 'devices' count, not both.")
-        return attrs
-
 
 class RolloutSelectorSerializer(serializers.Serializer):
     tags = serializers.ListField(
@@ -469,11 +468,6 @@ class RolloutSelectorSerializer(serializers.Serializer):
     hardware_class = serializers.ChoiceField(
         choices=HardwareClass.choices, required=False, allow_blank=True, default=""
     )
-
-    def validate(self, attrs: dict) -> dict:
-        if not attrs["tags"] and not attrs["devices"]:
-            raise serializers.ValidationError("Select devices by 'tags', by 'devices' (ids), or both.")
-        return attrs
 
 
 @extend_schema_field(OpenApiTypes.STR)
@@ -517,7 +511,10 @@ class RolloutSerializer(serializers.ModelSerializer):
     )
     version_label = serializers.CharField(source="version.label", read_only=True)
     selector = serializers.SerializerMethodField()
-    stages = RolloutStageSerializer(many=True, max_length=20)  # type: ignore[call-arg]  # many=True passes it on
+    # Bounds what one request makes the plane parse; the rule itself is the domain's (services/stages.py).
+    stages = RolloutStageSerializer(  # type: ignore[call-arg]  # many=True passes max_length on
+        many=True, max_length=MAX_STAGES
+    )
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
@@ -576,15 +573,8 @@ class RolloutCreateSerializer(RolloutSerializer):
             raise serializers.ValidationError("Give the rollout a 'version' or an 'alias'.")
         return attrs
 
-    def validate_stages(self, stages: list) -> list:
-        if not stages:
-            raise serializers.ValidationError("A rollout needs at least one stage.")
-        if len(stages) > 20:
-            raise serializers.ValidationError("At most 20 stages.")
-        return stages
-
     def service_arguments(self) -> dict:
-        """The validated request as ``rollouts.create_rollout``'s arguments; the API and the admin both use it."""
+        """The request as ``rollouts.create_rollout``'s arguments, which checks the rules of rollouts and stages."""
         fields = dict(self.validated_data)
         selector = fields.pop("selector")
         return {
