@@ -405,6 +405,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
 # --- Rollouts ----------------------------------------------------------------------
 
 
+@extend_schema_serializer(deprecate_fields=["devices"])
 class RolloutStageSerializer(serializers.ModelSerializer):
     """A stage's size is cumulative: how many selected devices run the version once it is reached.
 
@@ -414,8 +415,14 @@ class RolloutStageSerializer(serializers.ModelSerializer):
     percent = serializers.DecimalField(
         max_digits=5, decimal_places=2, required=False, allow_null=True, help_text="Share of the selected fleet."
     )
+    device_count = serializers.IntegerField(required=False, allow_null=True, help_text="Or a count of devices.")
+    # The name device_count had until issue #17: in the same request `selector.devices` is a list of ids.
     devices = serializers.IntegerField(
-        source="device_count", required=False, allow_null=True, help_text="Or a count of devices."
+        required=False,
+        allow_null=True,
+        write_only=True,
+        help_text="Deprecated: the former name of `device_count`, still accepted in a request. "
+        "Answers carry `device_count` only.",
     )
 
     class Meta:
@@ -424,6 +431,7 @@ class RolloutStageSerializer(serializers.ModelSerializer):
             "index",
             "name",
             "percent",
+            "device_count",
             "devices",
             "min_soak_seconds",
             "success_percent",
@@ -452,6 +460,17 @@ class RolloutStageSerializer(serializers.ModelSerializer):
                 "help_text": "Generation gate (generative models): decode tokens/s at least this × the baseline's."
             },
         }
+
+    def validate(self, attrs: dict) -> dict:
+        """Only reshapes: the deprecated ``devices`` becomes ``device_count``."""
+        devices = attrs.pop("devices", None)
+        if devices is None:
+            return attrs
+        if attrs.get("device_count") is not None:
+            raise serializers.ValidationError(
+                {"devices": "Give 'device_count' alone: 'devices' is its deprecated former name."}
+            )
+        return {**attrs, "device_count": devices}
 
 
 class RolloutSelectorSerializer(serializers.Serializer):
