@@ -584,7 +584,7 @@ def _fill(rollout: Rollout, stages: list[RolloutStage], *, now: datetime) -> int
 
 
 def _size(stage: RolloutStage) -> gates.StageSize:
-    return gates.StageSize(percent=stage.percent, devices=stage.device_count)
+    return gates.StageSize(percent=stage.percent, device_count=stage.device_count)
 
 
 def _assign(rollout: Rollout, device_ids: list[str], *, now: datetime) -> None:
