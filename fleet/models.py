@@ -450,7 +450,7 @@ class Rollout(models.Model):
 
     def clean(self) -> None:
         if not self.selector_tags and not self.selector_device_ids:
-            raise ValidationError("Select devices by tag, by id, or both.")
+            raise ValidationError({"selector": "Select devices by 'tags', by 'devices' (ids), or both."})
         if self.max_per_minute < 1:
             raise ValidationError({"max_per_minute": "At least one assignment a minute."})
 
@@ -506,8 +506,9 @@ class RolloutStage(models.Model):
         return f"{self.device_count} device{'' if self.device_count == 1 else 's'}"
 
     def clean(self) -> None:
+        # A stage's own rules; those across stages are fleet/services/stages.py's.
         if (self.percent is None) == (self.device_count is None):
-            raise ValidationError("Give a stage a percentage or a device count, not both.")
+            raise ValidationError("Give each stage a 'percent' or a 'device_count', not both.")
         if self.percent is not None and not 0 < self.percent <= 100:
             raise ValidationError({"percent": "More than 0 and at most 100."})
         if self.device_count is not None and self.device_count < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -446,6 +447,8 @@ def rollouts_apply(path: Any, start: bool, supersede: bool, reason: str, then_wa
     """Create (and start) a rollout from a rollout file, checked whole before any call. See docs/cli.md."""
     source = getattr(path, "name", "rollout.yaml")
     rollout_spec = spec.load(path.read(), source=source)
+    for warning in rollout_spec.warning_lines(source):
+        err.print(f"warning: {warning}", highlight=False, markup=False)
     client = settings().client()
     body = dict(rollout_spec.body)
     if rollout_spec.version is not None:
@@ -469,16 +472,37 @@ def _with_lines(exc: errors.ApiError, rollout_spec: spec.RolloutSpec) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
     parts = []
     for key, value in body.items():
-        if key == "stages" and isinstance(value, list):
-            for index, problem in enumerate(value):
-                if problem and index < len(rollout_spec.stage_lines):
-                    parts.append(f"line {rollout_spec.stage_lines[index]}: stage {index + 1}: "
-                                 f"{errors.reason_of(problem)}")  # fmt: skip
+        if key == "stages" and isinstance(value, list | dict):
+            parts += _stage_reasons(value, rollout_spec)
             continue
         line = rollout_spec.lines.get(key)
         text = errors.reason_of(value, key if key != "non_field_errors" else "")
         parts.append(f"line {line}: {text}" if line else text)
     return "; ".join(parts) or exc.reason
+
+
+_STAGE_NAMED = re.compile(r"stage (\d+)\b")
+
+
+def _stage_reasons(problems: list[Any] | dict[str, Any], rollout_spec: spec.RolloutSpec) -> list[str]:
+    """The stages' reasons at their lines.
+
+    A rule of the plane names its stage ("stage 2 (quarter): percent: ..."); a malformed
+    stage comes back at its position from 0 (in a list or a mapping), with its own reasons.
+    """
+    parts = []
+    for position, problem in problems.items() if isinstance(problems, dict) else enumerate(problems):
+        if not problem:
+            continue
+        if isinstance(problem, str):
+            named = _STAGE_NAMED.match(problem)
+            index, text = (int(named.group(1)) - 1 if named else -1), problem
+        else:
+            index = int(position)
+            text = f"stage {index + 1}: {errors.reason_of(problem)}"
+        line = rollout_spec.stage_lines[index] if 0 <= index < len(rollout_spec.stage_lines) else None
+        parts.append(f"line {line}: {text}" if line else f"stages: {text}")
+    return parts
 
 
 @rollouts.command("watch")

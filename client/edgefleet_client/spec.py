@@ -12,7 +12,7 @@ It is checked whole before any call to the plane; every problem is reported with
     baseline: previous_version          # or control
     stages:
       - name: canary
-        devices: 1                      # or percent: 5 (cumulative share of the selection)
+        device_count: 1                 # or percent: 5 (cumulative share of the selection)
         min_soak_seconds: 600
         gates:
           failure: {percent: 0, min_finished: 1}
@@ -23,6 +23,7 @@ It is checked whole before any call to the plane; every problem is reported with
           success: {percent: 95}
 
 Gate settings map to the API's stage fields: ``failure: {percent: 5}`` is ``failure_percent: 5``.
+A stage's ``devices:`` is still read as ``device_count:``, its former name, with a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ BASELINES = ("previous_version", "control")
 MAX_STAGES = 20
 TOP_KEYS = ("name", "version", "alias", "selector", "stages", "max_per_minute", "baseline")
 SELECTOR_KEYS = ("tags", "devices", "hardware_class")
-STAGE_KEYS = ("name", "percent", "devices", "min_soak_seconds", "gates", "hold")
+STAGE_KEYS = ("name", "percent", "device_count", "min_soak_seconds", "gates", "hold")
+# Former names still read, each with a warning: in a stage, ``devices`` was the device count
+# (while ``selector.devices`` is a list of ids, as it stays).
+DEPRECATED_STAGE_KEYS = {"devices": "device_count"}
+STAGES_EXAMPLE = "[{name: canary, device_count: 1}, {percent: 100}]"
 # A stage held by a gate that cannot judge: how long it may wait, then what the plane does.
 HOLD_KEYS = ("timeout", "action")
 HOLD_ACTIONS = ("hold", "rollback", "notify")
@@ -86,6 +91,11 @@ class RolloutSpec:
     # Where each stage starts in the file, to point the plane's own refusals at a line.
     stage_lines: list[int] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)
+    # What the file should change but that still works, e.g. a deprecated key.
+    warnings: list[Problem] = field(default_factory=list)
+
+    def warning_lines(self, source: str) -> list[str]:
+        return [f"{source}:{w.line}: {w.where + ': ' if w.where else ''}{w.message}" for w in self.warnings]
 
 
 def load(text: str, source: str = "rollout.yaml") -> RolloutSpec:
@@ -105,6 +115,7 @@ def load(text: str, source: str = "rollout.yaml") -> RolloutSpec:
     if checker.problems:
         raise SpecInvalid(source, checker.problems)
     assert spec is not None
+    spec.warnings = sorted(checker.warnings, key=lambda w: w.line)
     return spec
 
 
@@ -112,9 +123,13 @@ class _Checker:
     def __init__(self, constructor: yaml.SafeLoader) -> None:
         self.constructor = constructor
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
 
     def fail(self, node: yaml.Node, where: str, message: str) -> None:
         self.problems.append(Problem(node.start_mark.line + 1, where, message))
+
+    def warn(self, node: yaml.Node, where: str, message: str) -> None:
+        self.warnings.append(Problem(node.start_mark.line + 1, where, message))
 
     def rollout(self, root: yaml.Node | None) -> RolloutSpec | None:
         if root is None:
@@ -138,7 +153,7 @@ class _Checker:
         if "stages" in top:
             body["stages"], stage_lines = self.stages(top["stages"])
         else:
-            self.fail(root, "", "missing 'stages': at least one, e.g. [{name: canary, devices: 1}, {percent: 100}]")
+            self.fail(root, "", f"missing 'stages': at least one, e.g. {STAGES_EXAMPLE}")
         if "max_per_minute" in top:
             body["max_per_minute"] = self.integer(top["max_per_minute"], "max_per_minute", minimum=1)
         if "baseline" in top:
@@ -187,7 +202,7 @@ class _Checker:
 
     def stages(self, node: yaml.Node) -> tuple[list[dict[str, Any]], list[int]]:
         if not isinstance(node, yaml.SequenceNode) or not node.value:
-            self.fail(node, "stages", "a list of at least one stage, e.g. [{name: canary, devices: 1}, {percent: 100}]")
+            self.fail(node, "stages", f"a list of at least one stage, e.g. {STAGES_EXAMPLE}")
             return [], []
         if len(node.value) > MAX_STAGES:
             self.fail(node, "stages", f"at most {MAX_STAGES} stages; this has {len(node.value)}")
@@ -195,18 +210,20 @@ class _Checker:
         return stages, [item.start_mark.line + 1 for item in node.value]
 
     def stage(self, node: yaml.Node, where: str) -> dict[str, Any]:
-        fields = self.mapping(node, where, STAGE_KEYS)
+        fields = self.mapping(node, where, STAGE_KEYS, deprecated=tuple(DEPRECATED_STAGE_KEYS))
         if fields is None:
             return {}
         out: dict[str, Any] = {}
         if "name" in fields:
             out["name"] = self.text(fields["name"], f"{where}.name", max_length=64)
-        if ("percent" in fields) == ("devices" in fields):
-            self.fail(node, where, "give the stage a 'percent' of the selection or a 'devices' count, not both")
+        count = self.device_count(fields, where)
+        if ("percent" in fields) == (count is not None):
+            self.fail(node, where, "give the stage a 'percent' of the selection or a 'device_count', not both")
         if "percent" in fields:
             out["percent"] = self.number(fields["percent"], f"{where}.percent", minimum=0, maximum=100, above=True)
-        if "devices" in fields:
-            out["devices"] = self.integer(fields["devices"], f"{where}.devices", minimum=1)
+        if count is not None:
+            key, value = count
+            out["device_count"] = self.integer(value, f"{where}.{key}", minimum=1)
         if "min_soak_seconds" in fields:
             out["min_soak_seconds"] = self.integer(fields["min_soak_seconds"], f"{where}.min_soak_seconds", minimum=0)
         if "gates" in fields:
@@ -214,6 +231,16 @@ class _Checker:
         if "hold" in fields:
             out.update(self.hold(fields["hold"], f"{where}.hold"))
         return out
+
+    def device_count(self, fields: dict[str, yaml.Node], where: str) -> tuple[str, yaml.Node] | None:
+        """The stage's device count and the key it was given under; ``devices`` is its former name."""
+        if "devices" not in fields:
+            return ("device_count", fields["device_count"]) if "device_count" in fields else None
+        if "device_count" in fields:
+            self.fail(fields["devices"], f"{where}.devices", "give 'device_count' alone: 'devices' is its former name")
+        else:
+            self.warn(fields["devices"], f"{where}.devices", "deprecated: write 'device_count', its new name")
+        return "devices", fields["devices"]
 
     def hold(self, node: yaml.Node, where: str) -> dict[str, Any]:
         fields = self.mapping(node, where, HOLD_KEYS) or {}
@@ -244,14 +271,17 @@ class _Checker:
 
     # --- Scalars -----------------------------------------------------------------
 
-    def mapping(self, node: yaml.Node, where: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node] | None:
+    def mapping(
+        self, node: yaml.Node, where: str, allowed: tuple[str, ...], deprecated: tuple[str, ...] = ()
+    ) -> dict[str, yaml.Node] | None:
+        """The mapping's keys and values; ``deprecated`` keys are taken too, but not suggested."""
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, where, f"expected a mapping with {', '.join(allowed)}")
             return None
         out: dict[str, yaml.Node] = {}
         for key_node, value_node in node.value:
             key = str(self.value(key_node))
-            if key not in allowed:
+            if key not in allowed and key not in deprecated:
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
                 hint = f" (did you mean '{close[0]}'?)" if close else f"; expected one of {', '.join(allowed)}"
                 self.fail(key_node, where, f"unknown key '{key}'{hint}")

@@ -2,7 +2,7 @@
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Count
 from django.http import HttpResponseRedirect
@@ -12,7 +12,6 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from fleet.admin.base import ReadOnlyAdmin, ReadOnlyInline
-from fleet.api.serializers import RolloutCreateSerializer
 from fleet.choices import HardwareClass, HoldAction, RolloutBaseline, VersionStatus
 from fleet.errors import ServiceError
 from fleet.models import (
@@ -21,6 +20,7 @@ from fleet.models import (
     RolloutStage,
 )
 from fleet.services import rollouts
+from fleet.services.stages import MAX_STAGES
 
 # What the add page offers before an operator changes anything: a canary, a quarter, everyone.
 DEFAULT_STAGES = [
@@ -36,11 +36,11 @@ def _names(text: str) -> list[str]:
 
 
 class RolloutCreateForm(forms.Form):
-    """The add page's input. It only collects: the API's serializer validates and the service creates."""
+    """The add page's input. It only collects: the service checks the rules of rollouts and stages, and creates."""
 
     name = forms.CharField(required=False, max_length=200)
-    # Any version is accepted here and the serializer refuses one that is not published, so
-    # a version archived while the page was open gets the API's clear message, not "invalid choice".
+    # Any version is accepted here and the service refuses one that is not published, so a
+    # version archived while the page was open gets the service's clear message, not "invalid choice".
     version = forms.IntegerField(widget=forms.Select, help_text="Only published versions can be rolled out.")
     tags = forms.CharField(required=False, max_length=2000, help_text="Devices carrying any of these tags.")
     devices = forms.CharField(
@@ -64,17 +64,21 @@ class RolloutCreateForm(forms.Form):
             (v.pk, v.label) for v in published.order_by("model__name", "-number")
         ]
 
-    def payload(self, stages: list[dict]) -> dict:
-        """The same body the API's POST /rollouts/ takes."""
+    def clean_version(self) -> ModelVersion:
+        found = ModelVersion.objects.select_related("model").filter(pk=self.cleaned_data["version"]).first()
+        if found is None:
+            raise forms.ValidationError(f"Version {self.cleaned_data['version']} does not exist.")
+        return found
+
+    def service_arguments(self, stages: list[dict]) -> dict:
+        """The form as ``rollouts.create_rollout``'s arguments."""
         data = self.cleaned_data
         return {
-            "name": data["name"],
             "version": data["version"],
-            "selector": {
-                "tags": _names(data["tags"]),
-                "devices": _names(data["devices"]),
-                "hardware_class": data["hardware_class"],
-            },
+            "name": data["name"],
+            "tags": _names(data["tags"]),
+            "device_ids": _names(data["devices"]),
+            "hardware_class": data["hardware_class"],
             "baseline": data["baseline"],
             "max_per_minute": data["max_per_minute"],
             "stages": stages,
@@ -86,7 +90,7 @@ class StageForm(forms.Form):
 
     name = forms.CharField(required=False, max_length=64)
     percent = forms.DecimalField(required=False, max_digits=5, decimal_places=2)
-    devices = forms.IntegerField(required=False)
+    device_count = forms.IntegerField(required=False, label="device count")
     min_soak_seconds = forms.IntegerField(initial=0, label="soak (s)")
     success_percent = forms.DecimalField(initial=100, max_digits=5, decimal_places=2, label="success %")
     failure_percent = forms.DecimalField(initial=0, max_digits=5, decimal_places=2, label="failure %")
@@ -96,34 +100,31 @@ class StageForm(forms.Form):
     )
     health_error_points = forms.DecimalField(initial=1, max_digits=5, decimal_places=2, label="health error points")
     health_min_samples = forms.IntegerField(initial=100, label="health min samples")
-    inconclusive_timeout = forms.IntegerField(initial=3600, min_value=1, label="hold deadline (s)")
+    inconclusive_timeout = forms.IntegerField(initial=3600, label="hold deadline (s)")
     inconclusive_action = forms.ChoiceField(choices=HoldAction.choices, initial=HoldAction.HOLD, label="then")
 
     def stage(self) -> dict | None:
         data = self.cleaned_data
-        if not data or (data["name"] == "" and data["percent"] is None and data["devices"] is None):
+        if not data or (data["name"] == "" and data["percent"] is None and data["device_count"] is None):
             return None
         return {key: value for key, value in data.items() if value is not None}
 
 
-StageFormSet = forms.formset_factory(StageForm, extra=0, max_num=20)
+StageFormSet = forms.formset_factory(StageForm, extra=0, max_num=MAX_STAGES)
 
 
-def _messages(errors, where: str = "") -> list[str]:
-    """A serializer's nested errors as sentences: "stages 2: Give each stage a 'percent'…"."""
-    if isinstance(errors, dict):
-        out = []
-        for key, value in errors.items():
-            # A list's errors come keyed by position from 0; an operator counts rows from 1.
-            label = "" if key == "non_field_errors" else str(key + 1) if isinstance(key, int) else str(key)
-            out += _messages(value, f"{where} {label}".strip())
-        return out
-    if isinstance(errors, list) and errors and not isinstance(errors[0], str):
-        out = []
-        for i, value in enumerate(errors):
-            out += _messages(value, f"{where} {i + 1}")
-        return out
-    return [f"{where}: {message}" if where else str(message) for message in errors]
+def _messages(error: ValidationError) -> list[str]:
+    """A refusal of the service as sentences, each under the field it is about ("selector: …").
+
+    The stages' messages name their stage already ("stage 2 (quarter): percent: …").
+    """
+    if not hasattr(error, "error_dict"):
+        return list(error.messages)
+    return [
+        message if field in (NON_FIELD_ERRORS, "stages") else f"{field}: {message}"
+        for field, messages in error.message_dict.items()
+        for message in messages
+    ]
 
 
 class RolloutStageInline(ReadOnlyInline):
@@ -191,7 +192,7 @@ class RolloutAdmin(ReadOnlyAdmin):
         return request.user.has_perm("fleet.add_rollout")
 
     def add_view(self, request, form_url="", extra_context=None):
-        """Create, and with the release permission start, a rollout: the API's validation and services."""
+        """Create, and with the release permission start, a rollout: the same services as the API's."""
         if not self.has_add_permission(request):
             raise PermissionDenied
         may_start = self.has_release_permission(request)
@@ -223,22 +224,17 @@ class RolloutAdmin(ReadOnlyAdmin):
             form.add_error(None, "Starting a rollout needs the release permission; create it as a draft.")
             return None
         rows = [stage for stage in (f.stage() for f in stages.forms) if stage is not None]
-        serializer = RolloutCreateSerializer(data=form.payload(rows))
-        if not serializer.is_valid():
-            for message in _messages(serializer.errors):
-                form.add_error(None, message)
-            return None
         try:
             # One transaction: a start that is refused (a conflict) leaves no draft behind,
             # and the operator resubmits the same form, e.g. with supersede.
             with transaction.atomic():
-                rollout = rollouts.create_rollout(actor=request.user, **serializer.service_arguments())
+                rollout = rollouts.create_rollout(actor=request.user, **form.service_arguments(rows))
                 if data["start"]:
                     rollout = rollouts.start_rollout(
                         rollout, actor=request.user, supersede=data["supersede"], reason=data["reason"]
                     )
         except (ServiceError, ValidationError) as exc:
-            for message in exc.messages if isinstance(exc, ValidationError) else [str(exc)]:
+            for message in _messages(exc) if isinstance(exc, ValidationError) else [str(exc)]:
                 form.add_error(None, message)
             return None
         self.log_addition(request, rollout, [{"added": {}}])

@@ -29,6 +29,7 @@ from fleet.models import (
     device_id_validator,
     slug_validator,
 )
+from fleet.services.stages import MAX_STAGES
 
 # One request names at most this many devices, and this many tags.
 MAX_NAMED_DEVICES = 10_000
@@ -404,14 +405,24 @@ class AuditEventSerializer(serializers.ModelSerializer):
 # --- Rollouts ----------------------------------------------------------------------
 
 
+@extend_schema_serializer(deprecate_fields=["devices"])
 class RolloutStageSerializer(serializers.ModelSerializer):
-    """A stage's size is cumulative: how many selected devices run the version once it is reached."""
+    """A stage's size is cumulative: how many selected devices run the version once it is reached.
+
+    It only reshapes: the stage rules are the domain's (RolloutStage.clean, fleet/services/stages.py).
+    """
 
     percent = serializers.DecimalField(
         max_digits=5, decimal_places=2, required=False, allow_null=True, help_text="Share of the selected fleet."
     )
+    device_count = serializers.IntegerField(required=False, allow_null=True, help_text="Or a count of devices.")
+    # The name device_count had until issue #17: in the same request `selector.devices` is a list of ids.
     devices = serializers.IntegerField(
-        source="device_count", required=False, allow_null=True, min_value=1, help_text="Or a count of devices."
+        required=False,
+        allow_null=True,
+        write_only=True,
+        help_text="Deprecated: the former name of `device_count`, still accepted in a request. "
+        "Answers carry `device_count` only.",
     )
 
     class Meta:
@@ -420,6 +431,7 @@ class RolloutStageSerializer(serializers.ModelSerializer):
             "index",
             "name",
             "percent",
+            "device_count",
             "devices",
             "min_soak_seconds",
             "success_percent",
@@ -450,9 +462,15 @@ class RolloutStageSerializer(serializers.ModelSerializer):
         }
 
     def validate(self, attrs: dict) -> dict:
-        if (attrs.get("percent") is None) == (attrs.get("device_count") is None):
-            raise serializers.ValidationError("Give each stage a 'percent' or a 'devices' count, not both.")
-        return attrs
+        """Only reshapes: the deprecated ``devices`` becomes ``device_count``."""
+        devices = attrs.pop("devices", None)
+        if devices is None:
+            return attrs
+        if attrs.get("device_count") is not None:
+            raise serializers.ValidationError(
+                {"devices": "Give 'device_count' alone: 'devices' is its deprecated former name."}
+            )
+        return {**attrs, "device_count": devices}
 
 
 class RolloutSelectorSerializer(serializers.Serializer):
@@ -469,11 +487,6 @@ class RolloutSelectorSerializer(serializers.Serializer):
     hardware_class = serializers.ChoiceField(
         choices=HardwareClass.choices, required=False, allow_blank=True, default=""
     )
-
-    def validate(self, attrs: dict) -> dict:
-        if not attrs["tags"] and not attrs["devices"]:
-            raise serializers.ValidationError("Select devices by 'tags', by 'devices' (ids), or both.")
-        return attrs
 
 
 @extend_schema_field(OpenApiTypes.STR)
@@ -517,7 +530,10 @@ class RolloutSerializer(serializers.ModelSerializer):
     )
     version_label = serializers.CharField(source="version.label", read_only=True)
     selector = serializers.SerializerMethodField()
-    stages = RolloutStageSerializer(many=True, max_length=20)  # type: ignore[call-arg]  # many=True passes it on
+    # Bounds what one request makes the plane parse; the rule itself is the domain's (services/stages.py).
+    stages = RolloutStageSerializer(  # type: ignore[call-arg]  # many=True passes max_length on
+        many=True, max_length=MAX_STAGES
+    )
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
 
     class Meta:
@@ -576,15 +592,8 @@ class RolloutCreateSerializer(RolloutSerializer):
             raise serializers.ValidationError("Give the rollout a 'version' or an 'alias'.")
         return attrs
 
-    def validate_stages(self, stages: list) -> list:
-        if not stages:
-            raise serializers.ValidationError("A rollout needs at least one stage.")
-        if len(stages) > 20:
-            raise serializers.ValidationError("At most 20 stages.")
-        return stages
-
     def service_arguments(self) -> dict:
-        """The validated request as ``rollouts.create_rollout``'s arguments; the API and the admin both use it."""
+        """The request as ``rollouts.create_rollout``'s arguments, which checks the rules of rollouts and stages."""
         fields = dict(self.validated_data)
         selector = fields.pop("selector")
         return {

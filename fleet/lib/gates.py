@@ -39,19 +39,21 @@ class StageSize:
     """How far the rollout reaches by the end of a stage: a percentage of the selection, or a count."""
 
     percent: Number | None = None
-    devices: int | None = None
+    device_count: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.percent is None) == (self.devices is None):
+        # The arithmetic's preconditions, not the rules a user meets: RolloutStage.clean() refuses
+        # such a stage, with a message naming it, before it is saved.
+        if (self.percent is None) == (self.device_count is None):
             raise ValueError("a stage size is a percentage or a device count, not both or neither")
         if self.percent is not None and not 0 < exact(self.percent) <= 100:
             raise ValueError("a stage percentage is more than 0 and at most 100")
-        if self.devices is not None and self.devices < 1:
+        if self.device_count is not None and self.device_count < 1:
             raise ValueError("a stage reaches at least one device")
 
     def raw(self, fleet: int) -> int:
-        if self.devices is not None:
-            return self.devices
+        if self.device_count is not None:
+            return self.device_count
         # Round up: a percentage of a non-empty fleet never means zero devices.
         return math.ceil(exact(self.percent) * fleet / 100)  # type: ignore[arg-type]  # percent is set here
 

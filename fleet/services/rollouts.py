@@ -45,6 +45,7 @@ from fleet.models import (
     RolloutStage,
 )
 from fleet.services import deployments, notifications
+from fleet.services import stages as stage_rules
 from fleet.services.audit import Actor, acting_user, record
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,10 @@ def create_rollout(
     if version is None:
         raise RolloutError("A rollout targets a version or an alias.")
     if not version.is_published:
-        raise RolloutError(f"{version.label} is a draft; publish it before rolling it out.")
-    if not stages:
-        raise RolloutError("A rollout needs at least one stage.")
-    _check_devices_exist(device_ids)
+        raise RolloutError(
+            f"Version {version.pk} is not published ({version.label} is {version.status}): only a published "
+            "version can be rolled out."
+        )
     user = acting_user(actor)
     with transaction.atomic():
         rollout = Rollout(
@@ -119,13 +120,9 @@ def create_rollout(
             max_per_minute=max_per_minute,
             created_by=user,
         )
-        rollout.full_clean()
+        rows = _check_new(rollout, stages)
         rollout.save()
-        rows = [RolloutStage(rollout=rollout, index=i, **fields) for i, fields in enumerate(stages)]
-        for row in rows:
-            _clean_stage(row)
-        _check_sizes_grow(rows)
-        RolloutStage.objects.bulk_create(rows)
+        RolloutStage.objects.bulk_create(rows)  # each row takes the rollout's id now that it has one
         record(
             actor,
             "rollout.created",
@@ -135,43 +132,37 @@ def create_rollout(
     return rollout
 
 
-def _check_devices_exist(device_ids: Iterable[str]) -> None:
-    """A selector naming a device the fleet does not have is a typo, not an empty selection."""
-    named = sorted(set(device_ids))
-    known = set(Device.objects.filter(device_id__in=named).values_list("device_id", flat=True))
-    unknown = [device_id for device_id in named if device_id not in known]
+def _check_new(rollout: Rollout, stages: list[dict]) -> list[RolloutStage]:
+    """The rollout's stages, built and checked with the rollout's own rules.
+
+    Every broken rule at once (the admin shows them together), then whether the sizes grow.
+    """
+    problems: dict = {}
+    unknown = _unknown_devices(rollout.selector_device_ids)
     if unknown:
-        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        raise ValidationError({"selector": f"No device has the id {', '.join(unknown[:10])}{more}."})
-
-
-def _clean_stage(stage: RolloutStage) -> None:
-    """The stage's own checks, each message naming the stage it is about."""
+        problems["selector"] = [unknown]
     try:
-        stage.full_clean(exclude=["rollout"])
+        rollout.full_clean()
     except ValidationError as exc:
-        named = _stage_name(stage)
-        if hasattr(exc, "error_dict"):
-            raise ValidationError(
-                {"stages": [f"{named}: {field}: {m}" for field, ms in exc.message_dict.items() for m in ms]}
-            ) from None
-        raise ValidationError({"stages": [f"{named}: {m}" for m in exc.messages]}) from None
+        problems = exc.update_error_dict(problems)
+    try:
+        rows = stage_rules.build_stages(rollout, stages)
+    except ValidationError as exc:
+        problems = exc.update_error_dict(problems)
+    if problems:
+        raise ValidationError(problems)
+    stage_rules.check_sizes_grow(rows)
+    return rows
 
 
-def _stage_name(stage: RolloutStage) -> str:
-    return f"stage {stage.index + 1} ({stage.name})" if stage.name else f"stage {stage.index + 1}"
-
-
-def _check_sizes_grow(stages: list[RolloutStage]) -> None:
-    """Sizes are cumulative, so each stage of a kind reaches at least as far as the one before."""
-    for kind in ("percent", "device_count"):
-        sized = [s for s in stages if getattr(s, kind) is not None]
-        for before, after in zip(sized, sized[1:], strict=False):
-            if getattr(after, kind) < getattr(before, kind):
-                raise RolloutError(
-                    f"Stage sizes are cumulative: {_stage_name(after)}'s {kind} ({getattr(after, kind)}) "
-                    f"is less than {_stage_name(before)}'s ({getattr(before, kind)})."
-                )
+def _unknown_devices(device_ids: list[str]) -> str:
+    """A selector naming a device the fleet does not have is a typo, not an empty selection."""
+    known = set(Device.objects.filter(device_id__in=device_ids).values_list("device_id", flat=True))
+    unknown = [device_id for device_id in device_ids if device_id not in known]
+    if not unknown:
+        return ""
+    more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+    return f"No device has the id {', '.join(unknown[:10])}{more}."
 
 
 # --- Selection and conflicts ---------------------------------------------------------
@@ -593,7 +584,7 @@ def _fill(rollout: Rollout, stages: list[RolloutStage], *, now: datetime) -> int
 
 
 def _size(stage: RolloutStage) -> gates.StageSize:
-    return gates.StageSize(percent=stage.percent, devices=stage.device_count)
+    return gates.StageSize(percent=stage.percent, device_count=stage.device_count)
 
 
 def _assign(rollout: Rollout, device_ids: list[str], *, now: datetime) -> None:

@@ -88,9 +88,9 @@ def test_it_checks_the_rollout_file_before_any_call_and_names_each_line(run, tmp
         "  tag: [lab]\n"
         "stages:\n"
         "  - name: canary\n"
-        "    devices: 0\n"
+        "    device_count: 0\n"
         "  - percent: 25\n"
-        "    devices: 3\n"
+        "    device_count: 3\n"
     )
     # Nothing listens here: a call would fail differently.
     url = f"http://127.0.0.1:{free_port()}"
@@ -101,8 +101,8 @@ def test_it_checks_the_rollout_file_before_any_call_and_names_each_line(run, tmp
     assert result.stderr.splitlines()[1:] == [
         f"{spec}:3: selector: unknown key 'tag' (did you mean 'tags'?)",
         f"{spec}:3: selector: select devices by 'tags', by 'devices' (ids), or both",
-        f"{spec}:6: stages[1].devices: expected a whole number of at least 1; got 0",
-        f"{spec}:7: stages[2]: give the stage a 'percent' of the selection or a 'devices' count, not both",
+        f"{spec}:6: stages[1].device_count: expected a whole number of at least 1; got 0",
+        f"{spec}:7: stages[2]: give the stage a 'percent' of the selection or a 'device_count', not both",
     ]
 
 
@@ -119,6 +119,38 @@ def test_it_points_the_planes_refusal_of_a_rollout_file_at_its_line(run, plane_u
         "exist): only a published version can be rolled out." in result.stderr
     )
     assert not Rollout.objects.exists()
+
+
+def test_it_points_the_planes_refusal_of_a_stage_at_the_stages_line(run, plane_url, release_token, tmp_path):
+    version = helpers.make_published_version()
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(
+        f"version: {version.pk}\nselector: {{tags: [lab]}}\nstages:\n"
+        "  - device_count: 1\n"
+        "  - name: everyone\n"
+        "    percent: 100\n"
+        "    gates: {health: {p95_ratio: 0}}\n"
+    )
+
+    result = run("rollouts", "apply", "-f", str(spec), url=plane_url, token=release_token)
+
+    assert result.code == 1
+    assert f"error: the plane refused {spec}: line 5: stage 2 (everyone): health_p95_ratio: More than 0." in (
+        result.stderr
+    )
+    assert not Rollout.objects.exists()
+
+
+def test_it_warns_of_devices_in_a_stage_and_sends_it_as_device_count(run, plane_url, release_token, tmp_path):
+    version = helpers.make_published_version()
+    spec = tmp_path / "rollout.yaml"
+    spec.write_text(f"version: {version.pk}\nselector: {{tags: [lab]}}\nstages:\n  - devices: 2\n  - percent: 100\n")
+
+    result = run("rollouts", "apply", "-f", str(spec), "--no-start", url=plane_url, token=release_token)
+
+    assert result.code == 0, result.stderr
+    assert f"warning: {spec}:4: stages[1].devices: deprecated: write 'device_count', its new name" in result.stderr
+    assert [s.device_count for s in Rollout.objects.get().stages.all()] == [2, None]
 
 
 def test_login_stores_the_token_in_a_profile_readable_by_its_owner_only(run, plane_url, config_home):

@@ -54,7 +54,7 @@ selector:
   tags: [lab]
 stages:
   - name: canary
-    devices: 1
+    device_count: 1
     gates:
       {canary_gates}
   - name: everyone

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from edgefleet_client import Client, errors, spec
+from edgefleet_client import Client, cli, errors, spec
 from edgefleet_client.watch import HELD, Watch
 
 from tests.support import REPO
@@ -94,11 +94,26 @@ def test_it_flattens_drf_errors_into_one_line():
     assert errors.reason_of({"detail": "Not found."}) == "Not found."
 
 
+@pytest.mark.parametrize(
+    "stages",
+    [
+        ["stage 2 (quarter): percent: More than 0 and at most 100."],  # a rule of the plane names its stage
+        {"1": {"percent": ["A valid number is required."]}},  # a malformed stage, by position from 0
+        [{}, {"percent": ["A valid number is required."]}],  # the same, as older planes answer it
+    ],
+)
+def test_the_planes_refusal_of_a_stage_points_at_the_stages_line(stages):
+    loaded = spec.load("version: 3\nselector: {tags: [lab]}\nstages:\n  - device_count: 1\n  - percent: 25\n")
+    refusal = errors.ValidationFailed("POST", "/rollouts/", 400, "Bad Request", {"stages": stages})
+
+    assert cli._with_lines(refusal, loaded).startswith("line 5: stage 2")
+
+
 def test_a_rollout_file_becomes_the_apis_body():
     loaded = spec.load(
         "name: r\nversion: embedder:3\nselector: {tags: [lab], hardware_class: linux-x86_64}\nmax_per_minute: 50\n"
         "stages:\n"
-        "  - {name: canary, devices: 1, min_soak_seconds: 60,\n"
+        "  - {name: canary, device_count: 1, min_soak_seconds: 60,\n"
         "     gates: {failure: {percent: 0, min_finished: 1}, health: {p95_ratio: 1.2, min_samples: 200}}}\n"
         "  - {percent: 100, gates: {success: {percent: 95}}}\n"
     )
@@ -110,11 +125,29 @@ def test_a_rollout_file_becomes_the_apis_body():
         "selector": {"tags": ["lab"], "hardware_class": "linux-x86_64"},
         "max_per_minute": 50,
         "stages": [
-            {"name": "canary", "devices": 1, "min_soak_seconds": 60, "failure_percent": "0",
+            {"name": "canary", "device_count": 1, "min_soak_seconds": 60, "failure_percent": "0",
              "failure_min_finished": 1, "health_p95_ratio": "1.2", "health_min_samples": 200},
             {"percent": "100", "success_percent": "95"},
         ],
     }  # fmt: skip
+
+
+def test_a_stage_still_takes_devices_as_the_former_name_of_device_count_with_a_warning():
+    loaded = spec.load("version: 3\nselector: {devices: [edge-1, edge-2]}\nstages:\n  - devices: 1\n  - percent: 100\n")
+
+    assert loaded.body["selector"] == {"devices": ["edge-1", "edge-2"]}
+    assert loaded.body["stages"][0] == {"device_count": 1}
+    assert loaded.warning_lines("r.yaml") == [
+        "r.yaml:4: stages[1].devices: deprecated: write 'device_count', its new name"
+    ]
+    assert spec.load("version: 3\nselector: {tags: [lab]}\nstages: [{device_count: 1}]\n").warnings == []
+
+
+def test_a_stage_giving_both_device_count_and_devices_is_refused():
+    with pytest.raises(spec.SpecInvalid) as raised:
+        spec.load("version: 3\nselector: {tags: [lab]}\nstages:\n  - {device_count: 1, devices: 2}\n")
+
+    assert [p.message for p in raised.value.problems] == ["give 'device_count' alone: 'devices' is its former name"]
 
 
 @pytest.mark.parametrize(
@@ -184,11 +217,11 @@ def test_a_stage_the_plane_holds_past_its_deadline_ends_the_watch_with_3_at_once
 def test_a_rollout_file_states_the_hold_deadline_and_the_generation_gate():
     loaded = spec.load(
         "version: 3\nselector: {tags: [lab]}\nstages:\n"
-        "  - {devices: 1, hold: {timeout: 600, action: rollback},\n"
+        "  - {device_count: 1, hold: {timeout: 600, action: rollback},\n"
         "     gates: {health: {ttft_ratio: 1.5, tps_ratio: 0.8, min_samples: 50}}}\n"
     )
 
     assert json.loads(json.dumps(loaded.body["stages"][0])) == {
-        "devices": 1, "health_ttft_ratio": "1.5", "health_tps_ratio": "0.8", "health_min_samples": 50,
+        "device_count": 1, "health_ttft_ratio": "1.5", "health_tps_ratio": "0.8", "health_min_samples": 50,
         "inconclusive_timeout": 600, "inconclusive_action": "rollback",
     }  # fmt: skip

@@ -32,7 +32,7 @@ FRANCE = [
     {"role": "system", "content": "You are a helpful assistant. Answer in one short sentence."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
-CANARY = [{"name": "canary", "devices": 1, "min_soak_seconds": 0}, {"name": "all", "percent": 100}]
+CANARY = [{"name": "canary", "device_count": 1, "min_soak_seconds": 0}, {"name": "all", "percent": 100}]
 
 
 class Fleet:

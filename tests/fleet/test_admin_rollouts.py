@@ -195,15 +195,15 @@ def test_it_refuses_a_version_that_is_not_published(release_manager, lab):
     assert not Rollout.objects.exists()
 
 
-def test_it_shows_the_api_validation_of_a_stage(release_manager, lab):
+def test_it_shows_the_domain_validation_of_a_stage(release_manager, lab):
     version = make_published_version()
 
     page = signed_in(release_manager).post(
-        "/admin/fleet/rollout/add/", add_form(version, **{"stages-1-devices": 3}, tags="")
+        "/admin/fleet/rollout/add/", add_form(version, **{"stages-1-device_count": 3}, tags="")
     )
 
     html = page.content.decode()
-    assert "stages 2: Give each stage a &#x27;percent&#x27; or a &#x27;devices&#x27; count, not both." in html
+    assert "stage 2 (quarter): Give each stage a &#x27;percent&#x27; or a &#x27;device_count&#x27;, not both." in html
     assert "selector: Select devices by &#x27;tags&#x27;" in html
     assert not Rollout.objects.exists()
 

@@ -14,6 +14,7 @@ import fleet.services.pipeline
 import fleet.services.registry
 import fleet.services.retention
 import fleet.services.rollouts
+import fleet.services.stages
 import fleet.storage
 from fleet.api.exceptions import exception_handler
 from fleet.errors import ServiceError
@@ -26,7 +27,7 @@ from tests.support import free_port
 MODULES = [
     fleet.bridge.chunks, fleet.mqtt.dynsec, fleet.services.aliases, fleet.services.deployments,
     fleet.services.enrollment, fleet.services.pipeline, fleet.services.registry, fleet.services.retention,
-    fleet.services.rollouts, fleet.storage,
+    fleet.services.rollouts, fleet.services.stages, fleet.storage,
 ]  # fmt: skip
 DOMAIN_ERRORS = sorted(
     {

@@ -109,7 +109,7 @@ RELEASE = frozenset({Role.RELEASE_MANAGER})
 ADMIN_ONLY: frozenset[Role] = frozenset()
 # Stages as the service takes them (model fields) and as the API does.
 STAGES = [{"device_count": 1, "min_soak_seconds": 3600}, {"percent": 100, "min_soak_seconds": 3600}]
-API_STAGES = [{"devices": 1, "min_soak_seconds": 3600}, {"percent": 100, "min_soak_seconds": 3600}]
+API_STAGES = [{"device_count": 1, "min_soak_seconds": 3600}, {"percent": 100, "min_soak_seconds": 3600}]
 
 
 def public_key_of(key: Ed25519PrivateKey) -> str:

@@ -14,7 +14,7 @@ from tests.fleet.helpers import make_device, make_published_version, token_clien
 
 pytestmark = pytest.mark.django_db
 
-SOAKING = [{"devices": 1, "min_soak_seconds": 3600}, {"percent": 100, "min_soak_seconds": 3600}]
+SOAKING = [{"device_count": 1, "min_soak_seconds": 3600}, {"percent": 100, "min_soak_seconds": 3600}]
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_it_creates_a_draft_that_reaches_no_device(operator, version, lab):
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["state"] == "draft"
-    assert [s["devices"] for s in body["stages"]] == [1, None]
+    assert [s["device_count"] for s in body["stages"]] == [1, None]
     assert body["selector"] == {"tags": ["lab"], "devices": [], "hardware_class": ""}
     assert not Deployment.objects.exists()
 
@@ -64,13 +64,14 @@ def test_it_creates_a_draft_that_reaches_no_device(operator, version, lab):
     "change, complaint",
     [
         ({"stages": []}, "at least one stage"),
+        ({"stages": [{"percent": 10, "device_count": 1}]}, "not both"),
         ({"stages": [{"percent": 10, "devices": 1}]}, "not both"),
         ({"stages": [{}]}, "not both"),
         ({"stages": [{"percent": 0}]}, "percent"),
         ({"stages": [{"percent": 50}, {"percent": 20}]}, "cumulative"),
         ({"selector": {}}, "Select devices"),
         ({"version": 999999}, "version"),
-        ({"stages": [{"devices": 1, "success_percent": 150}]}, "success_percent"),
+        ({"stages": [{"device_count": 1, "success_percent": 150}]}, "success_percent"),
     ],
 )
 def test_it_refuses_a_bad_rollout_with_a_clear_4xx(operator, version, change, complaint):
@@ -80,6 +81,36 @@ def test_it_refuses_a_bad_rollout_with_a_clear_4xx(operator, version, change, co
 
     assert 400 <= response.status_code < 500, response.content
     assert complaint.lower() in response.content.decode().lower()
+
+
+def test_it_takes_devices_in_a_stage_as_the_deprecated_name_of_device_count(operator, version, lab):
+    stages = [{"devices": 1, "min_soak_seconds": 3600}, {"percent": 100}]
+
+    response = create(token_client(operator), version, stages)
+
+    assert response.status_code == 201, response.content
+    assert [s["device_count"] for s in response.json()["stages"]] == [1, None]
+    assert all("devices" not in s for s in response.json()["stages"])
+    assert [s.device_count for s in Rollout.objects.get().stages.all()] == [1, None]
+
+
+def test_it_refuses_a_stage_giving_both_device_count_and_devices(operator, version, lab):
+    response = create(token_client(operator), version, [{"device_count": 1, "devices": 2}, {"percent": 100}])
+
+    assert response.status_code == 400, response.content
+    assert response.json()["stages"]["0"]["devices"] == [
+        "Give 'device_count' alone: 'devices' is its deprecated former name."
+    ]
+    assert not Rollout.objects.exists()
+
+
+def test_the_schema_names_device_count_and_marks_devices_deprecated(client):
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()["components"]["schemas"]
+
+    stage = schema["RolloutStage"]["properties"]
+    assert stage["device_count"]["type"] == "integer"
+    assert (stage["devices"]["deprecated"], stage["devices"]["writeOnly"]) == (True, True)
+    assert "former name of `device_count`" in stage["devices"]["description"]
 
 
 def test_it_pauses_resumes_promotes_and_aborts_as_documented(operator, version, lab):

@@ -89,7 +89,7 @@ def create_rollout(page, live_server):
     page.select_option("select[name=version]", label="minilm-embedder:2")
     page.fill("input[name=tags]", "lab")
     page.fill("input[name=stages-0-percent]", "")
-    page.fill("input[name=stages-0-devices]", "1")
+    page.fill("input[name=stages-0-device_count]", "1")
     page.fill("input[name=stages-0-health_p95_ratio]", "1.5")
     page.fill("input[name=stages-0-health_min_samples]", "200")
     page.fill("input[name=reason]", "minilm v2: int8 variant for the Pi fleet")

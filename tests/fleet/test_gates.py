@@ -14,7 +14,7 @@ from fleet.lib.gates import Inference, StageCounts, StageSize, Verdict
 percents = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("100"), places=2)
 sizes = st.one_of(
     percents.map(lambda p: StageSize(percent=p)),
-    st.integers(min_value=1, max_value=10_000).map(lambda n: StageSize(devices=n)),
+    st.integers(min_value=1, max_value=10_000).map(lambda n: StageSize(device_count=n)),
 )
 fleets = st.integers(min_value=0, max_value=100_000)
 
@@ -49,14 +49,16 @@ def test_an_empty_fleet_has_empty_stages(stages):
 
 
 def test_the_canary_then_a_quarter_then_everyone():
-    stages = [StageSize(devices=1), StageSize(percent=25), StageSize(percent=100)]
+    stages = [StageSize(device_count=1), StageSize(percent=25), StageSize(percent=100)]
 
     assert gates.cumulative_targets(8, stages) == [1, 2, 8]
     assert gates.cumulative_targets(1, stages) == [1, 1, 1]
     assert gates.cumulative_targets(100, stages) == [1, 25, 100]
 
 
-@pytest.mark.parametrize("size", [{}, {"percent": 0}, {"percent": 101}, {"devices": 0}, {"percent": 5, "devices": 1}])
+@pytest.mark.parametrize(
+    "size", [{}, {"percent": 0}, {"percent": 101}, {"device_count": 0}, {"percent": 5, "device_count": 1}]
+)
 def test_it_refuses_a_size_that_means_nothing(size):
     with pytest.raises(ValueError):
         StageSize(**size)

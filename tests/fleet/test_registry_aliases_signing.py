@@ -23,7 +23,7 @@ from tests.fleet.helpers import (
 )
 
 pytestmark = pytest.mark.django_db
-STAGE = [{"devices": 1}]
+STAGE = [{"device_count": 1}]
 
 
 def plane_public_key():

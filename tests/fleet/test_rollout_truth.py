@@ -77,7 +77,7 @@ def act(client, rollout_id, action, **body):
 
 
 HEALTH_CANARY = [
-    {"devices": 1, "health_p95_ratio": "1.5", "health_min_samples": 20},
+    {"device_count": 1, "health_p95_ratio": "1.5", "health_min_samples": 20},
     {"percent": 100},
 ]
 
@@ -104,7 +104,7 @@ def test_it_shows_the_final_verdicts_after_a_health_rollback(operator, lab, new_
 
 def test_its_counts_follow_the_deployments_states_after_a_rollback(operator, lab, new_version):
     client = token_client(operator)
-    rollout_id = create(client, new_version, [{"devices": 1}, {"percent": 100}])
+    rollout_id = create(client, new_version, [{"device_count": 1}, {"percent": 100}])
     act(client, rollout_id, "start")
     canary = canary_of(rollout_id)
     report_state(canary.device, canary.deployment, "failed", error="out of memory loading the model")
@@ -126,7 +126,7 @@ def test_its_counts_follow_the_deployments_states_after_a_rollback(operator, lab
 
 def test_it_filters_deployments_by_rollout(operator, lab, new_version):
     client = token_client(operator)
-    rollout_id = create(client, new_version, [{"devices": 1}, {"percent": 100}])
+    rollout_id = create(client, new_version, [{"device_count": 1}, {"percent": 100}])
     act(client, rollout_id, "start")
 
     listed = client.get("/api/v1/deployments/", {"rollout": rollout_id}).json()
@@ -199,7 +199,7 @@ def test_a_stage_error_names_its_stage(operator, lab, new_version):
     body = {"version": new_version.pk, "selector": {"tags": ["lab"]}}
     client = token_client(operator)
 
-    bad_percent = client.post(f"{API}/", {**body, "stages": [{"devices": 1}, {"percent": 0}]}, format="json")
+    bad_percent = client.post(f"{API}/", {**body, "stages": [{"device_count": 1}, {"percent": 0}]}, format="json")
     shrinking = client.post(f"{API}/", {**body, "stages": [{"percent": 50}, {"percent": 20}]}, format="json")
 
     assert bad_percent.status_code == 400
@@ -259,7 +259,9 @@ def test_a_download_that_reused_every_chunk_reports_real_bytes(operator, lab, ne
 def test_only_heartbeats_a_health_gate_judges_now_wake_the_evaluator(operator, lab, new_version):
     client = token_client(operator)
     gated = create(client, new_version, HEALTH_CANARY, selector={"devices": ["dev-0", "dev-1"]})
-    plain = create(client, new_version, [{"devices": 1}, {"percent": 100}], selector={"devices": ["dev-2", "dev-3"]})
+    plain = create(
+        client, new_version, [{"device_count": 1}, {"percent": 100}], selector={"devices": ["dev-2", "dev-3"]}
+    )
     act(client, gated, "start")
     act(client, plain, "start")
     on_gate, on_plain = canary_of(gated), canary_of(plain)
