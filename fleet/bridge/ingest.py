@@ -38,6 +38,8 @@ MAX_DB_BACKOFF_S = 5.0
 # While the writer stores one batch, the next may grow to this many batch sizes before the
 # database thread waits for it.
 MAX_BATCHES_WAITING = 4
+# How often the heartbeats a health gate judges may wake the evaluator (settled deployments: every flush).
+JUDGE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,10 @@ class Ingest:
         self._accepted_checked_at = time.monotonic()
         # Deployments that settled since the last flush: their rollouts are judged once a flush.
         self._settled_deployments: set[int] = set()
+        # Deployments whose heartbeats a health gate judges: their rollouts are judged at most
+        # once every JUDGE_EVERY_S, since a gated stage of thousands of devices sends in every flush.
+        self._judged_deployments: set[int] = set()
+        self._judged_at = 0.0
         # Devices that said hello since the last flush: answered with their desired state in one batch,
         # so a fleet reconnecting after a broker restart is a few tasks, not one per device.
         self._greeted: set[int] = set()
@@ -369,7 +375,7 @@ class Ingest:
         if stored.split.down is not None:
             self._database_down("heartbeats", stored.split.down)
         self._heartbeats = stored.split.held + self._heartbeats
-        self._settled_deployments |= stored.judged
+        self._judged_deployments |= stored.judged
 
     def _answer_hellos(self) -> None:
         """Publish the desired state of every device greeted since the last flush; their hellos are committed."""
@@ -383,10 +389,16 @@ class Ingest:
             log.exception("queueing the desired state of %d greeted device(s) failed", len(greeted))
 
     def _enqueue_rollout_evaluations(self) -> None:
-        """One task for every deployment that settled since the last flush; its report is committed."""
-        if not self._settled_deployments:
+        """One task for the deployments that settled since the last flush (their reports are
+        committed), and those whose stored heartbeats a health gate judges, at most once every
+        JUDGE_EVERY_S."""
+        deployment_ids = self._settled_deployments
+        if self._judged_deployments and time.monotonic() - self._judged_at >= JUDGE_EVERY_S:
+            deployment_ids |= self._judged_deployments
+            self._judged_deployments, self._judged_at = set(), time.monotonic()
+        if not deployment_ids:
             return
-        settled, self._settled_deployments = sorted(self._settled_deployments), set()
+        settled, self._settled_deployments = sorted(deployment_ids), set()
         try:
             jobs.enqueue("fleet.evaluate_rollouts_of_deployments", settled)
         except Exception:

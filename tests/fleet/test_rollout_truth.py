@@ -238,6 +238,29 @@ def test_the_bridge_has_a_health_gate_judged_as_soon_as_the_heartbeats_arrive(
     assert "health gate tripped in stage 1" in rollout.reason
 
 
+def test_the_bridge_wakes_the_evaluator_for_a_gated_stage_at_most_once_a_second(
+    operator, lab, new_version, settings, tmp_path, fake_publisher, monkeypatch
+):
+    settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    client = token_client(operator)
+    rollout_id = create(client, new_version, HEALTH_CANARY)
+    act(client, rollout_id, "start")
+    canary = canary_of(rollout_id)
+    report_state(canary.device, canary.deployment, "active")
+    queued = []
+    monkeypatch.setattr("fleet.bridge.ingest.jobs.enqueue", lambda name, *args: queued.append((name, *args)))
+    monkeypatch.setattr("fleet.bridge.ingest.JUDGE_EVERY_S", 0.3)
+    bridge = Bridge(FakeClient(), get_store(), batch_size=100)
+
+    for seq in range(10, 16):  # six flushes, each with a heartbeat the health gate judges
+        bridge.handle(inbound(canary.device.device_id, wire.Channel.HEARTBEAT, beat_on(canary, seq, p95_ms=12.0)))
+        bridge.ingest.tick()
+    time.sleep(0.35)
+    bridge.ingest.tick()
+
+    assert queued == [("fleet.evaluate_rollouts_of_deployments", [canary.deployment_id])] * 2
+
+
 @pytest.mark.parametrize("path", ["one", "batch"])
 def test_a_download_that_reused_every_chunk_reports_real_bytes(operator, lab, new_version, path):
     device = lab[0]
