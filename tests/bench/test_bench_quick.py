@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,8 +24,10 @@ def test_it_runs_the_benchmarks_and_writes_their_section(tmp_path):
         ),
         "BENCH_REDIS_URL": "redis://127.0.0.1:6379/13",
     }
+    # Named after this run's own database, so that suites run side by side (worktrees) do not drop each other's.
+    database = urlsplit(os.environ.get("DATABASE_URL", "")).path.strip("/") or "edgefleet"
     run = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--database", "edgefleet_bench_smoke"],
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out), "--database", f"{database}_bench_smoke"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
     )  # fmt: skip
 
