@@ -12,7 +12,7 @@ from agent import wire
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
 from fleet.services.audit import Actor, audit_event, record, record_many
-from fleet.services.deployments import enqueue_desired
+from fleet.services.desired import enqueue_desired
 from fleet.services.enrollment import NotAccepted, may_speak
 
 
