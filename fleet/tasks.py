@@ -10,7 +10,7 @@ from pathlib import Path
 from celery import shared_task
 from django.conf import settings
 
-from agent import wire
+from agent.contract import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
 from fleet.services import devices, heartbeat_retention, notifications, reconcile, registry, rollouts

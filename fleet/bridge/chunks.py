@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 from django.db import InterfaceError, OperationalError, connection
 
-from agent import wire
-from agent.manifest import layout
+from agent.contract import wire
+from agent.contract.manifest import layout
 from fleet.choices import ArtifactRole, ArtifactStatus, EnrollmentState
 from fleet.models import Artifact, Deployment
 from fleet.services.enrollment import may_speak

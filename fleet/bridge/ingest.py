@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from django.db import InterfaceError, OperationalError, connection
 
-from agent import wire
+from agent.contract import wire
 from fleet import jobs
 from fleet.bridge.stats import Stats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES

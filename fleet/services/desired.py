@@ -15,7 +15,7 @@ import msgspec
 from django.conf import settings
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet import jobs, signing
 from fleet.choices import ArtifactRole, ArtifactStatus, DeploymentState, HardwareClass, InferenceTask
 from fleet.models import Artifact, Deployment, Device, ModelVersion

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
 from fleet.services.audit import Actor, audit_event, record, record_many

@@ -26,7 +26,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import OPEN_DEPLOYMENT_STATES, DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
 from fleet.services.audit import audit_event, record_many

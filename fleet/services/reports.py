@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from django.db import transaction
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import DEPLOYMENT_PROGRESS, OPEN_DEPLOYMENT_STATES, DeploymentState
 from fleet.errors import ServiceError
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion

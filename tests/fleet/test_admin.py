@@ -6,7 +6,7 @@ from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import ArtifactStatus, VersionStatus
 from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion, Tag
 from fleet.services import assignments, registry, reports

@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import DeploymentState
 from fleet.models import AuditEvent, Deployment
 from fleet.services import assignments, reports, telemetry

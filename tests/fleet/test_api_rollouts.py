@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import RolloutState
 from fleet.models import AuditEvent, Deployment, Rollout
 from fleet.services import assignments, reports, rollouts

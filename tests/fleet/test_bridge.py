@@ -5,7 +5,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.ingest import Inbound
 from fleet.bridge.transport import Bridge
 from fleet.choices import DeploymentState

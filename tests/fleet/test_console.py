@@ -11,7 +11,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import RolloutState
 from fleet.models import Rollout
 from fleet.services import assignments, reports, rollouts, telemetry

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet import tasks
 from fleet.models import Rollout, RolloutStage
 from fleet.services import assignments, telemetry

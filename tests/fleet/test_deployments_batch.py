@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from agent.runtime import ModelInfo, load_model
 from agent.selftest import run_selftest
 from fleet.choices import ArtifactRole, DeploymentState, VariantQuality

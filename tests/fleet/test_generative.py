@@ -7,7 +7,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import ArtifactRole, PipelineState, VariantQuality
 from fleet.management.commands.model_report import report
 from fleet.models import ModelVersion

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import DeploymentState
 from fleet.models import AuditEvent, Deployment, Device
 from fleet.services import assignments, telemetry

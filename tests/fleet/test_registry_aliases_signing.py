@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.management import call_command
 
-from agent import signing
+from agent.contract import signing
 from fleet.choices import DeploymentState, VersionStatus
 from fleet.models import Alias, AliasMove, Artifact, AuditEvent, Deployment, ModelVersion, Rollout
 from fleet.services import aliases, assignments, registry, retention, rollouts

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.transport import Bridge
 from fleet.models import AuditEvent, Deployment, Rollout
 from fleet.services import assignments, reports, rollouts, telemetry

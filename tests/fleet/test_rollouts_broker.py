@@ -218,7 +218,7 @@ def test_it_credits_a_heartbeat_only_to_the_senders_own_deployment(fleet):
 
 
 def _chat(ttft_ms: float, tps: float, requests: int):
-    from agent import wire
+    from agent.contract import wire
 
     return wire.GenerationStats(
         requests=requests, tokens=requests * 64, ttft_p50_ms=ttft_ms / 2, ttft_p95_ms=ttft_ms, decode_tps_p50=tps

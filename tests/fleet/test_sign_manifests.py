@@ -5,7 +5,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from agent import signing
+from agent.contract import signing
 from fleet.models import Artifact, AuditEvent
 from fleet.services.registry import file_manifest
 from tests.fleet.helpers import SIGNING_KEY, make_published_version, make_version
