@@ -20,9 +20,10 @@ from types import FrameType
 
 import msgspec
 
-from agent import enrollment, status, wire
+from agent import enrollment, status
 from agent.clock import SystemClock
 from agent.config import Config, ConfigError, load_config
+from agent.contract import wire
 from agent.core import Agent
 from agent.logs import setup_logging
 from agent.mqtt import LinkError, MqttLink, Will

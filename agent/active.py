@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from agent import wire
+from agent.contract import wire
 from agent.files import write_atomic
 from agent.runtime import ModelInfo
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from agent import hardware, wire
+from agent import hardware
 from agent.config import AdmissionConfig
+from agent.contract import wire
 from agent.transfer import artifact_path
 
 MIB = 1024 * 1024

@@ -21,7 +21,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from agent import manifest, wire
+from agent.contract import manifest, wire
 from agent.files import write_atomic
 
 log = logging.getLogger(__name__)

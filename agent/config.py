@@ -12,7 +12,8 @@ from typing import Annotated
 
 import msgspec
 
-from agent import enrollment, signing, wire
+from agent import enrollment
+from agent.contract import signing, wire
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]

@@ -25,11 +25,12 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from agent import admission, outbox, signing, status, trust, wire
+from agent import admission, outbox, status, trust
 from agent.active import ActiveDeployment
 from agent.bundles import load_deployment, prune_bundles
 from agent.clock import Clock
 from agent.config import Config
+from agent.contract import signing, wire
 from agent.deployment import DeploymentJob
 from agent.files import write_atomic
 from agent.hardware import detect_profile

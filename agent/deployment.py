@@ -15,11 +15,12 @@ from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import admission, manifest, signing, wire
+from agent import admission
 from agent.active import ActiveDeployment, active_from
 from agent.bundles import MissingArtifacts, load_deployment
 from agent.clock import Clock
 from agent.config import AdmissionConfig, GenerationConfig, TransferConfig
+from agent.contract import manifest, signing, wire
 from agent.runtime import Loaded, ModelLoadError
 from agent.selftest import SelfTestFailed, run_selftest
 from agent.transfer import Transfer, TransferCancelled, TransferFailed

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from agent import wire
-from agent.signing import signed_message
+from agent.contract import wire
+from agent.contract.signing import signed_message
 
 log = logging.getLogger("agent.enrollment")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import msgspec
 
-from agent import wire
+from agent.contract import wire
 
 if TYPE_CHECKING:
     from agent.runtime import ModelInfo

@@ -17,7 +17,8 @@ from typing import Final
 
 import psutil
 
-from agent import __version__, wire
+from agent import __version__
+from agent.contract import wire
 
 MAX_CPU_FLAGS: Final = 256
 _CPUINFO: Final = Path("/proc/cpuinfo")

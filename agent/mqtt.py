@@ -19,8 +19,8 @@ from typing import Any, Final, NamedTuple, Protocol
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from agent import wire
 from agent.config import TlsConfig
+from agent.contract import wire
 
 log = logging.getLogger(__name__)
 

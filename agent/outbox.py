@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Final
 
-from agent import wire
+from agent.contract import wire
 from agent.mqtt import Link, LinkError
 
 log = logging.getLogger(__name__)

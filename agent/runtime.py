@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import msgspec
 
-from agent import wire
+from agent.contract import wire
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from agent import wire
+from agent.contract import wire
 from agent.generate import LoadedGenerator
 from agent.runtime import NUMPY_TYPES, Loaded, LoadedModel
 

@@ -12,8 +12,8 @@ import threading
 
 import psutil
 
-from agent import wire
 from agent.clock import Clock
+from agent.contract import wire
 from agent.metrics import AgentMetrics
 
 

@@ -36,9 +36,10 @@ from typing import Final
 
 import msgspec
 
-from agent import chunkcache, manifest, wire
+from agent import chunkcache
 from agent.clock import Clock
 from agent.config import TransferConfig
+from agent.contract import manifest, wire
 from agent.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Final
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import signing, wire
+from agent.contract import signing, wire
 from agent.files import write_atomic
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import wire
 from agent.clock import SystemClock
 from agent.config import TransferConfig
+from agent.contract import wire
 from agent.mqtt import MqttLink, Will
 from agent.transfer import Transfer
 from tests import support

@@ -37,8 +37,9 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from agent import manifest, status, wire
+from agent import status
 from agent.active import ActiveDeployment
+from agent.contract import manifest, wire
 from agent.runtime import ModelInfo, Runner, load_model
 from agent.server import InferenceServer
 from agent.slots import Slots, save_slots

@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent import wire
 from agent.config import GenerationConfig
+from agent.contract import wire
 from agent.generate import ChatMessage, LoadedGenerator, OgEngine, Sampling
 from agent.runtime import ModelInfo, Runner
 from agent.server import InferenceServer

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent import wire
+from agent.contract import wire
 from agent.runtime import ModelInfo, load_model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 
-from agent import wire
+from agent.contract import wire
 
 BATCH = 50
 MAX_UNACKED = 400

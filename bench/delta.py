@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from agent import manifest, wire
 from agent.clock import SystemClock
 from agent.config import TransferConfig
+from agent.contract import manifest, wire
 from agent.transfer import Transfer
 from bench.context import Context
 from bench.report import Figure, Section

@@ -84,7 +84,7 @@ def _read_connacks(selector: selectors.BaseSelector, timeout: float) -> int:
 
 def _bare_subscriber(port: int, stop, seconds: float, results) -> None:
     """(sent_at, lag) of every heartbeat received; and the broker's own count of connected clients."""
-    from agent import wire
+    from agent.contract import wire
 
     lags: list[tuple[float, float]] = []
     connected = [0]

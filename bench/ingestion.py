@@ -128,7 +128,7 @@ def bridge_rate(ctx: Context, device_ids: list[str], *, bridges: int) -> tuple[f
 
 
 def heartbeat_batch(device_pks: list[int], count: int):
-    from agent import wire
+    from agent.contract import wire
     from bench.blaster import heartbeat_payload
     from fleet.services.telemetry import ReceivedHeartbeat
 

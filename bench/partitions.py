@@ -43,7 +43,7 @@ def use_layout(partitioned: bool) -> None:
 
 def service_rate(device_pks: list[int], rows: int, first_seq: int) -> float:
     """Rows a second that store_heartbeats stores in fresh batches of BATCH, a commit each."""
-    from agent import wire
+    from agent.contract import wire
     from bench.blaster import heartbeat_payload
     from fleet.services import telemetry
 

@@ -90,7 +90,7 @@ def _bench_signing_key() -> dict[str, str]:
     if os.environ.get("SIGNING_KEY") or os.environ.get("SIGNING_KEY_FILE"):
         return {}
     try:
-        from agent import signing
+        from agent.contract import signing
     except ImportError:
         return {}
     generate = getattr(signing, "generate_private_key", None)

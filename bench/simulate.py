@@ -3,7 +3,7 @@
     python -m bench.simulate --devices 2000 --heartbeat-interval 30 --duration 300
 
 Each simulated device is a paho client (driven by one selector per process, see
-bench.loop) that does what an agent does on the wire (agent/wire.py):
+bench.loop) that does what an agent does on the wire (agent/contract/wire.py):
 
 - says hello on every (re)connect, with a hardware profile drawn from ``--hardware-mix``;
 - subscribes to its retained ``desired`` and heartbeats every ``--heartbeat-interval``;
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import paho.mqtt.client as mqtt
 
-from agent import wire
+from agent.contract import wire
 from bench.loop import ClientLoop
 
 PROFILES: dict[str, dict] = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.manifest import build_manifest
+from agent.contract.manifest import build_manifest
 from fleet.lib.chunking import chunk_lengths
 from fleet.lib.gguf import convert as gguf_convert
 from fleet.lib.gguf import evaluate, measure

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from agent import wire
 from agent.clock import SystemClock
 from agent.config import TransferConfig
+from agent.contract import wire
 from agent.mqtt import MqttLink, Will
 from agent.transfer import Transfer
 from bench import harness
@@ -179,7 +179,7 @@ def broker_raw(port: int, chunk_size: int, total_bytes: int) -> float:
 
 def run(ctx: Context) -> Section:
     from fleet.models import Device
-    from fleet.services import deployments
+    from fleet.services import assignments, registry
 
     path = minilm_files()["model"]
     counts = ctx.sizes.transfer_devices
@@ -198,12 +198,12 @@ def run(ctx: Context) -> Section:
         register_devices(ctx, "xfer", max(counts))
         version = release(path, "bench-minilm")
         targets = list(Device.objects.filter(device_id__startswith="xfer-").order_by("device_id"))
-        result = deployments.assign_version(version, targets, actor="system", reason="transfer benchmark")
+        result = assignments.assign_version(version, targets, actor="system", reason="transfer benchmark")
         if not result.deployments:
             raise RuntimeError(f"nothing assigned: {result.skipped}")
         by_device = {d.device.device_id: d for d in result.deployments}
         artifact = result.deployments[0].artifact
-        file = deployments.file_manifest(artifact)
+        file = registry.file_manifest(artifact)
         for n in counts:
             chosen = [(device_id, by_device[device_id].pk) for device_id in sorted(by_device)[:n]]
             pulled = mqtt_pull(ctx, chosen, file)

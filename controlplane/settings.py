@@ -12,7 +12,7 @@ import msgspec
 from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
-from agent.wire import WireError, parse_broker_url
+from agent.contract.wire import WireError, parse_broker_url
 from controlplane.envvars import env_bool, env_choice, env_int, env_list, env_secret, env_str, env_urls
 from fleet.lib.addresses import parse_networks
 

@@ -22,7 +22,7 @@ from fleet.choices import (
     VersionStatus,
 )
 
-# The same rule as agent.wire.DeviceId: safe inside a topic, never a wildcard.
+# The same rule as agent.contract.wire.DeviceId: safe inside a topic, never a wildcard.
 device_id_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
     "Use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
@@ -63,7 +63,7 @@ class ModelVersion(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
     published_at = models.DateTimeField(null=True, blank=True)
-    # How an agent turns text into inputs and outputs into a result (agent.wire.InferenceSpec).
+    # How an agent turns text into inputs and outputs into a result (agent.contract.wire.InferenceSpec).
     task = models.CharField(max_length=16, choices=InferenceTask.choices, default=InferenceTask.TENSOR)
     pooling = models.CharField(max_length=8, choices=Pooling.choices, default=Pooling.NONE)
     normalize = models.BooleanField(default=False)
@@ -118,7 +118,7 @@ class Artifact(models.Model):
     chunk_size = models.PositiveIntegerField(default=0)
     chunk_hashes = models.JSONField(default=list, blank=True)
     chunk_count = models.PositiveIntegerField(default=0)
-    # Content-defined chunks: the length of each (agent.manifest). Empty: fixed chunk_size chunks.
+    # Content-defined chunks: the length of each (agent.contract.manifest). Empty: fixed chunk_size chunks.
     chunk_lengths = models.JSONField(default=list, blank=True)
     # Lineage: the artifact this variant was built from, and how (tool, version, parameters).
     derived_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="variants")
@@ -128,7 +128,7 @@ class Artifact(models.Model):
     recipe = models.JSONField(default=dict, blank=True)
     # Input and output names, dtypes and shapes, read from the ONNX file; opsets it imports.
     signature = models.JSONField(default=dict, blank=True)
-    # The plane's Ed25519 signature over the file's manifest (agent.signing), set when the
+    # The plane's Ed25519 signature over the file's manifest (agent.contract.signing), set when the
     # version is published; agents refuse a file whose signature does not verify.
     manifest_signature = models.CharField(max_length=200, blank=True)
     quality = models.CharField(max_length=16, choices=VariantQuality.choices, default=VariantQuality.UNEVALUATED)
@@ -329,7 +329,7 @@ class Heartbeat(models.Model):
     p99_ms = models.FloatField(null=True, blank=True)
     max_ms = models.FloatField(null=True, blank=True)
     # Generative models: chat completions since the last heartbeat, their time to first token
-    # and decode rate (agent.wire.GenerationStats). Zero requests: no generation ran.
+    # and decode rate (agent.contract.wire.GenerationStats). Zero requests: no generation ran.
     gen_requests = models.PositiveIntegerField(default=0)
     gen_errors = models.PositiveIntegerField(default=0)
     gen_tokens = models.PositiveIntegerField(default=0)

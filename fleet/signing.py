@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from agent import signing, wire
+from agent.contract import signing, wire
 
 
 def signing_key() -> Ed25519PrivateKey:

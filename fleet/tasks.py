@@ -10,11 +10,11 @@ from pathlib import Path
 from celery import shared_task
 from django.conf import settings
 
-from agent import wire
+from agent.contract import wire
 from fleet.models import Device
 from fleet.mqtt.publisher import get_publisher
 from fleet.services import devices, heartbeat_retention, notifications, reconcile, registry, rollouts
-from fleet.services.deployments import desired_messages
+from fleet.services.desired import desired_messages
 
 log = logging.getLogger(__name__)
 

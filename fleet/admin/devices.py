@@ -19,7 +19,7 @@ from fleet.models import (
     ModelVersion,
     slug_validator,
 )
-from fleet.services import deployments, devices, enrollment
+from fleet.services import assignments, devices, enrollment
 
 
 class DeviceTagsForm(forms.ModelForm):
@@ -208,7 +208,7 @@ class DeviceAdmin(admin.ModelAdmin):
         if form.is_bound and form.is_valid():
             version = form.cleaned_data["version"]
             try:
-                result = deployments.assign_version(
+                result = assignments.assign_version(
                     version,
                     queryset,
                     actor=request.user,
@@ -261,7 +261,7 @@ class DeviceAdmin(admin.ModelAdmin):
     def decommission(self, request, queryset):
         self._verdict(request, queryset, enrollment.decommission_device, "Decommissioned")
 
-    def _report_assignment(self, request, version: ModelVersion, result: deployments.AssignmentResult) -> None:
+    def _report_assignment(self, request, version: ModelVersion, result: assignments.AssignmentResult) -> None:
         self.message_user(
             request,
             f"Assigned {version.label} to {humanize.plural(len(result.deployments), 'device')}; "

@@ -40,7 +40,7 @@ from fleet.models import (
 )
 from fleet.services import (
     aliases,
-    deployments,
+    assignments,
     devices,
     enrollment,
     generative,
@@ -252,7 +252,7 @@ class VersionViewSet(
         version = self.get_object()
         selection = serializers.AssignSerializer(data=request.data)
         selection.is_valid(raise_exception=True)
-        result = deployments.assign_version(
+        result = assignments.assign_version(
             version,
             selection.validated_data["targets"],
             actor=request.user,

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 from django.db import InterfaceError, OperationalError, connection
 
-from agent import wire
-from agent.manifest import layout
+from agent.contract import wire
+from agent.contract.manifest import layout
 from fleet.choices import ArtifactRole, ArtifactStatus, EnrollmentState
 from fleet.models import Artifact, Deployment
 from fleet.services.enrollment import may_speak
@@ -226,7 +226,7 @@ class ChunkServer:
             raise ChunkRefused(f"deployment {deployment_id} is not assigned to {device_id}")
         if not may_speak(deployment.device.enrollment):
             raise ChunkRefused(f"{device_id} is {deployment.device.enrollment or EnrollmentState.PENDING}")
-        # What the desired message sends (services.deployments): the model file, its external
+        # What the desired message sends (services.desired): the model file, its external
         # weights (a generate bundle's model.onnx.data), the version's tokenizer and config files.
         ready = Artifact.objects.filter(status=ArtifactStatus.READY, sha256=sha256)
         allowed = (

@@ -2,7 +2,7 @@
 
 One thread runs ``Ingest.run``: it decodes each message against the wire contract,
 keeps hellos, heartbeats, presences and state reports in batches, and applies each
-batch in one transaction through the services (devices, telemetry, deployments). A
+batch in one transaction through the services (devices, telemetry, reports). A
 batch that fails for what it holds is applied again as batches of one, and the item
 that fails alone is dropped and counted; a database that cannot be reached holds
 everything and stops the thread taking more, so the broker keeps the backlog.
@@ -22,12 +22,12 @@ from typing import TypeVar
 
 from django.db import connection
 
-from agent import wire
+from agent.contract import wire
 from fleet import jobs
 from fleet.bridge.stats import Stats
 from fleet.bridge.writer import TRANSIENT_DB_ERRORS, HeartbeatWriter, Stored, apply_split, store_heartbeats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES
-from fleet.services import deployments, devices, enrollment, telemetry
+from fleet.services import desired, devices, enrollment, reports, telemetry
 
 log = logging.getLogger("fleet.bridge")
 
@@ -69,7 +69,7 @@ class Ingest:
         # not looked up yet: looked up together at the next flush.
         self._unresolved: list[tuple[str, wire.Heartbeat | wire.StateReport, datetime | None]] = []
         self._unresolved_ids: set[str] = set()
-        self._states: list[deployments.ReceivedState] = []
+        self._states: list[reports.ReceivedState] = []
         self._last_flush = time.monotonic()
         self._device_pks: dict[str, int] = {}
         self._unknown_until: dict[str, float] = {}
@@ -111,7 +111,7 @@ class Ingest:
         except TRANSIENT_DB_ERRORS as exc:
             self._database_down("messages", exc)
             self._retry.append(item)
-        except deployments.StaleReport as exc:
+        except reports.StaleReport as exc:
             self._refuse("stale_report", item.topic, str(exc))
         except enrollment.NotAccepted as exc:
             self._refuse("not_accepted", item.topic, str(exc))
@@ -194,7 +194,7 @@ class Ingest:
         # second, and one transaction each cost six queries (docs/benchmarks.md).
         pk = self._known_pk(device_id)
         if pk is not None:
-            self._states.append(deployments.ReceivedState(pk, device_id, report))
+            self._states.append(reports.ReceivedState(pk, device_id, report))
         elif not self._recently_unknown(device_id, "state report"):
             self._unresolved.append((device_id, report, None))
             self._unresolved_ids.add(device_id)
@@ -224,7 +224,7 @@ class Ingest:
             elif at is not None:
                 self._heartbeats.append(telemetry.ReceivedHeartbeat(pk, message, at))  # type: ignore[arg-type]
             else:
-                self._states.append(deployments.ReceivedState(pk, device_id, message))  # type: ignore[arg-type]
+                self._states.append(reports.ReceivedState(pk, device_id, message))  # type: ignore[arg-type]
 
     def flush(self) -> None:
         """Apply everything pending and wait until it is stored (or held, with the database down)."""
@@ -325,11 +325,11 @@ class Ingest:
         if not self._states:
             return
         batch, self._states = self._states, []
-        done, held = self._apply_split("state_reports", batch, deployments.record_states)
+        done, held = self._apply_split("state_reports", batch, reports.record_states)
         self._states = held + self._states
         for items, outcomes in done:
             for item, outcome in zip(items, outcomes, strict=True):
-                if isinstance(outcome, deployments.StaleReport):
+                if isinstance(outcome, reports.StaleReport):
                     self._refuse("stale_report", wire.topic(item.device_id, wire.Channel.STATE), str(outcome))
                     continue
                 # By the state reported: two reports on one deployment in a batch (downloading,
@@ -383,7 +383,7 @@ class Ingest:
             return
         greeted, self._greeted = sorted(self._greeted), set()
         try:
-            deployments.enqueue_desired(greeted)
+            desired.enqueue_desired(greeted)
         except Exception:
             self.stats.add("enqueue_failures")
             log.exception("queueing the desired state of %d greeted device(s) failed", len(greeted))

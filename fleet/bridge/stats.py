@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 
-from agent import wire
+from agent.contract import wire
 
 # The kinds of message counted by ``Stats.by_kind``: the agent's channels, and anything else as "other".
 KINDS = (*(str(c) for c in wire.AGENT_CHANNELS), "other")

@@ -22,7 +22,7 @@ from django.db import connection
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.chunks import ChunkLimits, ChunkServer
 from fleet.bridge.ingest import Inbound, Ingest
 from fleet.bridge.stats import Stats

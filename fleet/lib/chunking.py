@@ -20,7 +20,7 @@ from typing import Final
 
 from fastcdc import fastcdc
 
-from agent.wire import MAX_CHUNK_BYTES
+from agent.contract.wire import MAX_CHUNK_BYTES
 
 FIXED: Final = "fixed"
 CONTENT_DEFINED: Final = "cdc"

@@ -10,7 +10,7 @@ import msgspec
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from agent.wire import parse_broker_url
+from agent.contract.wire import parse_broker_url
 from fleet.mqtt.client import make_client
 from fleet.mqtt.dynsec import DynSec, DynSecError
 

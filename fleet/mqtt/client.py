@@ -15,7 +15,7 @@ from django.conf import settings
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.wire import BrokerUrl
+from agent.contract.wire import BrokerUrl
 
 
 def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

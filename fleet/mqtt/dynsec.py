@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 
-from agent import wire
+from agent.contract import wire
 from fleet.errors import Unavailable
 
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
@@ -27,7 +27,7 @@ DEVICE_ROLE_PREFIX: Final = "edgefleet-device-"
 BRIDGE_ROLE: Final = "edgefleet-bridge"
 # Device logins live in a namespace of their own: no device id can name the plane's login, the
 # broker's admin or any other client the plane did not create for a device. ":" is not allowed
-# in a device id (agent.wire.DeviceId), so nothing outside the namespace starts this way by chance.
+# in a device id (agent.contract.wire.DeviceId), so nothing outside the namespace starts this way by chance.
 DEVICE_LOGIN_PREFIX: Final = "device:"
 DEVICE_TEXTNAME: Final = "Edgefleet device {}"
 

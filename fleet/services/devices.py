@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.lib.hardware import hardware_class
 from fleet.models import Device, Tag
 from fleet.services.audit import Actor, audit_event, record, record_many
-from fleet.services.deployments import enqueue_desired
+from fleet.services.desired import enqueue_desired
 from fleet.services.enrollment import NotAccepted, may_speak
 
 

@@ -24,8 +24,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agent.signing import signed_message
-from agent.wire import parse_broker_url
+from agent.contract.signing import signed_message
+from agent.contract.wire import parse_broker_url
 from fleet.choices import EnrollmentState
 from fleet.errors import Forbidden, Invalid
 from fleet.models import Device, EnrollmentToken

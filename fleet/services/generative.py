@@ -25,7 +25,7 @@ from pathlib import Path
 from django.db import transaction
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet import jobs
 from fleet.choices import (
     ArtifactRole,

@@ -26,11 +26,12 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import OPEN_DEPLOYMENT_STATES, DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
 from fleet.services.audit import audit_event, record_many
-from fleet.services.deployments import ReceivedState, current_deployments, enqueue_desired, record_states
+from fleet.services.desired import current_deployments, enqueue_desired
+from fleet.services.reports import ReceivedState, record_states
 
 # How long a deployment may go unconfirmed by heartbeats before the plane acts on it: longer
 # than a heartbeat interval and a download's first report.

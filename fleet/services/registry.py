@@ -11,8 +11,8 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from agent import wire
-from agent.manifest import build_manifest
+from agent.contract import wire
+from agent.contract.manifest import build_manifest
 from fleet import jobs, signing
 from fleet.choices import (
     OPEN_PIPELINE_STATES,

@@ -112,7 +112,7 @@ def delete_version(version: ModelVersion, *, actor: Actor, reason: str = "") -> 
 
 def _lock(version: ModelVersion) -> ModelVersion:
     # Lock the version: two retention requests, a publish, or an assignment
-    # (deployments.assign_version locks it too) would otherwise both act on the status they read.
+    # (assignments.assign_version locks it too) would otherwise both act on the status they read.
     return ModelVersion.objects.select_for_update().select_related("model").get(pk=version.pk)
 
 

@@ -1,7 +1,7 @@
 """Rollouts: a version released stage by stage, each stage gated on install outcomes and on-device health.
 
 Every transition is a compare-and-swap on the rollout's state with an audit record.
-Assignments go through deployments.assign_version, so devices hear of them only after
+Devices are assigned through assignments.assign_version, so they hear of it only after
 commit. The evaluator (``evaluate_rollout``) is the one place where a running rollout
 moves on its own: it assigns a stage's devices, judges the stage's gates, and passes,
 holds, completes or rolls back.
@@ -44,7 +44,7 @@ from fleet.models import (
     RolloutDevice,
     RolloutStage,
 )
-from fleet.services import deployments, notifications
+from fleet.services import assignments, desired, notifications
 from fleet.services import stages as stage_rules
 from fleet.services.audit import Actor, acting_user, record
 
@@ -386,9 +386,9 @@ def _send_back(rollout: Rollout, *, actor: Actor) -> None:
             # Nothing to go back to: the deployment is withdrawn and the device told to run nothing new.
             Deployment.objects.filter(pk__in=[m.deployment_id for m in group]).update(state=DeploymentState.SUPERSEDED)
             pks = [m.device_id for m in group]
-            transaction.on_commit(partial(deployments.enqueue_desired, pks))
+            transaction.on_commit(partial(desired.enqueue_desired, pks))
             continue
-        result = deployments.assign_version(version, [m.device for m in group], actor=actor, reason=why)
+        result = assignments.assign_version(version, [m.device for m in group], actor=actor, reason=why)
         made = {d.device_id: d for d in result.deployments}
         for member in group:
             member.rollback_deployment = made.get(member.device_id)
@@ -589,7 +589,7 @@ def _size(stage: RolloutStage) -> gates.StageSize:
 
 def _assign(rollout: Rollout, device_ids: list[str], *, now: datetime) -> None:
     devices = list(Device.objects.filter(device_id__in=device_ids).only("device_id", "current_version"))
-    result = deployments.assign_version(
+    result = assignments.assign_version(
         rollout.version, devices, actor=f"rollout:{rollout.pk}", reason=f"rollout {rollout.pk}"
     )
     made = {d.device_id: d for d in result.deployments}

@@ -15,7 +15,7 @@ import psycopg
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Field, Q
 
-from agent import wire
+from agent.contract import wire
 from fleet.models import Device, Heartbeat
 from fleet.services import rollouts
 

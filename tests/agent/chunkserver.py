@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from agent import manifest, wire
+from agent.contract import manifest, wire
 from agent.mqtt import MqttLink, Will
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from agent.core import Agent
 from tests.agent.fakes import FakeLink, FakePlane
 from tests.agent.helpers import make_agent

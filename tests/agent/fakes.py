@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent import manifest, wire
+from agent.contract import manifest, wire
 from agent.mqtt import Inbound
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import wire
+from agent.contract import wire
 from agent.generate import ChatMessage, LoadedGenerator, Sampling
 from agent.runtime import ModelInfo
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from agent import wire
 from agent.config import Config, HttpConfig, SecurityConfig, TransferConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.runtime import Runner
 from tests.agent.fakes import FakeClock, FakeLink, FakePlane

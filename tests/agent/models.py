@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from agent import wire
+from agent.contract import wire
 
 WORDS = ["[PAD]", "[UNK]", "a", "man", "is", "eating", "food", "bread", "the", "movie", "awful"]
 HIDDEN = 4

@@ -12,8 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent import wire
 from agent.config import ActivationConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.runtime import ModelInfo, Runner
 from agent.slots import load_slots

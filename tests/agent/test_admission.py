@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent import admission, wire
+from agent import admission
 from agent.config import AdmissionConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.transfer import artifact_path
 from tests.agent.fakes import FakeLink, FakePlane

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import manifest, wire
 from agent.clock import SystemClock
+from agent.contract import manifest, wire
 from agent.core import Agent
 from agent.mqtt import MqttLink, Will
 from agent.runtime import Runner

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import msgspec
 
-from agent import chunkcache, manifest, wire
+from agent import chunkcache
+from agent.contract import manifest, wire
 from tests.agent.test_transfer import Plane, make_transfer
 
 CHUNK = 1024

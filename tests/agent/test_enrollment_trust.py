@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from agent import __main__ as cli
-from agent import enrollment, wire
+from agent import enrollment
 from agent.config import ConfigError, parse_config
+from agent.contract import wire
 from agent.enrollment import Credentials, EnrollmentError
 
 CONFIGURED = wire.parse_broker_url("mqtts://broker.fleet.example:8883")

@@ -19,9 +19,10 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest, signing, status, wire
+from agent import status
 from agent.clock import SystemClock
 from agent.config import ActivationConfig, SecurityConfig, TransferConfig
+from agent.contract import manifest, signing, wire
 from agent.core import Agent
 from agent.mqtt import MqttLink, Will
 from agent.runtime import Runner

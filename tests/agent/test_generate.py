@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.chat import parse_request
+from agent.contract import wire
 from agent.generate import ChatMessage, GenerateError, Sampling, StopMatcher
 from agent.selftest import SelfTestFailed, run_selftest, token_agreement
 from tests.agent.generators import EOS, PARIS, FakeEngine, fake_generator

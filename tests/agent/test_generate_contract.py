@@ -7,10 +7,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent import wire
 from agent.bundles import assemble, bundle_key, prune_bundles
 from agent.config import GenerationConfig
-from agent.manifest import file_sha256
+from agent.contract import wire
+from agent.contract.manifest import file_sha256
 from agent.transfer import artifact_path
 
 BEAT = {

@@ -15,8 +15,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from agent import wire
 from agent.config import GenerationConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.generate import ChatMessage, LoadedGenerator, load_generator
 from agent.runtime import Runner

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import manifest
+from agent.contract import manifest
 
 
 @given(size=st.integers(0, 10**12), chunk_size=st.integers(1, 10**8))

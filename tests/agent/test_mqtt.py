@@ -13,8 +13,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent import wire
 from agent.config import TlsConfig
+from agent.contract import wire
 from agent.mqtt import Inbound, LinkError, MqttLink, Will
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +108,7 @@ def test_it_leaves_a_last_will_when_the_connection_drops(broker: wire.BrokerUrl,
     watcher.subscribe([f"fleet/{device_id}/presence"])
     script = (
         "import sys, time\n"
-        "from agent import wire\n"
+        "from agent.contract import wire\n"
         "from tests.agent.test_mqtt import make_link\n"
         f"link = make_link(wire.BrokerUrl(host={broker.host!r}, port={broker.port}), {device_id!r})\n"
         "link.connect()\n"

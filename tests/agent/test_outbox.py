@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.clock import SystemClock
 from agent.config import TelemetryConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.mqtt import MqttLink, Will
 from agent.outbox import Outbox

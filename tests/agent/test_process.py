@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import signing, wire
+from agent.contract import signing, wire
 from agent.mqtt import MqttLink, Will
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from agent.runtime import BadInput, ModelInfo, ModelLoadError, NoActiveModel, Runner, session_providers
 from tests.agent.models import (
     EMBEDDING_SPEC,

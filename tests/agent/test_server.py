@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from agent.runtime import ModelInfo, Runner
 from agent.server import MAX_BODY_BYTES, MAX_TEXTS, InferenceServer
 from agent.telemetry import LatencyRecorder

@@ -12,8 +12,8 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest, signing, wire
 from agent.config import ConfigError, SecurityConfig, parse_config
+from agent.contract import manifest, signing, wire
 from agent.core import Agent
 from tests.agent.fakes import FakeLink, FakePlane
 from tests.agent.helpers import desired, final_state, make_agent, send_desired, states, wait_for

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import manifest, wire
 from agent.clock import SystemClock
 from agent.config import TransferConfig
+from agent.contract import manifest, wire
 from agent.transfer import Transfer, TransferCancelled, TransferFailed, artifact_path
 
 CHUNK = 1024

@@ -3,7 +3,7 @@ import time
 import msgspec
 import pytest
 
-from agent import wire
+from agent.contract import wire
 
 
 def hello(device_id="dev-1", **hardware):

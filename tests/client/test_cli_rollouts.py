@@ -7,7 +7,7 @@ import pytest
 
 from fleet.choices import RolloutState
 from fleet.models import Device, Heartbeat, Rollout
-from fleet.services import deployments, devices, rollouts
+from fleet.services import assignments, devices, rollouts
 from tests.fleet import helpers
 from tests.fleet.simulated import SimulatedDevice
 from tests.support import wait_until
@@ -31,7 +31,7 @@ def lab(plane, broker_port, request):
         for device in Device.objects.filter(device_id__in=ids):
             devices.set_tags(device, ["lab"], actor="system")
         if running is not None:
-            deployments.assign_version(running, Device.objects.filter(device_id__in=ids), actor="system")
+            assignments.assign_version(running, Device.objects.filter(device_id__in=ids), actor="system")
             wait_until(
                 lambda: Device.objects.filter(device_id__in=ids, current_version=running).count() == n,
                 timeout=10,

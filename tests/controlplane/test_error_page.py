@@ -6,7 +6,7 @@ from django.conf import settings
 from django.test import Client
 from django.urls import path
 
-from agent.wire import parse_broker_url
+from agent.contract.wire import parse_broker_url
 
 SECRETS = {
     "SECRET_KEY": "django-secret-key-" + "s" * 40,

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from agent.manifest import file_sha256
+from agent.contract.manifest import file_sha256
 from fleet.choices import DeploymentState, HardwareClass
 from fleet.models import Deployment, Device, Heartbeat
 from tests.e2e.helpers import Process, release_minilm

@@ -21,7 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from django.db.models import Count
 
-from agent import wire
+from agent.contract import wire
 from fleet.models import Device, Heartbeat
 from tests.e2e.helpers import Process, database_url
 from tests.support import wait_until

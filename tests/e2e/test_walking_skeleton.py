@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from agent.manifest import file_sha256
+from agent.contract.manifest import file_sha256
 from fleet.choices import DeploymentState
 from fleet.models import Deployment, Device, Heartbeat
 from tests.e2e.helpers import Process, release_minilm

@@ -1,7 +1,7 @@
 import pytest
 from django.core.cache import cache
 
-from agent import wire
+from agent.contract import wire
 from controlplane.celery import app as celery_app
 from fleet.bridge.transport import Bridge
 from fleet.mqtt import publisher

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from agent import signing, wire
+from agent.contract import signing, wire
 from fleet import auth
 from fleet.choices import Role
 from fleet.models import Artifact, Device, Model, ModelVersion

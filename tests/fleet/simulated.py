@@ -1,4 +1,4 @@
-"""Light devices for rollout tests: paho clients that speak the real protocol through agent.wire.
+"""Light devices for rollout tests: paho clients that speak the real protocol through agent.contract.wire.
 
 A simulated device says hello, answers each desired state by reporting downloading,
 verifying and active (or failed, for the versions it is told to fail), and sends the
@@ -12,7 +12,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from agent import wire
+from agent.contract import wire
 
 
 class SimulatedDevice:

@@ -6,10 +6,10 @@ from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import ArtifactStatus, VersionStatus
 from fleet.models import Artifact, AuditEvent, Deployment, Device, Heartbeat, Model, ModelVersion, Tag
-from fleet.services import deployments, registry
+from fleet.services import assignments, registry, reports
 from tests.fleet.helpers import (
     add_ready_artifact,
     make_device,
@@ -47,11 +47,11 @@ def fleet(db):
     device = make_device("dev-1", tags=["lab"])
     version = make_published_version(notes="first")
     add_ready_artifact(make_version(version.model))
-    deployment = deployments.assign_version(version, [device], actor="system").deployments[0]
+    deployment = assignments.assign_version(version, [device], actor="system").deployments[0]
     report = wire.StateReport(
         device_id="dev-1", deployment_id=deployment.pk, state="active", sha256=deployment.artifact.sha256, sent_at=1
     )
-    deployments.record_state(device, report)
+    reports.record_state(device, report)
     store_heartbeats(device, 3)
     return device
 

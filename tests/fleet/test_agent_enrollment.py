@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from agent import enrollment as agent_enrollment
-from agent import wire
+from agent.contract import wire
 from fleet.models import Device
 from fleet.services import enrollment
 

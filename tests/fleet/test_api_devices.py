@@ -5,10 +5,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import DeploymentState
 from fleet.models import AuditEvent, Deployment
-from fleet.services import deployments, telemetry
+from fleet.services import assignments, reports, telemetry
 from tests.fleet.helpers import (
     add_ready_artifact,
     heartbeat,
@@ -39,7 +39,7 @@ def store_heartbeats(device, count, *, received_at=None):
 def test_it_shows_a_device_with_its_hardware_tags_and_deployment(viewer):
     device = make_device("dev-1", tags=["lab", "floor-2"])
     version = make_published_version()
-    deployments.assign_version(version, [device], actor="system")
+    assignments.assign_version(version, [device], actor="system")
 
     body = token_client(viewer).get("/api/v1/devices/dev-1/").json()
 
@@ -56,11 +56,11 @@ def test_it_shows_a_device_with_its_hardware_tags_and_deployment(viewer):
 def test_it_shows_the_version_a_device_runs(viewer):
     device = make_device("dev-1")
     version = make_published_version()
-    deployment = deployments.assign_version(version, [device], actor="system").deployments[0]
+    deployment = assignments.assign_version(version, [device], actor="system").deployments[0]
     report = wire.StateReport(
         device_id="dev-1", deployment_id=deployment.pk, state="active", sha256=deployment.artifact.sha256, sent_at=1
     )
-    deployments.record_state(device, report)
+    reports.record_state(device, report)
 
     body = token_client(viewer).get("/api/v1/devices/dev-1/").json()
 
@@ -294,8 +294,8 @@ def test_it_filters_deployments(viewer):
     make_device("dev-2")
     first = make_published_version()
     second = make_published_version()
-    deployments.assign_version(first, [make_device("dev-1")], actor="system")
-    deployments.assign_version(second, [make_device("dev-1"), make_device("dev-2")], actor="system")
+    assignments.assign_version(first, [make_device("dev-1")], actor="system")
+    assignments.assign_version(second, [make_device("dev-1"), make_device("dev-2")], actor="system")
     client = token_client(viewer)
 
     def count(query):

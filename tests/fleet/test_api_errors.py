@@ -8,10 +8,11 @@ import pytest
 import fleet.bridge.chunks
 import fleet.mqtt.dynsec
 import fleet.services.aliases
-import fleet.services.deployments
+import fleet.services.assignments
 import fleet.services.enrollment
 import fleet.services.pipeline
 import fleet.services.registry
+import fleet.services.reports
 import fleet.services.retention
 import fleet.services.rollouts
 import fleet.services.stages
@@ -25,9 +26,9 @@ from tests.fleet.test_enrollment import Agent
 from tests.support import free_port
 
 MODULES = [
-    fleet.bridge.chunks, fleet.mqtt.dynsec, fleet.services.aliases, fleet.services.deployments,
-    fleet.services.enrollment, fleet.services.pipeline, fleet.services.registry, fleet.services.retention,
-    fleet.services.rollouts, fleet.services.stages, fleet.storage,
+    fleet.bridge.chunks, fleet.mqtt.dynsec, fleet.services.aliases, fleet.services.assignments,
+    fleet.services.enrollment, fleet.services.pipeline, fleet.services.registry, fleet.services.reports,
+    fleet.services.retention, fleet.services.rollouts, fleet.services.stages, fleet.storage,
 ]  # fmt: skip
 DOMAIN_ERRORS = sorted(
     {

@@ -4,7 +4,7 @@ import pytest
 
 from fleet.api.pagination import Pages
 from fleet.models import AuditEvent
-from fleet.services import deployments
+from fleet.services import assignments
 from tests.fleet.helpers import add_ready_artifact, make_device, make_published_version, make_version, token_client
 from tests.fleet.test_api_devices import store_heartbeats
 
@@ -27,7 +27,7 @@ def populate(n: int) -> None:
         device = make_device(f"dev-{i}", tags=["lab", f"rack-{i}"])
         version = make_published_version(f"model-{i}")
         add_ready_artifact(make_version(version.model))
-        deployments.assign_version(version, [device], actor="system")
+        assignments.assign_version(version, [device], actor="system")
         store_heartbeats(device, 2)
 
 

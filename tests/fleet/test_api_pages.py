@@ -10,7 +10,7 @@ from rest_framework.test import APIRequestFactory
 from fleet.api.fields import IdentityUrlField
 from fleet.choices import DeploymentState
 from fleet.models import Deployment
-from fleet.services import deployments
+from fleet.services import assignments
 from tests.fleet.helpers import make_device, make_published_version, token_client
 
 
@@ -59,9 +59,9 @@ def test_it_lists_a_device_once_under_a_tag_it_carries_with_others(viewer):
 def test_it_shows_the_newest_deployment_not_superseded_on_each_device_of_a_page(viewer):
     first, second = make_published_version("embedder"), make_published_version("reranker")
     devices = [make_device(f"dev-{n}") for n in range(3)]
-    deployments.assign_version(first, devices, actor="system")
+    assignments.assign_version(first, devices, actor="system")
     newest = {
-        d.device.device_id: d for d in deployments.assign_version(second, devices[:2], actor="system").deployments
+        d.device.device_id: d for d in assignments.assign_version(second, devices[:2], actor="system").deployments
     }
     # A failed one stays current (not superseded) until something replaces it.
     Deployment.objects.filter(pk=newest["dev-1"].pk).update(state=DeploymentState.FAILED, error="disk full")

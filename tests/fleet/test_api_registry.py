@@ -4,7 +4,7 @@ import onnx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from agent.manifest import build_manifest
+from agent.contract.manifest import build_manifest
 from fleet.choices import ArtifactStatus, VersionStatus
 from fleet.lib.chunking import cdc_lengths
 from fleet.models import Artifact, AuditEvent, ModelVersion

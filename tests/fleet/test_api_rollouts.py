@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import RolloutState
 from fleet.models import AuditEvent, Deployment, Rollout
-from fleet.services import deployments, rollouts
+from fleet.services import assignments, reports, rollouts
+from fleet.services.desired import current_deployment
 from tests.fleet.helpers import make_device, make_published_version, token_client
 
 pytestmark = pytest.mark.django_db
@@ -46,7 +47,7 @@ def activate_members(rollout_id: int, stage: int) -> None:
             sha256=member.deployment.artifact.sha256,
             sent_at=time.time(),
         )
-        deployments.record_state(member.device, report)
+        reports.record_state(member.device, report)
 
 
 def test_it_creates_a_draft_that_reaches_no_device(operator, version, lab):
@@ -156,10 +157,10 @@ def test_it_pauses_resumes_promotes_and_aborts_as_documented(operator, version, 
 def test_an_operator_rolls_back_an_aborted_rollout(operator, version, lab):
     client = token_client(operator)
     older = make_published_version()
-    deployments.assign_version(older, lab, actor="system")
+    assignments.assign_version(older, lab, actor="system")
     for device in lab:
-        dep = deployments.current_deployment(device)
-        deployments.record_state(
+        dep = current_deployment(device)
+        reports.record_state(
             device,
             wire.StateReport(
                 device_id=device.device_id, deployment_id=dep.pk, state="active", sha256=dep.artifact.sha256, sent_at=1
@@ -174,7 +175,7 @@ def test_an_operator_rolls_back_an_aborted_rollout(operator, version, lab):
     assert response.json()["state"] == "rolled_back"
     canary = Rollout.objects.get(pk=rollout_id).members.get()
     assert canary.rollback_deployment.version == older
-    assert deployments.current_deployment(canary.device).version == older
+    assert current_deployment(canary.device).version == older
 
 
 def test_it_refuses_a_conflicting_rollout_unless_told_to_supersede(operator, version, lab):

@@ -7,8 +7,8 @@ from django.db import connection, transaction
 
 from fleet.choices import VersionStatus
 from fleet.models import Deployment, ModelVersion
-from fleet.services import deployments, retention
-from fleet.services.deployments import DeploymentError
+from fleet.services import assignments, retention
+from fleet.services.assignments import DeploymentError
 from fleet.services.retention import RetentionRefused
 from tests.fleet.helpers import make_device, make_published_version
 
@@ -38,7 +38,7 @@ def test_it_refuses_a_version_archived_after_the_caller_read_it(fake_publisher):
     retention.archive_version(ModelVersion.objects.get(pk=version.pk), actor="system")
 
     with pytest.raises(DeploymentError, match="is archived; only a published version goes to devices"):
-        deployments.assign_version(version, [device], actor="system")  # the caller's copy still says published
+        assignments.assign_version(version, [device], actor="system")  # the caller's copy still says published
 
     assert not Deployment.objects.exists()
 
@@ -54,7 +54,7 @@ def test_it_waits_for_an_archive_in_flight_and_then_refuses(fake_publisher):
     # The archive holds the version's lock until it commits; the assignment waits for it.
     threading.Timer(0.5, release.set).start()
     with pytest.raises(DeploymentError, match="is archived"):
-        deployments.assign_version(version, [device], actor="system")
+        assignments.assign_version(version, [device], actor="system")
     thread.join(30)
 
     assert ModelVersion.objects.get(pk=version.pk).status == VersionStatus.ARCHIVED
@@ -66,7 +66,7 @@ def test_an_archive_waits_for_an_assignment_in_flight_and_then_refuses(fake_publ
     version = make_published_version()
     device = make_device()
     held, release = threading.Event(), threading.Event()
-    thread = in_thread_holding(lambda: deployments.assign_version(version, [device], actor="system"), held, release)
+    thread = in_thread_holding(lambda: assignments.assign_version(version, [device], actor="system"), held, release)
     held.wait(30)
 
     threading.Timer(0.5, release.set).start()

@@ -5,14 +5,14 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.ingest import Inbound
 from fleet.bridge.transport import Bridge
 from fleet.choices import DeploymentState
 from fleet.models import Artifact as ArtifactModel
 from fleet.models import AuditEvent, Deployment, Device, Heartbeat
 from fleet.mqtt.client import make_client
-from fleet.services import deployments, registry
+from fleet.services import assignments, registry
 from fleet.storage import get_store
 from tests.fleet.helpers import onnx_bytes
 from tests.support import wait_until
@@ -80,7 +80,7 @@ def deployment(settings, bridge, django_capture_on_commit_callbacks, fake_publis
         registry.add_artifact(version, io.BytesIO(data), filename="tiny.onnx", precision="fp32", actor="system")
     version = registry.publish_version(version, actor="system")
     with django_capture_on_commit_callbacks(execute=True):
-        result = deployments.assign_version(version, Device.objects.all(), actor="system")
+        result = assignments.assign_version(version, Device.objects.all(), actor="system")
     return result.deployments[0], data
 
 
@@ -357,7 +357,7 @@ class TestChunks:
         ArtifactModel.objects.filter(pk=models[1].pk).update(quality="rejected")
         version = registry.publish_version(version, actor="system")
         with django_capture_on_commit_callbacks(execute=True):
-            dep = deployments.assign_version(version, Device.objects.all(), actor="system").deployments[0]
+            dep = assignments.assign_version(version, Device.objects.all(), actor="system").deployments[0]
         assert dep.artifact_id == models[0].pk
 
         for name in ("w4", "cfg", "w8"):

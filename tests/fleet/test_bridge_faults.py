@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from django.db import connection
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge import chunks
 from fleet.bridge.chunks import ChunkLimits
 from fleet.bridge.transport import Bridge

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.ingest import Inbound
 from fleet.bridge.transport import Bridge
 from fleet.models import Heartbeat

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from django.core.management import CommandError, call_command
 
-from agent.wire import parse_broker_url
+from agent.contract.wire import parse_broker_url
 from fleet.mqtt.broker_admin import dynsec_session
 from tests.fleet.test_broker_confinement import Client
 from tests.support import DYNSEC_PLUGIN, REPO, free_port, secure_broker_config, wait_for_port

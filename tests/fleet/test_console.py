@@ -11,10 +11,11 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import RolloutState
 from fleet.models import Rollout
-from fleet.services import deployments, rollouts, telemetry
+from fleet.services import assignments, reports, rollouts, telemetry
+from fleet.services.desired import current_deployment
 from tests.fleet.helpers import heartbeat, make_device, make_published_version
 
 pytestmark = pytest.mark.django_db
@@ -30,17 +31,17 @@ def report(device, deployment, state, error=""):
     sha = deployment.artifact.sha256 if state == "active" else None
     message = wire.StateReport(device_id=device.device_id, deployment_id=deployment.pk, state=state, sha256=sha,
                                error=error, sent_at=time.time())  # fmt: skip
-    return deployments.record_state(device, message)
+    return reports.record_state(device, message)
 
 
 def build_fleet(n: int) -> tuple[list, Rollout]:
     """``n`` lab devices on v1 with heartbeats, and a running rollout of v2 whose canary failed once."""
     v1 = make_published_version("minilm")
     lab = [make_device(f"lab-{i:03}", tags=["lab"]) for i in range(n)]
-    deployments.assign_version(v1, lab, actor="system")
+    assignments.assign_version(v1, lab, actor="system")
     ago = timezone.now() - timedelta(minutes=5)
     for device in lab:
-        report(device, deployments.current_deployment(device), "active")
+        report(device, current_deployment(device), "active")
         telemetry.store_heartbeats([telemetry.ReceivedHeartbeat(device.pk, heartbeat(device.device_id), ago)])
     v2 = make_published_version("minilm")
     stages = [{"device_count": 1, "min_soak_seconds": 3600, "health_p95_ratio": "1.5", "health_min_samples": 5},

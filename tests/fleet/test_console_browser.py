@@ -14,10 +14,11 @@ import msgspec
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet import tasks
 from fleet.models import Rollout, RolloutStage
-from fleet.services import deployments, telemetry
+from fleet.services import assignments, telemetry
+from fleet.services.desired import current_deployment
 from tests.fleet.helpers import heartbeat, make_device, make_published_version
 from tests.fleet.test_rollout_truth import report_state
 
@@ -64,10 +65,10 @@ def lab():
     """Eight devices on minilm-embedder:1 with half an hour of heartbeats at a p95 near 15.7 ms."""
     v1 = make_published_version("minilm-embedder")
     devices = [make_device(f"pi-{i:02}", tags=["lab"]) for i in range(1, 9)]
-    deployments.assign_version(v1, devices, actor="system")
+    assignments.assign_version(v1, devices, actor="system")
     now = timezone.now()
     for device in devices:
-        report_state(device, deployments.current_deployment(device), "active")
+        report_state(device, current_deployment(device), "active")
         beats = [beat(device, n, 15.0 + (n % 3) * 0.5, now - timedelta(minutes=40 - n)) for n in range(1, 30)]
         telemetry.store_heartbeats(beats)
     make_published_version("minilm-embedder")

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.clock import SystemClock
 from agent.config import SecurityConfig
+from agent.contract import wire
 from agent.core import Agent
 from agent.mqtt import MqttLink, Will
 from agent.runtime import Runner
 from bench.delta import layer_changed, make_versions, metadata_changed
 from fleet import signing as plane_signing
 from fleet.models import Artifact, Device
-from fleet.services import deployments, registry
+from fleet.services import assignments, registry
 from tests.agent.helpers import make_config
 from tests.support import wait_until
 
@@ -70,7 +70,7 @@ def install(plane, agent, version, artifact) -> int:
     """Assign ``version`` to the agent's device; the bytes the bridge served until it was active."""
     before = plane.stats.snapshot().get("chunk_bytes_served", 0)
     device = Device.objects.get(device_id=agent.config.device_id)
-    deployments.assign_version(version, [device], actor="system")
+    assignments.assign_version(version, [device], actor="system")
     wait_until(
         lambda: agent.active is not None and agent.active.sha256 == artifact.sha256,
         timeout=60,

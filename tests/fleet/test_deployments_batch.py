@@ -4,12 +4,13 @@ import time
 
 import pytest
 
-from agent import wire
+from agent.contract import wire
 from agent.runtime import ModelInfo, load_model
 from agent.selftest import run_selftest
 from fleet.choices import ArtifactRole, DeploymentState, VariantQuality
 from fleet.models import Artifact, AuditEvent, Deployment, Device, ModelVersion
-from fleet.services import deployments, pipeline, registry, rollouts
+from fleet.services import assignments, pipeline, registry, reports, rollouts
+from fleet.services.desired import SELFTEST_TEXTS, desired_messages
 from fleet.storage import get_store
 from fleet.tasks import publish_desired
 from tests.fleet.bert_fixtures import write_tiny_checkpoint
@@ -20,13 +21,13 @@ def released(devices, name="embedder"):
     version = make_version(make_model(name))
     add_ready_artifact(version)
     version = registry.publish_version(version, actor="system")
-    result = deployments.assign_version(version, devices, actor="system")
+    result = assignments.assign_version(version, devices, actor="system")
     return version, {d.device.device_id: d for d in result.deployments}
 
 
 def report(device_id, deployment, state, **fields):
     message = wire.StateReport(device_id=device_id, deployment_id=deployment.pk, state=state, sent_at=1.0, **fields)
-    return deployments.ReceivedState(Device.objects.get(device_id=device_id).pk, device_id, message)
+    return reports.ReceivedState(Device.objects.get(device_id=device_id).pk, device_id, message)
 
 
 @pytest.mark.django_db
@@ -42,7 +43,7 @@ def test_it_applies_a_batch_of_reports_in_order_with_few_queries(django_assert_m
     batch.append(report("dev-1", made["dev-0"], "failed"))  # another device's deployment: refused
 
     with django_assert_max_num_queries(11):
-        outcomes = deployments.record_states(batch)
+        outcomes = reports.record_states(batch)
 
     assert [type(o).__name__ for o in outcomes[-2:]] == ["StaleReport", "StaleReport"]
     assert Deployment.objects.filter(version=version, state=DeploymentState.ACTIVE).count() == 20
@@ -61,9 +62,9 @@ def test_it_assigns_many_devices_with_a_fixed_number_of_queries(django_assert_ma
     released(many, "before")  # what they replace is superseded in the same statement
 
     with django_assert_max_num_queries(12):
-        deployments.assign_version(version, few, actor="system")
+        assignments.assign_version(version, few, actor="system")
     with django_assert_max_num_queries(12):
-        result = deployments.assign_version(version, many, actor="system")
+        result = assignments.assign_version(version, many, actor="system")
 
     assert len(result.deployments) == 40
     assert Deployment.objects.filter(version=version, device__in=many, state=DeploymentState.PENDING).count() == 40
@@ -76,10 +77,10 @@ def test_it_supersedes_what_a_device_ran_when_a_batch_activates_its_new_deployme
     device = make_device("dev-1")
     old, made_old = released([device], "first")
     new, made_new = released([device], "second")
-    deployments.record_states([report("dev-1", made_old["dev-1"], "active")])  # superseded already: refused
+    reports.record_states([report("dev-1", made_old["dev-1"], "active")])  # superseded already: refused
     sha = new.artifacts.get(role=ArtifactRole.MODEL).sha256
 
-    outcomes = deployments.record_states([report("dev-1", made_new["dev-1"], "active", sha256=sha)])
+    outcomes = reports.record_states([report("dev-1", made_new["dev-1"], "active", sha256=sha)])
 
     assert outcomes[0].state == DeploymentState.ACTIVE
     assert Device.objects.get(pk=device.pk).current_version == new
@@ -117,11 +118,11 @@ def embedder(tmp_path, db, django_capture_on_commit_callbacks):
 @pytest.mark.django_db
 def test_it_ships_a_selftest_the_device_passes_with_the_variant_it_gets(embedder, fake_publisher, tmp_path):
     device = make_device("dev-1")
-    deployments.assign_version(embedder, [device], actor="system")
+    assignments.assign_version(embedder, [device], actor="system")
 
-    (desired,) = deployments.desired_messages([device])
+    (desired,) = desired_messages([device])
 
-    assert desired.selftest is not None and 1 <= len(desired.selftest.texts) <= deployments.SELFTEST_TEXTS
+    assert desired.selftest is not None and 1 <= len(desired.selftest.texts) <= SELFTEST_TEXTS
     assert desired.selftest.min_cosine == pytest.approx(embedder.quality_threshold - 0.02)
     assert desired.providers == []
     assert len(wire.encode(desired)) < wire.MAX_MESSAGE_BYTES
@@ -143,8 +144,8 @@ def test_it_ships_a_selftest_a_wrong_model_fails(embedder, fake_publisher):
     from agent.selftest import SelfTestFailed
 
     device = make_device("dev-1")
-    deployments.assign_version(embedder, [device], actor="system")
-    (desired,) = deployments.desired_messages([device])
+    assignments.assign_version(embedder, [device], actor="system")
+    (desired,) = desired_messages([device])
     store = get_store()
     model = embedder.artifacts.get(precision="int8")
     tokenizer = embedder.artifacts.get(role=ArtifactRole.TOKENIZER)
@@ -166,7 +167,7 @@ def test_it_ships_no_selftest_for_a_version_without_an_evaluation_set(fake_publi
     device = make_device("dev-1")
     released([device])
 
-    (desired,) = deployments.desired_messages([device])
+    (desired,) = desired_messages([device])
 
     assert desired.selftest is None
     assert desired.issued_at <= time.time()

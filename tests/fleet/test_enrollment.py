@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.core.management import call_command
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.ingest import Inbound
 from fleet.bridge.transport import Bridge
 from fleet.choices import EnrollmentState

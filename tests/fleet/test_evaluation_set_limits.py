@@ -15,7 +15,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from fleet.choices import ArtifactRole, InferenceTask
 from fleet.lib import evaluation
-from fleet.services import deployments, registry
+from fleet.services import assignments, registry
+from fleet.services.desired import _selftest, desired_messages
 from tests.fleet.helpers import add_ready_artifact, make_device, make_model, make_version, token_client
 
 GIB = 1024**3
@@ -131,12 +132,12 @@ def test_it_builds_desired_messages_without_expanding_a_stored_bomb(tmp_path, fa
     )  # fmt: skip
     version = registry.publish_version(version, actor="system")
     device = make_device("dev-1")
-    deployments.assign_version(version, [device], actor="system")
-    deployments._selftest.cache_clear()
+    assignments.assign_version(version, [device], actor="system")
+    _selftest.cache_clear()
     reset_peak_rss()
     before = peak_rss()
 
-    (desired,) = deployments.desired_messages([device])
+    (desired,) = desired_messages([device])
 
     assert desired.selftest is None
     assert peak_rss() - before < 64 * 1024 * 1024, f"grew by {(peak_rss() - before) >> 20} MiB"

@@ -7,11 +7,12 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import ArtifactRole, PipelineState, VariantQuality
 from fleet.management.commands.model_report import report
 from fleet.models import ModelVersion
-from fleet.services import deployments, generative, registry
+from fleet.services import assignments, generative, registry
+from fleet.services.desired import desired_message
 from tests.fleet.helpers import make_device, token_client
 from tests.fleet.lib.gguf_fixtures import write_tiny_llama
 
@@ -59,9 +60,9 @@ def test_it_imports_a_gguf_and_builds_the_reference_and_every_variant(imported, 
 def test_it_sends_a_generate_variant_with_its_weights_config_tokenizer_and_token_selftest(imported):
     published = registry.publish_version(imported, actor="system")
     device = make_device()
-    (deployment,) = deployments.assign_version(published, [device], actor="system").deployments
+    (deployment,) = assignments.assign_version(published, [device], actor="system").deployments
 
-    desired = wire.decode(wire.Channel.DESIRED, wire.encode(deployments.desired_message(device)))
+    desired = wire.decode(wire.Channel.DESIRED, wire.encode(desired_message(device)))
 
     assert desired.inference.task == "generate"
     roles = [(f.role, f.filename) for f in desired.files]

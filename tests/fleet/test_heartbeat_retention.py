@@ -7,7 +7,7 @@ from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.test import Client
 
-from agent import wire
+from agent.contract import wire
 from fleet.lib import partitions
 from fleet.models import Device, Heartbeat, HeartbeatRollup
 from fleet.services import heartbeat_retention as retention

@@ -8,7 +8,7 @@ from django.test import Client
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import wire
+from agent.contract import wire
 from fleet import tasks
 from fleet.bridge.metrics import BridgeMetrics
 from fleet.bridge.transport import Bridge

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent import wire
 from agent.config import TlsConfig
+from agent.contract import wire
 from agent.mqtt import MqttLink, Will
 from fleet.mqtt.client import make_client
 from tests.support import broker, wait_until

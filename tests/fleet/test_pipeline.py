@@ -7,7 +7,7 @@ from django.core.management import call_command
 
 from fleet.choices import ArtifactRole, PipelineState, VariantQuality
 from fleet.models import Artifact, AuditEvent, ModelVersion, Pipeline
-from fleet.services import deployments, pipeline, registry
+from fleet.services import assignments, pipeline, registry
 from tests.fleet.bert_fixtures import write_tiny_checkpoint
 from tests.fleet.helpers import add_ready_artifact, make_device, make_model, make_version, token_client
 
@@ -89,7 +89,7 @@ def test_it_rejects_a_variant_below_the_threshold_and_never_offers_it(imported, 
     assert int8.evaluation.mean_cosine < 0.999999
     published = registry.publish_version(imported, actor="system")
 
-    chosen = deployments.select_artifact(published, make_device(arch="x86_64"))
+    chosen = assignments.select_artifact(published, make_device(arch="x86_64"))
 
     assert chosen.precision == "fp32"
 
@@ -107,13 +107,13 @@ def test_it_gives_each_device_its_variant_unless_pinned(imported, operator, djan
     other = make_device("plain-1")
     client = token_client(operator)
 
-    assert deployments.select_artifact(version, vnni).precision == "int8"
+    assert assignments.select_artifact(version, vnni).precision == "int8"
     response = client.post("/api/v1/pins/", {"version": version.pk, "artifact": fp16.pk, "tag": "lab"}, format="json")
     assert response.status_code == 201, response.json()
 
     del version._pins  # the pins are read once per version object
-    assert deployments.select_artifact(ModelVersion.objects.get(pk=version.pk), vnni).precision == "fp16"
-    assert deployments.select_artifact(ModelVersion.objects.get(pk=version.pk), other).precision == "int8"
+    assert assignments.select_artifact(ModelVersion.objects.get(pk=version.pk), vnni).precision == "fp16"
+    assert assignments.select_artifact(ModelVersion.objects.get(pk=version.pk), other).precision == "int8"
     assert AuditEvent.objects.filter(action="variant.pinned", actor=operator).exists()
 
 

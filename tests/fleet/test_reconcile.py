@@ -5,10 +5,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.choices import DeploymentState
 from fleet.models import AuditEvent, Deployment, Device
-from fleet.services import deployments, telemetry
+from fleet.services import assignments, telemetry
 from fleet.services.reconcile import reconcile_deployments
 from tests.fleet.helpers import heartbeat, make_device, make_published_version
 
@@ -26,7 +26,7 @@ def beat_running(device, deployment, *, at, seq=1):
 
 
 def assign(version, device, **kwargs):
-    return deployments.assign_version(version, [device], actor="system").deployments[0]
+    return assignments.assign_version(version, [device], actor="system").deployments[0]
 
 
 def desired_topics(fake_publisher):

@@ -7,10 +7,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.management import call_command
 
-from agent import signing
+from agent.contract import signing
 from fleet.choices import DeploymentState, VersionStatus
 from fleet.models import Alias, AliasMove, Artifact, AuditEvent, Deployment, ModelVersion, Rollout
-from fleet.services import aliases, deployments, registry, retention, rollouts
+from fleet.services import aliases, assignments, registry, retention, rollouts
+from fleet.services.desired import desired_message, desired_messages
 from fleet.storage import get_store
 from tests.fleet.helpers import (
     SIGNING_KEY,
@@ -42,9 +43,9 @@ def test_it_signs_every_file_a_device_fetches_when_the_version_is_published():
         registry.process_artifact(artifact.pk)
     version = registry.publish_version(version, actor="system")
     device = make_device("dev-1")
-    deployments.assign_version(version, [device], actor="system")
+    assignments.assign_version(version, [device], actor="system")
 
-    message = deployments.desired_message(device)
+    message = desired_message(device)
 
     assert sorted(f.role for f in message.files) == ["model", "tokenizer"]
     for file in message.files:
@@ -55,10 +56,10 @@ def test_it_signs_each_desired_message_whole_for_its_device_with_a_growing_seq()
     # Issue #13, item 5: the agent verifies the message as a whole and refuses an older seq.
     version = make_published_version()
     device, other = make_device("dev-1"), make_device("dev-2")
-    deployments.assign_version(version, [device], actor="system")
+    assignments.assign_version(version, [device], actor="system")
 
-    first = deployments.desired_message(device)
-    second, nothing = deployments.desired_messages([device, other])
+    first = desired_message(device)
+    second, nothing = desired_messages([device, other])
 
     for message in (first, second, nothing):
         signing.verify_desired(plane_public_key(), message)
@@ -74,7 +75,7 @@ def test_it_leaves_drafts_unsigned_and_a_foreign_key_does_not_verify_them():
     artifact = add_ready_artifact(version)
     assert artifact.manifest_signature == ""
     registry.publish_version(version, actor="system")
-    file = deployments.file_manifest(Artifact.objects.get(pk=artifact.pk))
+    file = registry.file_manifest(Artifact.objects.get(pk=artifact.pk))
 
     with pytest.raises(signing.SignatureError, match="signature invalid"):
         signing.verify_manifest(Ed25519PrivateKey.generate().public_key(), file, model="embedder", version="1")
@@ -99,7 +100,7 @@ def test_it_generates_a_key_in_development_and_refuses_to_publish_without_one_in
     for version in (first, second):
         artifact = version.artifacts.get()
         signing.verify_manifest(
-            key, deployments.file_manifest(artifact), model=version.model.name, version=str(version.number)
+            key, registry.file_manifest(artifact), model=version.model.name, version=str(version.number)
         )
 
     settings.SIGNING_KEY_DEV_FILE = None
@@ -263,15 +264,15 @@ def test_it_archives_a_version_nothing_needs_and_never_offers_it_again(operator)
     assert response.json()["status"] == "archived"
     assert Artifact.objects.filter(version=version).exists()
     assert get_store().path(version.artifacts.get().storage_key).exists()
-    with pytest.raises(deployments.DeploymentError):
-        deployments.assign_version(ModelVersion.objects.get(pk=version.pk), [make_device()], actor="system")
+    with pytest.raises(assignments.DeploymentError):
+        assignments.assign_version(ModelVersion.objects.get(pk=version.pk), [make_device()], actor="system")
     assert AuditEvent.objects.get(action="version.archived").reason == "superseded"
 
 
 def test_it_refuses_to_archive_or_delete_a_version_that_is_still_needed_and_says_why(operator):
     version = make_published_version("embedder")
     device = make_device("dev-1", tags=["lab"])
-    deployment = deployments.assign_version(version, [device], actor="system").deployments[0]
+    deployment = assignments.assign_version(version, [device], actor="system").deployments[0]
     aliases.move_alias(version.model, "stable", version, actor="system")
     rollouts.create_rollout(version, stages=[{"device_count": 1}], tags=["lab"], actor="system")
     client = token_client(operator)
@@ -311,7 +312,7 @@ def test_it_deletes_an_unused_version_and_only_the_files_no_other_artifact_share
 
 def test_it_refuses_to_delete_a_version_with_history_and_offers_archiving(operator):
     version = make_published_version("embedder")
-    deployment = deployments.assign_version(version, [make_device()], actor="system").deployments[0]
+    deployment = assignments.assign_version(version, [make_device()], actor="system").deployments[0]
     Deployment.objects.filter(pk=deployment.pk).update(state=DeploymentState.FAILED)
 
     with pytest.raises(retention.RetentionRefused, match="1 deployment\\(s\\) in the history.*Archive it instead"):

@@ -4,7 +4,7 @@ import pytest
 
 from fleet.choices import EnrollmentState, RolloutState
 from fleet.models import Deployment, Device
-from fleet.services import deployments, rollouts
+from fleet.services import assignments, rollouts
 from tests.fleet.helpers import make_device, make_published_version
 
 pytestmark = pytest.mark.django_db
@@ -35,7 +35,7 @@ def test_it_leaves_pending_and_decommissioned_devices_out_of_a_rollout(lab):
 def test_it_skips_a_device_that_may_not_speak_when_a_version_is_assigned(lab):
     version = make_published_version()
 
-    result = deployments.assign_version(version, Device.objects.all(), actor="system")
+    result = assignments.assign_version(version, Device.objects.all(), actor="system")
 
     assert sorted(d.device.device_id for d in result.deployments) == ["dev-0", "dev-1"]
     assert result.skipped == {

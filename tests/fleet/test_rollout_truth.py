@@ -9,10 +9,11 @@ import msgspec
 import pytest
 from django.utils import timezone
 
-from agent import wire
+from agent.contract import wire
 from fleet.bridge.transport import Bridge
 from fleet.models import AuditEvent, Deployment, Rollout
-from fleet.services import deployments, rollouts, telemetry
+from fleet.services import assignments, reports, rollouts, telemetry
+from fleet.services.desired import current_deployment
 from fleet.storage import get_store
 from tests.fleet.helpers import heartbeat, make_device, make_published_version, token_client
 from tests.fleet.test_bridge import FakeClient, inbound
@@ -27,9 +28,9 @@ def lab():
     """Four devices running the old version, each with an hour of healthy heartbeats at p95 10 ms."""
     old = make_published_version("embedder")
     devices = [make_device(f"dev-{i}", tags=["lab"]) for i in range(4)]
-    deployments.assign_version(old, devices, actor="system")
+    assignments.assign_version(old, devices, actor="system")
     for device in devices:
-        report_state(device, deployments.current_deployment(device), "active")
+        report_state(device, current_deployment(device), "active")
         beats = [heartbeat(device.device_id, seq=n, p95_ms=10.0) for n in range(1, 4)]
         ago = timezone.now() - timedelta(minutes=10)
         telemetry.store_heartbeats([telemetry.ReceivedHeartbeat(device.pk, b, ago) for b in beats])
@@ -50,7 +51,7 @@ def report_state(device, deployment, state, error=""):
         error=error,
         sent_at=time.time(),
     )
-    return deployments.record_state(device, report)
+    return reports.record_state(device, report)
 
 
 def canary_of(rollout_id):
@@ -192,7 +193,7 @@ def test_an_inconclusive_hold_rolls_back_at_its_deadline_when_told_to(operator, 
     rollout = Rollout.objects.get(pk=rollout_id)
     assert rollout.state == "rolled_back"
     assert "held past its deadline (60 s)" in rollout.reason
-    assert deployments.current_deployment(canary.device).version != new_version
+    assert current_deployment(canary.device).version != new_version
 
 
 def test_a_stage_error_names_its_stage(operator, lab, new_version):
@@ -264,15 +265,15 @@ def test_the_bridge_wakes_the_evaluator_for_a_gated_stage_at_most_once_a_second(
 @pytest.mark.parametrize("path", ["one", "batch"])
 def test_a_download_that_reused_every_chunk_reports_real_bytes(operator, lab, new_version, path):
     device = lab[0]
-    (deployment,) = deployments.assign_version(new_version, [device], actor="system").deployments
+    (deployment,) = assignments.assign_version(new_version, [device], actor="system").deployments
     # What an agent that held every chunk already sends: no bytes counted at all.
     report = wire.StateReport(device_id=device.device_id, deployment_id=deployment.pk, state="active",
                               sha256=deployment.artifact.sha256, sent_at=time.time())  # fmt: skip
 
     if path == "one":
-        deployments.record_state(device, report)
+        reports.record_state(device, report)
     else:
-        deployments.record_states([deployments.ReceivedState(device.pk, device.device_id, report)])
+        reports.record_states([reports.ReceivedState(device.pk, device.device_id, report)])
 
     listed = token_client(operator).get("/api/v1/deployments/", {"device": device.device_id}).json()["results"][0]
     assert listed["state"] == "active"

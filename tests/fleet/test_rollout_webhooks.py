@@ -135,7 +135,7 @@ def test_a_hold_past_its_deadline_posts_the_hold_expired_event_once(
 
     from django.utils import timezone
 
-    from fleet.services import deployments
+    from fleet.services.desired import current_deployment
     from tests.fleet.test_rollout_truth import report_state
 
     hook = hook_factory([200])
@@ -144,7 +144,7 @@ def test_a_hold_past_its_deadline_posts_the_hold_expired_event_once(
     rollout = rollouts.create_rollout(version, stages=[stage, {"percent": 100}], tags=["lab"], actor="system")
     rollouts.start_rollout(rollout, actor="system")
     canary = rollout.members.select_related("device").get()
-    report_state(canary.device, deployments.current_deployment(canary.device), "active")
+    report_state(canary.device, current_deployment(canary.device), "active")
     now = timezone.now()
 
     with django_capture_on_commit_callbacks(execute=True):

@@ -11,7 +11,7 @@ import pytest
 
 from fleet.choices import DeploymentState, RolloutState
 from fleet.models import Deployment, Device, Heartbeat, Rollout
-from fleet.services import deployments, devices, registry, rollouts
+from fleet.services import assignments, devices, registry, rollouts
 from tests.fleet import helpers
 from tests.fleet.simulated import SimulatedDevice
 from tests.support import wait_until
@@ -35,7 +35,7 @@ def fleet(plane, broker_port, request):
         for device in Device.objects.filter(device_id__in=ids):
             devices.set_tags(device, ["lab"], actor="system")
         if running is not None:
-            deployments.assign_version(running, Device.objects.filter(device_id__in=ids), actor="system")
+            assignments.assign_version(running, Device.objects.filter(device_id__in=ids), actor="system")
             wait_until(lambda: all(_runs(s, running) for s in sims), timeout=10, what="the old version active")
         return sims
 
@@ -218,7 +218,7 @@ def test_it_credits_a_heartbeat_only_to_the_senders_own_deployment(fleet):
 
 
 def _chat(ttft_ms: float, tps: float, requests: int):
-    from agent import wire
+    from agent.contract import wire
 
     return wire.GenerationStats(
         requests=requests, tokens=requests * 64, ttft_p50_ms=ttft_ms / 2, ttft_p95_ms=ttft_ms, decode_tps_p50=tps

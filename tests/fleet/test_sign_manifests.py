@@ -5,9 +5,9 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from agent import signing
+from agent.contract import signing
 from fleet.models import Artifact, AuditEvent
-from fleet.services.deployments import file_manifest
+from fleet.services.registry import file_manifest
 from tests.fleet.helpers import SIGNING_KEY, make_published_version, make_version
 
 pytestmark = pytest.mark.django_db

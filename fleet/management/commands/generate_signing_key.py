@@ -4,7 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agent import signing
+from agent.contract import signing
 from fleet.signing import write_key_file
 
 

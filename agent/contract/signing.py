@@ -25,8 +25,8 @@ import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.manifest import canonical_manifest
-from agent.wire import Desired, FileManifest
+from agent.contract.manifest import canonical_manifest
+from agent.contract.wire import Desired, FileManifest
 
 KEY_BYTES = 32
 

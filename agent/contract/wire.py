@@ -1,8 +1,9 @@
 """The wire contract between the control plane and its agents.
 
-This is the only module the two sides share. It names every MQTT topic and every
-message schema, and it decodes and validates what arrives. The plane imports it
-too, so it must never import Django, the plane, or anything heavier than msgspec.
+The heart of agent.contract, the one package the two sides share. It names every MQTT
+topic and every message schema, and it decodes and validates what arrives. The plane
+imports it too, so it must never import Django, the plane, the rest of the agent, or
+anything heavier than msgspec.
 
 Every message carries ``v``, the schema version. A receiver refuses a version it
 does not know rather than guessing at its meaning.
@@ -236,7 +237,7 @@ class FileManifest(msgspec.Struct, kw_only=True):
     # bytes but the last. Cut at content, an edit moves only the boundaries near it, so a new
     # version shares most chunks with the one an agent holds (agent.chunkcache).
     lengths: list[Annotated[int, msgspec.Meta(ge=1, le=MAX_CHUNK_BYTES)]] = []
-    # The plane's Ed25519 signature over agent.manifest.canonical_manifest, base64; empty: unsigned.
+    # The plane's Ed25519 signature over agent.contract.manifest.canonical_manifest, base64; empty: unsigned.
     signature: Annotated[str, msgspec.Meta(max_length=200)] = ""
 
 
@@ -290,7 +291,7 @@ class Desired(Message, kw_only=True):
 
     ``seq`` orders the plane's messages to one device (the plane's issue time in
     microseconds, never repeated): the agent refuses one below the last it accepted.
-    ``signature`` is the plane's over the whole message (agent.signing.canonical_desired).
+    ``signature`` is the plane's over the whole message (agent.contract.signing.canonical_desired).
     Both were added without a schema version change: an older agent ignores them, and
     an older plane sends neither (seq 0, unsigned), which an agent that requires
     signatures refuses.
@@ -308,7 +309,7 @@ class Desired(Message, kw_only=True):
     # None: the agent only checks that a smoke inference returns finite values of the right shape.
     selftest: SelfTest | None = None
     seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0  # microseconds: past a 32-bit range
-    # The plane's Ed25519 signature over agent.signing.canonical_desired, base64; empty: unsigned.
+    # The plane's Ed25519 signature over agent.contract.signing.canonical_desired, base64; empty: unsigned.
     signature: Annotated[str, msgspec.Meta(max_length=200)] = ""
 
 

@@ -17,7 +17,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from agent.wire import FileManifest, FileRole
+from agent.contract.wire import FileManifest, FileRole
 
 DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 _READ_SIZE: Final = 1024 * 1024
