@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from fleet.choices import (
     ACTIVE_ROLLOUT_STATES,
+    OPEN_DEPLOYMENT_STATES,
     DeploymentState,
     EnrollmentState,
     HoldAction,
@@ -384,7 +385,10 @@ def _send_back(rollout: Rollout, *, actor: Actor) -> None:
     for version, group in by_version.items():
         if version is None:
             # Nothing to go back to: the deployment is withdrawn and the device told to run nothing new.
-            Deployment.objects.filter(pk__in=[m.deployment_id for m in group]).update(state=DeploymentState.SUPERSEDED)
+            # One that failed, or that the device already left, keeps saying so.
+            Deployment.objects.filter(
+                pk__in=[m.deployment_id for m in group], state__in=[*OPEN_DEPLOYMENT_STATES, DeploymentState.ACTIVE]
+            ).update(state=DeploymentState.SUPERSEDED)
             pks = [m.device_id for m in group]
             transaction.on_commit(partial(desired.enqueue_desired, pks))
             continue

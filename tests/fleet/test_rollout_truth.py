@@ -219,6 +219,23 @@ def test_it_refuses_a_selector_naming_an_unknown_device(operator, lab, new_versi
     assert not Rollout.objects.exists()
 
 
+def test_a_rollback_keeps_a_failed_deployment_failed_on_a_device_that_ran_nothing_before(operator):
+    devices = [make_device(f"new-{i}", tags=["fresh"]) for i in range(2)]
+    client = token_client(operator)
+    version = make_published_version("embedder")
+    rollout_id = create(client, version, [{"device_count": 1}, {"percent": 100}], selector={"tags": ["fresh"]})
+    act(client, rollout_id, "start")
+    canary = canary_of(rollout_id)
+    report_state(canary.device, canary.deployment, "failed", error="out of memory loading the model")
+
+    rollouts.evaluate_rollout(rollout_id)
+
+    assert Rollout.objects.get(pk=rollout_id).state == "rolled_back"
+    failed = Deployment.objects.get(pk=canary.deployment_id)
+    assert (failed.state, failed.error) == ("failed", "out of memory loading the model")
+    assert {d.device_id for d in devices} >= {canary.device.device_id}
+
+
 def test_the_bridge_has_a_health_gate_judged_as_soon_as_the_heartbeats_arrive(
     operator, lab, new_version, settings, tmp_path, fake_publisher
 ):
