@@ -62,6 +62,8 @@ MIDDLEWARE = [
     # First: forwarding headers from a peer that is not a trusted proxy are dropped.
     "fleet.middleware.UntrustedForwardingMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files (console, admin, Swagger UI) from the plane's own process, with DEBUG off too.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -133,7 +135,11 @@ USE_TZ = True
 STATIC_URL = "static/"
 # The console's pages send a signed-out operator to the admin's sign-in page.
 LOGIN_URL = "admin:login"
-STATIC_ROOT = VAR_DIR / "static"
+# WhiteNoise serves the apps' static files where they are, so no collectstatic step is needed
+# (gunicorn in compose, make cluster and the demo alike). STATIC_ROOT only for a web server in
+# front that serves collectstatic's copy instead.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT = env_str("STATIC_ROOT", "") or None
 
 # --- Artifacts -----------------------------------------------------------------
 ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))

@@ -191,6 +191,23 @@ def test_the_admin_says_aliases_and_shows_bytes_in_human_units(django_user_model
     assert "View site" in index  # to "/", the console
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/fleet/console.js",
+        "/static/admin/css/base.css",
+        "/static/drf_spectacular_sidecar/swagger-ui-dist/swagger-ui-bundle.js",
+    ],
+)
+def test_the_plane_serves_its_static_files_itself_with_debug_off(settings, path):
+    settings.DEBUG = False  # as in compose and make cluster: gunicorn, no web server in front
+
+    response = Client().get(path)
+
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content)
+
+
 def test_the_api_docs_load_swagger_ui_from_the_plane_not_a_cdn(operator):
     page = signed_in(operator).get("/api/docs/").content.decode()
 
