@@ -31,6 +31,7 @@ from fleet.storage import ArtifactStore
 
 log = logging.getLogger("fleet.bridge")
 
+CHUNK_REQUEST_SUFFIX = "/" + wire.Channel.CHUNK_REQUEST
 # On SIGTERM with the database down, how long the bridge keeps trying before it gives up.
 STOP_GRACE_S = 10.0
 # On SIGTERM: how long to wait for the broker to confirm the unsubscription, and for the
@@ -100,15 +101,23 @@ class Bridge:
             log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        # paho's thread, once per message: the topic is decoded once, and the queue is tried
+        # without a timeout first (a bridge keeping up never waits).
         self._last_message_at = time.monotonic()
-        chunk_request = message.topic.endswith("/" + wire.Channel.CHUNK_REQUEST)
+        topic = message.topic
+        chunk_request = topic.endswith(CHUNK_REQUEST_SUFFIX)
         if chunk_request and message.qos:
             client.ack(message.mid, message.qos)  # a request: the agent asks again after its stall timeout
         mid = message.mid if message.qos == 1 and not chunk_request else 0
-        item = Inbound(message.topic, bytes(message.payload), self.clock(), mid, self._connection)
+        item = Inbound(topic, bytes(message.payload), self.clock(), mid, self._connection)
         target = self.chunk_inbox if chunk_request else self.inbox
         self.stats.received += 1
-        self.stats.count_kind(message.topic)
+        self.stats.count_kind(topic)
+        try:
+            target.put_nowait(item)
+            return
+        except queue.Full:
+            pass
         while not self.stopping.is_set():
             try:
                 target.put(item, timeout=0.5)
