@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.support import REPO
 
@@ -114,3 +115,19 @@ def test_it_lists_every_setting_in_env_example_and_sets_no_secret_file_for_every
 
     assert {name for name in read if name not in listed and f"{name}_FILE" not in listed} == set()
     assert {f"{name}_FILE" for name in secrets} & active == set()
+
+
+def test_it_provisions_grafana_with_the_stacks_prometheus_and_the_shipped_dashboard(stack):
+    provisioning = REPO / "docker" / "grafana" / "provisioning"
+    grafana = stack["services"]["grafana"]
+    mounts = {m["target"]: m["source"] for m in grafana["volumes"]}
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    provider = yaml.safe_load((provisioning / "dashboards" / "edgefleet.yml").read_text())["providers"][0]
+
+    assert mounts["/etc/grafana/provisioning"] == str(provisioning)
+    assert mounts[f"{provider['options']['path']}/edgefleet.json"] == str(
+        REPO / "docker" / "grafana" / "edgefleet.json"
+    )
+    assert source["url"] == "http://prometheus:9090" and "9090" in {
+        str(p["target"]) for p in stack["services"]["prometheus"]["ports"]
+    }
