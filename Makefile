@@ -22,7 +22,7 @@ help:
 	@echo "make test-arm64  the real agent on an emulated Linux aarch64 (qemu) against the plane; needs root"
 	@echo "make lint   ruff, mypy, import contracts, the migrations check, docker/ files, agent wheels for every device platform"
 	@echo "make cluster  gunicorn, 3 bridges, 2 workers and the simulator as processes; figures in var/cluster.md"
-	@echo "make bench  run the benchmarks (under 10 minutes) and write docs/benchmarks.md; bench-quick: about a minute"
+	@echo "make bench  run the benchmarks (over 10 minutes) and write docs/benchmarks.md; bench-quick: about three minutes"
 
 $(VENV)/.installed: requirements/agent.txt requirements/plane.txt requirements/dev.txt pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is needed: install python3.11 (or set PYTHON=...)"; exit 1; }

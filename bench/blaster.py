@@ -34,8 +34,12 @@ def _string(text: bytes) -> bytes:
     return struct.pack(">H", len(text)) + text
 
 
-def connect_packet(client_id: str) -> bytes:
-    body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack(">H", 60) + _string(client_id.encode())
+def connect_packet(client_id: str, login: tuple[str, str] | None = None) -> bytes:
+    """MQTT 3.1.1 CONNECT with a clean session and, if given, a (username, password)."""
+    flags = 0x02 | (0xC0 if login else 0)
+    body = _string(b"MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + _string(client_id.encode())
+    if login:
+        body += _string(login[0].encode()) + _string(login[1].encode())
     return b"\x10" + _remaining_length(len(body)) + body
 
 

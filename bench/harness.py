@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +58,18 @@ class Broker:
 
 
 @contextmanager
-def broker(workdir: Path) -> Iterator[Broker]:
-    """Our own Mosquitto from the shipped config, on a free loopback port, with a raised fd limit."""
+def broker(workdir: Path, config: Callable[[int, Path], str] = broker_config) -> Iterator[Broker]:
+    """Our own Mosquitto from a shipped config, on a free loopback port, with a raised fd limit.
+
+    ``config`` writes the configuration for a port and a data directory: by default
+    docker/mosquitto/mosquitto.conf's (tests.support.broker_config).
+    """
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
     # Persistence writes every retained message to disk at shutdown; the benches need none of it.
-    conf.write_text(broker_config(port, workdir).replace("persistence true", "persistence false"))
+    conf.write_text(config(port, workdir).replace("persistence true", "persistence false"))
     log = workdir / "mosquitto.log"
     with log.open("w") as out:
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,

@@ -1,12 +1,13 @@
 """Run the benchmarks and write their figures into docs/benchmarks.md.
 
-    python -m bench.run               # make bench: the full sizes, under 10 minutes
-    python -m bench.run --quick       # make bench-quick: about a minute
+    python -m bench.run               # make bench: the full sizes, over 10 minutes
+    python -m bench.run --quick       # make bench-quick: about three minutes
     python -m bench.run --only ingestion,transfer --out /tmp/b.md
 
 Each run gets its own PostgreSQL database (``edgefleet_bench``, dropped at the
 end), its own Mosquitto from docker/mosquitto/mosquitto.conf on a free loopback
-port, and its own Redis database index. Nothing but 127.0.0.1 is touched.
+port (and a second one from secure.conf for the secure hold), and its own Redis
+database index. Nothing but 127.0.0.1 is touched.
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ Failure injection: ``--fail-activate`` is the fraction of devices that report
 once they run a new deployment; ``--flaky`` the fraction of devices that drop their
 connection each minute (abruptly, without DISCONNECT) and reconnect a few seconds later.
 
+Logging in: with ``--state-dir`` every device logs in to the broker with a login of its
+own, as an agent does on a broker with dynamic security (docs/security.md). Each device
+keeps an agent's state in a directory of its own (``device.key``, ``broker.json``); a
+device without a saved login enrolls with the plane at ``--plane`` using
+``--enroll-token`` through agent/enrollment.py, the agent's own code, before the fleet
+connects. A restarted simulator reuses the saved logins, as a restarted agent does.
+
 It stops by itself after ``--duration`` seconds, and talks only to a broker on
 loopback unless ``--allow-remote`` is given. docs/simulator.md tells how to size a
 deployment with it.
@@ -32,11 +39,15 @@ import multiprocessing
 import random
 import socket
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from agent import enrollment
 from agent.contract import wire
 from bench.loop import ClientLoop
 
@@ -77,6 +88,12 @@ class Options:
     qos: int = 1
     seed: int = 1
     allow_remote: bool = False
+    # Logging in as agents do: a data directory a device under state_dir, and the plane to
+    # enroll with (its URL and an enrollment token) for a device that has no saved login.
+    state_dir: str = ""
+    plane_url: str = ""
+    enroll_token: str = ""
+    enroll_threads: int = 8
 
 
 @dataclass
@@ -85,6 +102,8 @@ class Totals:
 
     connected: int = 0
     connects: int = 0
+    # Connection attempts the broker answered with a refusal (a bad or unknown login).
+    refused: int = 0
     disconnects: int = 0
     hellos: int = 0
     heartbeats: int = 0
@@ -95,7 +114,8 @@ class Totals:
     elapsed_s: float = 0.0
 
     def add(self, other: Totals) -> None:
-        for name in ("connected", "connects", "disconnects", "hellos", "heartbeats", "heartbeats_acked", "desired"):
+        counts = ("connected", "connects", "refused", "disconnects", "hellos", "heartbeats", "heartbeats_acked")
+        for name in (*counts, "desired"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.dropped_on_purpose += other.dropped_on_purpose
         for state, n in other.states.items():
@@ -106,9 +126,12 @@ class Totals:
 class SimDevice:
     """One simulated device: its paho client and what it would report."""
 
-    def __init__(self, fleet: Fleet, device_id: str, hw_class: str, *, fails: bool, regresses: bool) -> None:
+    def __init__(
+        self, fleet: Fleet, device_id: str, broker: wire.BrokerUrl, hw_class: str, *, fails: bool, regresses: bool
+    ) -> None:
         self.fleet = fleet
         self.device_id = device_id
+        self.broker = broker
         self.hw_class = hw_class
         self.fails = fails
         self.regresses = regresses
@@ -121,7 +144,7 @@ class SimDevice:
         self.client = self._client()
 
     def _client(self) -> mqtt.Client:
-        broker = self.fleet.broker
+        broker = self.broker
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"{self.device_id}",
@@ -138,7 +161,7 @@ class SimDevice:
         return self.fleet.loop.add(client)
 
     def connect(self) -> None:
-        broker = self.fleet.broker
+        broker = self.broker
         try:
             if self.client.host:
                 self.client.reconnect()
@@ -149,6 +172,7 @@ class SimDevice:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.fleet.totals.refused += 1
             return
         totals = self.fleet.totals
         totals.connects += 1
@@ -268,14 +292,16 @@ class Fleet:
         self.stopping = False
         self._timers: list[tuple[float, int, object]] = []
         self._order = 0
-        self.devices = [self._make(options.first + n) for n in range(options.devices)]
+        ids = device_ids(options)
+        logins = {d: login for d, (login, _) in log_in(options, ids).items()} if options.state_dir else {}
+        self.devices = [self._make(device_id, logins.get(device_id, self.broker)) for device_id in ids]
 
-    def _make(self, n: int) -> SimDevice:
+    def _make(self, device_id: str, broker: wire.BrokerUrl) -> SimDevice:
         classes, weights = zip(*self.options.hardware_mix.items(), strict=True)
         hw_class = self.random.choices(classes, weights)[0]
         fails = self.random.random() < self.options.fail_activate
         regresses = self.random.random() < self.options.regress
-        return SimDevice(self, f"{self.options.prefix}-{n:06d}", hw_class, fails=fails, regresses=regresses)
+        return SimDevice(self, device_id, broker, hw_class, fails=fails, regresses=regresses)
 
     def later(self, delay: float, action) -> None:
         self._order += 1
@@ -322,6 +348,41 @@ class Fleet:
         return self.totals
 
 
+def device_ids(options: Options) -> list[str]:
+    return [f"{options.prefix}-{n:06d}" for n in range(options.first, options.first + options.devices)]
+
+
+def _login(options: Options, device_id: str, stop: threading.Event) -> wire.BrokerUrl:
+    """The device's broker login, as its agent gets it: saved in its data directory, or enrolled now."""
+    if not options.plane_url:
+        raise SystemExit("--state-dir needs --plane: the plane to enroll with, for a device that has no login yet")
+    data_path = Path(options.state_dir) / device_id
+    data_path.mkdir(parents=True, exist_ok=True)
+    credentials = enrollment.enroll(plane_url=options.plane_url, token=options.enroll_token, device_id=device_id,
+                                    name=device_id, data_path=data_path, stop=stop, poll_interval=1.0)  # fmt: skip
+    if credentials is None:
+        raise enrollment.EnrollmentError(f"{device_id}: stopped before the plane accepted it")
+    broker = wire.parse_broker_url(options.broker_url)
+    return enrollment.broker_with(broker, credentials, allowed_hosts={broker.host}, allow_insecure=options.allow_remote)
+
+
+def log_in(options: Options, ids: list[str]) -> dict[str, tuple[wire.BrokerUrl, float]]:
+    """Each device's login and the seconds it took to get; ``enroll_threads`` devices at a time."""
+    stop = threading.Event()
+
+    def one(device_id: str) -> tuple[str, tuple[wire.BrokerUrl, float]]:
+        started = time.monotonic()
+        broker = _login(options, device_id, stop)
+        return device_id, (broker, time.monotonic() - started)
+
+    pool = ThreadPoolExecutor(max(1, options.enroll_threads))
+    try:
+        return dict(pool.map(one, ids))
+    finally:
+        stop.set()  # a device still pending stops asking
+        pool.shutdown(cancel_futures=True)
+
+
 def check_broker_host(host: str, *, allow_remote: bool) -> None:
     """Load goes to loopback only, unless the operator says the broker is theirs to load."""
     if allow_remote:
@@ -342,6 +403,8 @@ def simulate(options: Options, *, processes: int = 1) -> Totals:
     """Run the fleet, split over ``processes`` processes; return what it did."""
     if processes <= 1:
         return Fleet(options).run()
+    if options.state_dir:
+        log_in(options, device_ids(options))  # enroll once, before forking: the parts read the saved logins
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     per = -(-options.devices // processes)
@@ -398,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=1, help="split the devices over this many processes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--allow-remote", action="store_true", help="allow a broker that is not on loopback")
+    parser.add_argument("--state-dir", default="", help="log in as agents do: a data directory a device under this")
+    parser.add_argument("--plane", default="", help="the plane's URL, to enroll devices that have no saved login")
+    parser.add_argument("--enroll-token", default="", help="the enrollment token devices enroll with")
+    parser.add_argument("--enroll-threads", type=int, default=8, help="enrollments in flight at once")
     args = parser.parse_args(argv)
     options = Options(
         broker_url=args.broker,
@@ -414,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         qos=args.qos,
         seed=args.seed,
         allow_remote=args.allow_remote,
+        state_dir=args.state_dir,
+        plane_url=args.plane,
+        enroll_token=args.enroll_token,
+        enroll_threads=args.enroll_threads,
     )
     totals = simulate(options, processes=args.processes)
     json.dump(asdict(totals), sys.stdout, indent=2)

@@ -41,6 +41,9 @@ SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600, minimum=0) if HTTPS else 0
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_SSL_REDIRECT = HTTPS and env_bool("SECURE_SSL_REDIRECT", False)
+# Prometheus scrapes /metrics over the compose network in plain HTTP, with its token already in
+# that first request: a redirect would protect nothing and fail the scrape.
+SECURE_REDIRECT_EXEMPT = [r"^metrics$"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from tests.support import REPO
 
@@ -58,21 +59,40 @@ SECRETS_USED = {
     "mosquitto": {"mqtt_admin_password"},
     "broker-setup": {"secret_key", "mqtt_plane_password", "mqtt_admin_password"},
     "migrate": {"secret_key"},
-    "web": {"secret_key", "mqtt_admin_password", "signing_key"},
+    "web": {"secret_key", "mqtt_admin_password", "signing_key", "metrics_token"},
     "bridge": {"secret_key", "mqtt_plane_password"},
     "worker": {"secret_key", "mqtt_plane_password", "signing_key"},
     "beat": {"secret_key"},
     "postgres": set(),
     "redis": set(),
+    "prometheus": {"metrics_token"},
+    "grafana": {"grafana_admin_password"},
 }
+# Who may read each mounted secret: the plane's user alone, but for the metrics token, which web
+# checks and Prometheus (the image's "nobody", in the plane's group) sends, and Grafana's own
+# password, read by the Grafana image's user.
+READERS = {
+    "metrics_token": {("10001", "10001", "0440"), ("65534", "10001", "0440")},
+    "grafana_admin_password": {("472", "472", "0400")},
+}
+PLANE_USER_ALONE = {("10001", "10001", "0400")}
 
 
 @pytest.mark.parametrize("service", sorted(SECRETS_USED))
-def test_it_gives_each_service_only_the_secrets_it_uses_readable_by_the_plane_user_alone(stack, service):
+def test_it_gives_each_service_only_the_secrets_it_uses_readable_by_their_readers_alone(stack, service):
     mounted = stack["services"][service].get("secrets", [])
 
     assert {m["source"] for m in mounted} == SECRETS_USED[service]
-    assert {(m.get("uid"), m.get("gid"), m.get("mode")) for m in mounted} <= {("10001", "10001", "0400")}
+    for m in mounted:
+        assert (m.get("uid"), m.get("gid"), m.get("mode")) in READERS.get(m["source"], PLANE_USER_ALONE)
+
+
+def test_it_lets_prometheus_read_the_metrics_token_through_the_plane_group_only(stack):
+    prometheus = stack["services"]["prometheus"]
+
+    assert prometheus["group_add"] == ["10001"]
+    assert "user" not in prometheus, "the image's own unprivileged user"
+    assert {p["host_ip"] for s in ("prometheus", "grafana") for p in stack["services"][s]["ports"]} == {"127.0.0.1"}
 
 
 @pytest.mark.parametrize("service", PLANE_SERVICES)
@@ -95,3 +115,19 @@ def test_it_lists_every_setting_in_env_example_and_sets_no_secret_file_for_every
 
     assert {name for name in read if name not in listed and f"{name}_FILE" not in listed} == set()
     assert {f"{name}_FILE" for name in secrets} & active == set()
+
+
+def test_it_provisions_grafana_with_the_stacks_prometheus_and_the_shipped_dashboard(stack):
+    provisioning = REPO / "docker" / "grafana" / "provisioning"
+    grafana = stack["services"]["grafana"]
+    mounts = {m["target"]: m["source"] for m in grafana["volumes"]}
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    provider = yaml.safe_load((provisioning / "dashboards" / "edgefleet.yml").read_text())["providers"][0]
+
+    assert mounts["/etc/grafana/provisioning"] == str(provisioning)
+    assert mounts[f"{provider['options']['path']}/edgefleet.json"] == str(
+        REPO / "docker" / "grafana" / "edgefleet.json"
+    )
+    assert source["url"] == "http://prometheus:9090" and "9090" in {
+        str(p["target"]) for p in stack["services"]["prometheus"]["ports"]
+    }

@@ -49,6 +49,12 @@ def test_it_passes_promtool_check_rules():
     assert "SUCCESS" in result.stdout
 
 
+def test_it_passes_promtool_check_config():
+    # --syntax-only: the token file the config names exists only inside the compose stack.
+    result = promtool("check", "config", "--syntax-only", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_it_fires_each_alert_on_the_case_it_is_for():
     result = promtool("test", "rules", "alerts.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr

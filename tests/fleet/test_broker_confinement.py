@@ -11,7 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet.mqtt.dynsec import DynSec, DynSecError, device_username
+from fleet.mqtt.dynsec import DynSec, DynSecError, device_acls, device_role, device_username
 from tests.support import DYNSEC_PLUGIN, secure_mosquitto
 
 pytestmark = pytest.mark.skipif(not DYNSEC_PLUGIN.exists(), reason=f"{DYNSEC_PLUGIN} is not installed")
@@ -153,3 +153,24 @@ def test_it_says_what_the_broker_refused(broker):
 
     with pytest.raises(DynSecError, match="createClient"):
         dynsec.add_device("dev-a", "again")
+
+
+def test_it_narrows_a_widened_device_role_back_to_its_own_topics_when_it_sets_a_password(broker, clients):
+    _, dynsec = broker
+    dynsec.add_device("dev-widened", "first")
+    role = device_role("dev-widened")
+    dynsec.execute("addRoleACL", rolename=role, acltype="publishClientSend", topic="fleet/dev-b/hello", allow=True)
+    dynsec.execute("removeRoleACL", rolename=role, acltype="publishClientSend", topic="fleet/dev-widened/heartbeat")
+
+    dynsec.set_device_password("dev-widened", "dev-widened-secret")
+
+    bridge, device = clients("bridge"), clients("dev-widened")
+    bridge.subscribe("fleet/+/hello")
+    bridge.subscribe("fleet/+/heartbeat")
+    device.publish("fleet/dev-b/hello", b"forged")
+    device.publish("fleet/dev-widened/heartbeat", b"mine")
+    assert bridge.got() == [("fleet/dev-widened/heartbeat", b"mine")]
+    acls = dynsec.execute("getRole", rolename=role)["data"]["role"]["acls"]
+    assert sorted((a["acltype"], a["topic"]) for a in acls) == sorted(
+        (a["acltype"], a["topic"]) for a in device_acls("dev-widened")
+    )

@@ -56,6 +56,16 @@ def test_it_refuses_a_remote_scraper_without_the_token(settings):
     assert response.status_code == 200
 
 
+def test_it_serves_a_scraper_inside_the_stack_by_its_service_name_over_plain_http(settings):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.ALLOWED_HOSTS = ["plane.example.com", "web"]  # as docker/.env.example sets them
+    settings.METRICS_TOKEN = "s3cret"
+    scraper = Client(REMOTE_ADDR="172.18.0.7", HTTP_HOST="web:8000")
+
+    assert scraper.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
+    assert scraper.get("/api/v1/").status_code == 301
+
+
 def deliver(bridge: Bridge, device_id: str, channel: wire.Channel, payload: bytes) -> None:
     """What paho's thread does with a message: route it; then the database thread's turn."""
     message = mqtt.MQTTMessage(topic=wire.topic(device_id, channel).encode())
