@@ -15,7 +15,7 @@ from bench.harness import Broker
 class Sizes:
     """How big each benchmark runs; ``make bench`` and ``make bench-quick`` differ only here."""
 
-    ingest_seconds: float = 60.0
+    ingest_seconds: float = 30.0
     # A do-nothing subscriber's rate is steady within seconds; the bridge's is what must be sustained.
     ingest_ceiling_seconds: float = 15.0
     ingest_devices: int = 2000

@@ -151,6 +151,7 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
     defaults = tuple(f.get_default() for f in extra)
     columns = ", ".join(connection.ops.quote_name(name) for name in names)
     table = connection.ops.quote_name(Heartbeat._meta.db_table)
+    types = _column_types(Heartbeat._meta.db_table, names)
     rows = [heartbeat_values(item) + defaults for item in batch]
     with connection.cursor() as cursor:
         # Telemetry, not state: a PostgreSQL crash may lose the last moment of heartbeats,
@@ -160,9 +161,8 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
         # unique constraint, and only then goes the slower way below (measured by make bench:
         # the staging table for every batch halved what one bridge stores).
         try:
-            with transaction.atomic(), cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            with transaction.atomic():
+                _copy_rows(cursor, table, columns, types, rows)
             return len(rows)
         except (IntegrityError, psycopg.errors.UniqueViolation):
             pass
@@ -174,12 +174,35 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {INCOMING} ON COMMIT DELETE ROWS"
             f" AS SELECT {columns} FROM {table} WITH NO DATA"
         )
-        with cursor.copy(f"COPY {INCOMING} ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        _copy_rows(cursor, INCOMING, columns, types, rows)
         cursor.execute(
             f"WITH moved AS (DELETE FROM {INCOMING} RETURNING {columns})"
             f" INSERT INTO {table} ({columns}) SELECT {columns} FROM moved ON CONFLICT DO NOTHING"
         )
         stored: int = cursor.rowcount
     return stored
+
+
+def _copy_rows(cursor, table: str, columns: str, types: list[int], rows: list[tuple[object, ...]]) -> None:
+    """COPY in PostgreSQL's binary format: a fifth of the bridge's CPU for each row that the text
+    format takes, and less parsing for the server (docs/benchmarks.md)."""
+    with cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+
+
+# table -> column -> type oid, read once a process: binary COPY must name each column's type.
+_TYPES: dict[str, dict[str, int]] = {}
+
+
+def _column_types(table: str, names: list[str]) -> list[int]:
+    if table not in _TYPES:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT attname, atttypid FROM pg_attribute"
+                " WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+                [table],
+            )
+            _TYPES[table] = dict(cursor.fetchall())
+    return [_TYPES[table][name] for name in names]
