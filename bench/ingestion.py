@@ -150,10 +150,13 @@ def database_ceilings(ctx: Context, device_pks: list[int], rows: int, batch: int
     items = heartbeat_batch(device_pks, rows)
     tuples = [telemetry.heartbeat_values(i) for i in items]
     columns = ", ".join(telemetry.HEARTBEAT_COLUMNS)
+    types = telemetry.column_types("fleet_heartbeat", list(telemetry.HEARTBEAT_COLUMNS))
     started = time.perf_counter()
     for start in range(0, rows, batch):
         with transaction.atomic(), connection.cursor() as cursor:
-            with cursor.copy(f"COPY fleet_heartbeat ({columns}) FROM STDIN") as copy:
+            # The format store_heartbeats uses: binary, each column's type named.
+            with cursor.copy(f"COPY fleet_heartbeat ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
                 for row in tuples[start : start + batch]:
                     copy.write_row(row)
     copy_rate = rows / (time.perf_counter() - started)

@@ -151,7 +151,7 @@ def _copy_heartbeats(batch: Sequence[ReceivedHeartbeat]) -> int:
     defaults = tuple(f.get_default() for f in extra)
     columns = ", ".join(connection.ops.quote_name(name) for name in names)
     table = connection.ops.quote_name(Heartbeat._meta.db_table)
-    types = _column_types(Heartbeat._meta.db_table, names)
+    types = column_types(Heartbeat._meta.db_table, names)
     rows = [heartbeat_values(item) + defaults for item in batch]
     with connection.cursor() as cursor:
         # Telemetry, not state: a PostgreSQL crash may lose the last moment of heartbeats,
@@ -196,7 +196,7 @@ def _copy_rows(cursor, table: str, columns: str, types: list[int], rows: list[tu
 _TYPES: dict[str, dict[str, int]] = {}
 
 
-def _column_types(table: str, names: list[str]) -> list[int]:
+def column_types(table: str, names: list[str]) -> list[int]:
     if table not in _TYPES:
         with connection.cursor() as cursor:
             cursor.execute(
