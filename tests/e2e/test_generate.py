@@ -1,13 +1,18 @@
 """SmolLM2 from its GGUF to a real agent over a real Mosquitto, rolled out through the API.
 
 The bridge, a Celery worker (on the real Redis) and the agent run as their own processes; the
-test process plays the API client, and the official ``openai`` client talks to the agent. Each
-test converts the GGUF through the plane's pipeline (the fp32 reference and its evaluation set,
-then the variant: about a minute here). Skipped when the GGUF is not cached (``make models``).
+test process plays the API client, and the official ``openai`` client talks to the agent. The
+first test converts the GGUF through the plane's pipeline (the fp32 reference and its evaluation
+set, then the repack and int4 variants: about 80 s here), the pipeline being part of what it
+shows. The second starts where a pipeline ends, from a bundle converted once (cached with the
+agent's tests): its subject is the device and the rollout. Skipped when the GGUF is not cached
+(``make models``).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,9 +21,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from fleet.choices import DeploymentState, RolloutState
-from fleet.models import Artifact, Deployment, Device, Heartbeat, Rollout, VariantEvaluation
-from tests.agent.generators import SMOLLM2_GGUF
+from fleet.choices import ArtifactRole, DeploymentState, Precision, RolloutState, VariantQuality
+from fleet.lib.gguf import convert as gguf_convert
+from fleet.lib.gguf import evaluate as gguf_evaluate
+from fleet.models import Artifact, Deployment, Device, Heartbeat, ModelVersion, Rollout, VariantEvaluation
+from fleet.services import generative, registry
+from tests.agent.generators import SMOLLM2_GGUF, smollm2_bundle
 from tests.e2e.helpers import Process, release_gguf
 from tests.support import free_port, wait_for_port, wait_until
 
@@ -74,6 +82,57 @@ def fleet(plane, api, broker_port, tmp_path) -> Iterator[Fleet]:
         running.stop()
 
 
+GENERATE_VERSION = {"model": "smollm2", "task": "generate", "max_length": 2048, "quality_threshold": 0.9}
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(tmp_path_factory) -> tuple[Path, Path]:
+    """SmolLM2's int4 RTN bundle and an evaluation set of its fp32 reference, made by the plane's
+    converter and evaluator as its pipeline makes them, once for the module.
+
+    The set holds only the prompts and tokens a device's self-test gets (the reference's greedy
+    tokens are the same, fewer of them): a quarter of the full set's cost.
+    """
+    int4 = smollm2_bundle()  # the agent's tests share it: converted once into the model cache
+    assert int4 is not None
+    tmp = tmp_path_factory.mktemp("smollm2")
+    gguf_convert.convert(SMOLLM2_GGUF, tmp / "fp32", variant="fp32", context_length=GENERATE_VERSION["max_length"])
+    questions, heldout = gguf_evaluate.default_prompts()
+    evaluation_set = gguf_evaluate.build_evaluation_set(
+        tmp / "fp32",
+        questions=questions[: generative.SELFTEST_PROMPTS],
+        heldout=heldout,
+        n_tokens=generative.SELFTEST_TOKENS,
+    )
+    shutil.rmtree(tmp / "fp32")  # 540 MB, not kept with pytest's last three runs
+    path = tmp / "evaluation.json"
+    path.write_text(json.dumps(evaluation_set, ensure_ascii=False), encoding="utf-8")
+    return int4, path
+
+
+def store_forced_int4(version: ModelVersion, bundle: Path, evaluation_set: Path) -> Artifact:
+    """The int4 variant and the evaluation set stored as the pipeline stores them (fleet.services.
+    generative), the variant accepted with the bar of one that agreed on 90%."""
+
+    def store(name: str, **fields) -> Artifact:
+        return registry.add_generated_artifact(version, bundle / name, filename=name, actor="system", **fields)
+
+    model = store("model.onnx", precision=Precision.INT4, quality=VariantQuality.ACCEPTED)
+    store("model.onnx.data", role=ArtifactRole.MODEL_DATA, format="onnx-data", precision=Precision.INT4, part_of=model)
+    for name, role in generative.SHARED_FILES:
+        store(name, role=role, format="json")
+    evaluation = registry.add_generated_artifact(
+        version, evaluation_set, filename="evaluation.json", actor="system", role=ArtifactRole.EVALUATION,
+        format="json",
+    )  # fmt: skip
+    VariantEvaluation.objects.create(
+        artifact=model, evaluation_set=evaluation, samples=generative.SELFTEST_PROMPTS, token_agreement=0.9,
+        details={"token_agreement": 0.9}, latency_median_ms=10.0, latency_p95_ms=10.0,
+        peak_memory_bytes=300 << 20, threshold=0.9, accepted=True,
+    )  # fmt: skip
+    return model
+
+
 def roll_out(api, version: dict, device: str) -> dict:
     body = {"name": f"{version['label']} canary", "version": version["id"], "selector": {"devices": [device]},
             "stages": CANARY}  # fmt: skip
@@ -95,9 +154,17 @@ def finished(deployment_filter: dict) -> Deployment:
 
 
 def test_it_rolls_smollm2_out_and_answers_paris_to_the_openai_client(fleet, api):
-    version = release_gguf(api, SMOLLM2_GGUF, model="smollm2", variants=["repack"])
+    version = release_gguf(api, SMOLLM2_GGUF, model="smollm2", variants=["repack", "int4"])
+    reference = Artifact.objects.get(version=version["id"], role="model", precision="fp32")
     repack = Artifact.objects.get(version=version["id"], role="model", recipe__parameters__variant="repack")
+    int4 = Artifact.objects.get(version=version["id"], role="model", recipe__parameters__variant="int4")
+    # Lossless weights; only MatMulNBits' int8 activations separate the repack from the reference.
     assert repack.quality == "accepted"
+    assert repack.evaluation.token_agreement >= 0.9
+    assert repack.evaluation.perplexity <= 1.05 * reference.evaluation.perplexity
+    assert repack.parts.get().size < 0.3 * reference.parts.get().size
+    # int4 RTN degrades SmolLM2 (docs/models.md); a rejected variant is never offered.
+    assert int4.quality == "rejected"
 
     rollout = roll_out(api, version, fleet.device)
 
@@ -127,15 +194,13 @@ def test_it_rolls_smollm2_out_and_answers_paris_to_the_openai_client(fleet, api)
     assert rollout_state == RolloutState.COMPLETED
 
 
-def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(fleet, api):
-    """int4 RTN degrades SmolLM2 (docs/models.md): the pipeline rejects it. Forced through anyway,
-    with the bar of a variant that agreed on 90%, the device's self-test refuses to switch to it."""
-    version = release_gguf(api, SMOLLM2_GGUF, model="smollm2", variants=["int4"], publish=False)
-    int4 = Artifact.objects.get(version=version["id"], role="model", recipe__parameters__variant="int4")
-    assert int4.quality == "rejected"
-    Artifact.objects.filter(pk=int4.pk).update(quality="accepted")
-    evaluation = VariantEvaluation.objects.get(artifact=int4)
-    VariantEvaluation.objects.filter(pk=evaluation.pk).update(details={**evaluation.details, "token_agreement": 0.9})
+def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(fleet, api, smollm2_int4):
+    """int4 RTN degrades SmolLM2 (docs/models.md): the pipeline rejects it (the test above shows
+    it). Forced through anyway, with the bar of a variant that agreed on 90%, the device's
+    self-test refuses to switch to it."""
+    assert api.post("/api/v1/models/", {"name": "smollm2"}, format="json").status_code == 201
+    version = api.post("/api/v1/versions/", GENERATE_VERSION, format="json").json()
+    int4 = store_forced_int4(ModelVersion.objects.get(pk=version["id"]), *smollm2_int4)
     response = api.post(f"/api/v1/versions/{version['id']}/publish/")
     assert response.status_code == 200, response.content
 
