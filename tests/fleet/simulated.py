@@ -45,8 +45,10 @@ class SimulatedDevice:
         return self
 
     def stop(self) -> None:
-        self.client.loop_stop()
+        # Disconnect first: it wakes paho's loop, which then ends at once. Stopped first, the
+        # loop finishes its one-second select before it notices.
         self.client.disconnect()
+        self.client.loop_stop()
 
     def versions_received(self) -> list[str]:
         with self._lock:

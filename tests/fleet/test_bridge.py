@@ -413,8 +413,8 @@ def test_it_keeps_running_through_bad_messages_on_a_real_broker(settings, tmp_pa
         wait_until(lambda: fake_publisher.messages, timeout=5, what="the hello answered")
         assert [topic for topic, _, retain in fake_publisher.messages if retain] == ["fleet/dev-9/desired"]
     finally:
-        agent.loop_stop()
         agent.disconnect()
+        agent.loop_stop()
         bridge.stop()
 
 

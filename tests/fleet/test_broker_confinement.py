@@ -52,8 +52,8 @@ class Client:
         return items
 
     def close(self):
+        self.paho.disconnect()  # before loop_stop, which would otherwise wait out the loop's 1 s select
         self.paho.loop_stop()
-        self.paho.disconnect()
 
 
 @pytest.fixture(scope="module")

@@ -109,8 +109,8 @@ def test_it_carries_agent_messages_to_the_plane_over_tls(pki, tls_port, settings
         assert heard.wait(5)
     finally:
         link.close()
-        plane.loop_stop()
         plane.disconnect()
+        plane.loop_stop()
 
 
 @pytest.mark.parametrize(
