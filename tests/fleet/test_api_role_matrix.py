@@ -63,12 +63,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def fast_passwords(settings):
-    """A user per test: hashing each password properly would take most of the run."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture(autouse=True)
 def quiet_broker(settings, fake_publisher):
     """Decommissioning and credentials talk to no broker admin; whatever is published is only recorded."""
     settings.MQTT_DYNSEC = False

@@ -16,12 +16,6 @@ from tests.fleet.helpers import make_member, make_outsider, token_client
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def fast_passwords(settings):
-    """Hundreds of users: hashing their passwords properly would take a minute."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 WRITE_METHODS = ("post", "put", "patch", "delete")
 RM = {Role.RELEASE_MANAGER}
 # Who, besides admins, may call each write endpoint: (basename, action) -> roles.
