@@ -215,8 +215,9 @@ def test_it_refuses_a_degraded_variant_by_the_devices_self_test_and_rolls_back(f
     assert finished_rollout.state == RolloutState.ROLLED_BACK
     deployment = Deployment.objects.get(rollout_member__rollout=rollout["id"])
     assert deployment.artifact_id == int4.pk
-    # The device reported it failed; with no version before it, the rollback withdrew it.
-    assert deployment.state == DeploymentState.SUPERSEDED
+    # The device reported it failed; with no version before it, the rollback withdrew the version
+    # and the deployment stays failed, its state saying what happened (6d61e78).
+    assert deployment.state == DeploymentState.FAILED
     assert "self-test failed" in deployment.error and "below the 65%" in deployment.error, deployment.error
     assert Device.objects.get(device_id=fleet.device).current_version_id is None
     assert "runtime.installed" not in fleet.agent.output()
