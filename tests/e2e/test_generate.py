@@ -3,7 +3,7 @@
 The bridge, a Celery worker (on the real Redis) and the agent run as their own processes; the
 test process plays the API client, and the official ``openai`` client talks to the agent. The
 first test converts the GGUF through the plane's pipeline (the fp32 reference and its evaluation
-set, then the repack and int4 variants: about 80 s here), the pipeline being part of what it
+set, then the repack and int4 variants: about 70 s here), the pipeline being part of what it
 shows. The second starts where a pipeline ends, from a bundle converted once (cached with the
 agent's tests): its subject is the device and the rollout. Skipped when the GGUF is not cached
 (``make models``).
