@@ -122,8 +122,10 @@ def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(se
     from tests.fleet.simulated import SimulatedDevice
     from tests.support import REDIS_URL, TcpProxy, broker, celery_on_redis
 
-    # The workers check the version's artifact too: they must find it where this process stores it.
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
+    # Made before the workers exist, its artifact checked in this process: a worker checking it at
+    # the same time would race this process for the file (the loser marks the artifact failed).
+    version = helpers.make_published_version()
     with broker(tmp_path / "mosquitto") as mosquitto, celery_on_redis():
         env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}",
                "ARTIFACT_ROOT": str(settings.ARTIFACT_ROOT), "REDIS_URL": REDIS_URL, "BRIDGE_FLUSH_MS": "50",
@@ -144,7 +146,6 @@ def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(se
                        what="hellos")  # fmt: skip
             for device in Device.objects.filter(device_id__startswith="fan-"):
                 devices.set_tags(device, ["lab"], actor="system")
-            version = helpers.make_published_version()
             stages = [{"device_count": 1, "failure_percent": 0}, {"percent": 100, "failure_percent": 0}]
             rollout = rollouts.create_rollout(version, stages=stages, tags=["lab"], actor="system")
             # The workers lose the broker: whichever takes the canary's fan-out task waits in it, unpublished.
