@@ -17,6 +17,8 @@ from paho.mqtt.properties import Properties
 
 from agent.contract.wire import BrokerUrl
 
+_PUBACK = struct.Struct("!BBH")
+
 
 def set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
     # Request/reply over MQTT stalls on Nagle meeting delayed ACKs without this.
@@ -74,16 +76,21 @@ class BufferedClient(mqtt.Client):
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def ack_many(self, mids: Iterable[int]) -> None:
-        """PUBACK each QoS 1 message id (manual acknowledgement), with one wake-up for them all.
+        """PUBACK each QoS 1 message id (manual acknowledgement): one write and one wake-up for them all.
 
-        paho's ``ack`` wakes the network thread once a message: for a batch of a thousand
-        heartbeats acknowledged after their commit, a thousand syscalls.
+        paho's ``ack`` queues a packet and wakes the network thread once a message, and the
+        thread sends each 4-byte PUBACK with its own syscall: for a batch of a thousand
+        heartbeats acknowledged after their commit, thousands of syscalls. Here the batch's
+        PUBACKs are one queued packet, which paho writes as it writes any other (a PUBACK
+        has no completion callback).
         """
-        for mid in mids:
-            self._out_packet.append(
-                {"command": mqtt.PUBACK, "mid": mid, "qos": 1, "pos": 0, "to_process": 4,
-                 "packet": struct.pack("!BBH", mqtt.PUBACK, 2, mid), "info": None}
-            )  # fmt: skip
+        packet = b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids])
+        if not packet:
+            return
+        self._out_packet.append(
+            {"command": mqtt.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(packet), "packet": packet,
+             "info": None}
+        )  # fmt: skip
         if self._sockpairW is not None:
             try:
                 self._sockpairW.send(b"0")
