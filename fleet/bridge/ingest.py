@@ -11,19 +11,18 @@ everything and stops the thread taking more, so the broker keeps the backlog.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from django.db import connection
 
 from agent.contract import wire
 from fleet import jobs
+from fleet.bridge.inbox import Inbox
 from fleet.bridge.stats import Stats
 from fleet.bridge.writer import TRANSIENT_DB_ERRORS, HeartbeatWriter, Stored, apply_split, store_heartbeats
 from fleet.choices import SETTLED_DEPLOYMENT_STATES
@@ -42,8 +41,10 @@ MAX_BATCHES_WAITING = 4
 JUDGE_EVERY_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
+class Inbound(NamedTuple):
+    """One message as paho's thread hands it over: a tuple, since a frozen dataclass costs a
+    microsecond to build, once a message (docs/benchmarks.md)."""
+
     topic: str
     payload: bytes
     received_at: float
@@ -417,7 +418,7 @@ class Ingest:
         self._answer_hellos()
         self._enqueue_rollout_evaluations()
 
-    def run(self, inbox: queue.Queue[Inbound], stopping: threading.Event) -> None:
+    def run(self, inbox: Inbox[Inbound], stopping: threading.Event) -> None:
         """The database thread's loop, until ``stopping`` is set and the inbox is drained."""
         self._writer = HeartbeatWriter(self.stats)
         try:
@@ -428,7 +429,7 @@ class Ingest:
             self._writer = None
             connection.close()
 
-    def _loop(self, inbox: queue.Queue[Inbound], stopping: threading.Event) -> None:
+    def _loop(self, inbox: Inbox[Inbound], stopping: threading.Event) -> None:
         while not (stopping.is_set() and inbox.empty() and not self._retry):
             if self.database_down:
                 # Take nothing more: the inbox fills, paho waits, and the broker holds the backlog.
@@ -445,20 +446,28 @@ class Ingest:
             if self._retry:
                 self.handle(self._retry.popleft())
             else:
-                try:
-                    item = inbox.get(timeout=self.flush_seconds)
-                except queue.Empty:
-                    pass
-                else:
-                    if item.mid:
-                        self._taken.append(item)
-                    self.handle(item)
+                self._handle_all(inbox.take(timeout=self.flush_seconds))
             if time.monotonic() - self._last_flush >= self.flush_seconds:
                 self.tick()
             else:
                 self._take_stored(wait=False)
         if not self.database_down:
             self.tick(wait=True)
+
+    def _handle_all(self, items: list[Inbound]) -> None:
+        """Apply what the inbox held, in order; from the first failure on the database, hold the rest."""
+        for n, item in enumerate(items):
+            if item.mid:
+                self._taken.append(item)
+            if self.database_down:
+                # As if not taken yet: applied first once the database answers.
+                self._retry.append(item)
+                for rest in items[n + 1 :]:
+                    if rest.mid:
+                        self._taken.append(rest)
+                    self._retry.append(rest)
+                return
+            self.handle(item)
 
     def _pending(self) -> int:
         """Messages taken and not yet applied, on this thread (the writer's batch aside)."""

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from agent.contract import wire
 from fleet.bridge.chunks import ChunkLimits, ChunkServer
+from fleet.bridge.inbox import Inbox
 from fleet.bridge.ingest import Inbound, Ingest
 from fleet.bridge.stats import Stats
 from fleet.mqtt.client import connect
@@ -67,7 +68,7 @@ class Bridge:
         self.chunks = ChunkServer(client, store, self.stats, chunk_limits or ChunkLimits())
         self.stopping = threading.Event()
         self.connected = threading.Event()
-        self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
+        self.inbox: Inbox[Inbound] = Inbox(queue_size)
         self.chunk_inbox: queue.Queue[Inbound] = queue.Queue(maxsize=queue_size)
         self._threads: list[threading.Thread] = []
         # QoS 1 messages are acknowledged once stored, not on arrival (Ingest.flush): with a
@@ -110,17 +111,20 @@ class Bridge:
             client.ack(message.mid, message.qos)  # a request: the agent asks again after its stall timeout
         mid = message.mid if message.qos == 1 and not chunk_request else 0
         item = Inbound(topic, bytes(message.payload), self.clock(), mid, self._connection)
-        target = self.chunk_inbox if chunk_request else self.inbox
         self.stats.received += 1
         self.stats.count_kind(topic)
+        if not chunk_request:
+            if waits := self.inbox.put(item, self.stopping):
+                self.stats.add("backpressure_waits", waits)
+            return
         try:
-            target.put_nowait(item)
+            self.chunk_inbox.put_nowait(item)
             return
         except queue.Full:
             pass
         while not self.stopping.is_set():
             try:
-                target.put(item, timeout=0.5)
+                self.chunk_inbox.put(item, timeout=0.5)
                 return
             except queue.Full:
                 self.stats.add("backpressure_waits")
