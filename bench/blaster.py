@@ -108,10 +108,13 @@ class _Conn:
         self.unacked -= acks
 
 
-def blast(port: int, device_ids: list[str], *, duration: float, rate: float, connections: int = 4) -> int:
+def blast(
+    port: int, device_ids: list[str], *, duration: float, rate: float, connections: int = 4, settle: bool = False
+) -> int:
     """Publish heartbeats for these devices at ``rate`` a second for ``duration`` seconds.
 
-    Returns how many the broker acknowledged.
+    Returns how many the broker acknowledged; with ``settle``, after waiting for every one
+    sent to be acknowledged (a backlog whose size must be known).
     """
     conns = [_Conn(port, device_ids[n::connections], n) for n in range(connections) if device_ids[n::connections]]
     selector = selectors.DefaultSelector()
@@ -129,24 +132,42 @@ def blast(port: int, device_ids: list[str], *, duration: float, rate: float, con
                 conn.write(allowed)
         if not any(conn.pending or conn.next < allowed for conn in conns):
             time.sleep(0.002)
+    if settle:
+        _settle(selector, conns)
     for conn in conns:
         conn.sock.close()
     return sum(conn.acked for conn in conns)
 
 
-def _blast_part(port, device_ids, duration, rate, results) -> None:
-    results.put(blast(port, device_ids, duration=duration, rate=rate))
+def _settle(selector: selectors.BaseSelector, conns: list[_Conn], timeout: float = 30.0) -> None:
+    """Send what is written and wait for its PUBACKs: every heartbeat sent is then in the broker."""
+    deadline = time.monotonic() + timeout
+    while any(conn.pending or conn.unacked for conn in conns) and time.monotonic() < deadline:
+        for key, mask in selector.select(0.05):
+            conn = key.data
+            if mask & selectors.EVENT_READ:
+                conn.read()
+            if mask & selectors.EVENT_WRITE:
+                conn.write(allowed=0)
 
 
-def blast_processes(port: int, device_ids: list[str], *, duration: float, rate: float, processes: int = 1) -> int:
+def _blast_part(port, device_ids, duration, rate, settle, results) -> None:
+    results.put(blast(port, device_ids, duration=duration, rate=rate, settle=settle))
+
+
+def blast_processes(
+    port: int, device_ids: list[str], *, duration: float, rate: float, processes: int = 1, settle: bool = False
+) -> int:
     """``blast`` split over processes; returns the total acked."""
     if processes <= 1:
-        return blast(port, device_ids, duration=duration, rate=rate)
+        return blast(port, device_ids, duration=duration, rate=rate, settle=settle)
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     procs = [
         context.Process(
-            target=_blast_part, args=(port, device_ids[p::processes], duration, rate / processes, results), daemon=True
+            target=_blast_part,
+            args=(port, device_ids[p::processes], duration, rate / processes, settle, results),
+            daemon=True,
         )
         for p in range(processes)
     ]

@@ -13,19 +13,37 @@ real ``Heartbeat`` payloads at a fixed offered rate) on the same broker:
 from __future__ import annotations
 
 import multiprocessing
+import os
+import re
+import sys
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgspec
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bench import harness
 from bench.blaster import blast_processes
 from bench.context import Context, Sampler
 from bench.report import Figure, Section
 from bench.simulate import Options, simulate
+from tests.support import broker_config
 
 WARMUP_S = 1.0
+# Draining a backlog: how often the consumers are sampled, how long they may take, and how
+# long the count must stand still (once it moved) to call the backlog taken.
+DRAIN_SAMPLE_S = 0.1
+DRAIN_TIMEOUT_S = 180.0
+DRAIN_QUIET_S = 3.0
+DRAIN_MIN_SAMPLES = 5
+# Issue 16's targets for the bridges' share of the ceiling, by how many bridges share the load.
+DRAIN_TARGETS = {1: 0.70, 2: 0.85}
 
 
 def register_devices(ctx: Context, prefix: str, count: int) -> None:
@@ -127,6 +145,183 @@ def bridge_rate(ctx: Context, device_ids: list[str], *, bridges: int) -> tuple[f
             proc.stop()
 
 
+# --- draining a backlog: the load generator off the cores while the rate is taken ------
+
+
+def _backlog_config(port: int, data_dir: Path) -> str:
+    """The shipped configuration, with no bound on what a session may queue: the backlog is the point."""
+    config = broker_config(port, data_dir)
+    config = re.sub(r"^max_queued_messages .*$", "max_queued_messages 0", config, flags=re.M)
+    return re.sub(r"^max_queued_bytes .*$", "max_queued_bytes 0", config, flags=re.M)
+
+
+def _open_session(port: int, client_id: str, filters: list[str]) -> None:
+    """Subscribe as ``client_id`` with a session that outlives the connection, then leave."""
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                         client_id=client_id)  # fmt: skip
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.on_connect = lambda c, *args: c.subscribe([(f, 1) for f in filters])
+    client.connect("127.0.0.1", port, clean_start=False, properties=_session_properties())
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise TimeoutError(f"the backlog broker did not confirm {client_id}'s subscription")
+    client.disconnect()
+    client.loop_stop()
+
+
+def _session_properties() -> Properties:
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 3600
+    return properties
+
+
+@contextmanager
+def backlog(ctx: Context, device_ids: list[str], client_ids: list[str], filters: list[str], name: str):
+    """A broker of its own holding ``ctx.sizes.ingest_backlog`` heartbeats for these sessions; yields it and the count.
+
+    The sessions share one subscription, so the broker splits the backlog between them as it
+    splits live load; nobody is connected while it is published.
+    """
+    sizes = ctx.sizes
+    with harness.broker(ctx.workdir / f"backlog-{name}", _backlog_config) as broker:
+        for client_id in client_ids:
+            _open_session(broker.port, client_id, filters)
+        acked = blast_processes(broker.port, device_ids, duration=sizes.ingest_backlog / sizes.ingest_rate,
+                                rate=sizes.ingest_rate, settle=True)  # fmt: skip
+        yield broker, acked
+
+
+@dataclass
+class Drain:
+    rate: float  # messages a second between 5% and 95% of the backlog
+    cpu_us: float  # the consumers' CPU (user + system) a message over the same stretch
+    done: int  # how many of the backlog the consumers took in all
+    total: int  # how many the broker acknowledged into the backlog
+
+
+def _process_cpu(pid: int) -> float:
+    """User plus system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drain(samples: list[tuple[float, float, float]], total: int) -> Drain:
+    """The rate and CPU a message between the samples where 5% and 95% of ``total`` had arrived."""
+    low = next((s for s in samples if s[1] >= 0.05 * total), None)
+    high = next((s for s in samples if s[1] >= 0.95 * total), None)
+    done = int(samples[-1][1]) if samples else 0
+    if low is None or high is None or samples.index(high) - samples.index(low) < DRAIN_MIN_SAMPLES:
+        return Drain(0.0, 0.0, done, total)  # taken too fast to time: a backlog this small measures nothing
+    count = high[1] - low[1]
+    return Drain(count / (high[0] - low[0]), (high[2] - low[2]) / count * 1e6, done, total)
+
+
+def _quiet(since: float) -> bool:
+    """Nothing more has arrived for DRAIN_QUIET_S: the consumers took what they will take."""
+    return time.monotonic() - since > DRAIN_QUIET_S
+
+
+def _bare_drainer(port: int, client_id: str, total: int, timeout: float, results) -> None:
+    from fleet.mqtt.client import BufferedClient
+
+    client = BufferedClient(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                            client_id=client_id)  # fmt: skip
+    client.max_inflight_messages_set(1000)
+    count = [0]
+
+    def on_message(client, userdata, message) -> None:
+        count[0] += 1
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, clean_start=False, properties=_session_properties())
+    samples = []
+    client.loop_start()
+    deadline = time.monotonic() + timeout
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and not (count[0] and _quiet(quiet_since)):
+        cpu = os.times()
+        samples.append((time.monotonic(), count[0], cpu.user + cpu.system))
+        if len(samples) > 1 and samples[-1][1] != samples[-2][1]:
+            quiet_since = time.monotonic()
+        if count[0] >= total:
+            break
+        time.sleep(DRAIN_SAMPLE_S)
+    client.disconnect()
+    client.loop_stop()
+    results.put(samples)
+
+
+def _combined(per_consumer: list[list[tuple[float, float, float]]]) -> list[tuple[float, float, float]]:
+    """Each consumer's samples summed at the times of the first's (the others' nearest earlier sample)."""
+    combined = []
+    for t, _, _ in per_consumer[0]:
+        count = cpu = 0.0
+        for samples in per_consumer:
+            before = [s for s in samples if s[0] <= t] or samples[:1]
+            count += before[-1][1]
+            cpu += before[-1][2]
+        combined.append((t, count, cpu))
+    return combined
+
+
+def bare_drain(ctx: Context, device_ids: list[str], *, subscribers: int) -> Drain:
+    """How fast ``subscribers`` do-nothing subscribers (the bridge's client) take a backlog."""
+    client_ids = [f"bench-drain-bare-{n}" for n in range(subscribers)]
+    filters = ["$share/bench-drain/fleet/+/heartbeat"]
+    with backlog(ctx, device_ids, client_ids, filters, f"bare-{subscribers}") as (broker, total):
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        share = total // subscribers
+        procs = [
+            context.Process(target=_bare_drainer, args=(broker.port, cid, share, DRAIN_TIMEOUT_S, results))
+            for cid in client_ids
+        ]
+        for proc in procs:
+            proc.start()
+        per_consumer = [results.get(timeout=DRAIN_TIMEOUT_S + 30) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=10)
+    return _drain(_combined(per_consumer), total)
+
+
+def bridge_drain(ctx: Context, device_ids: list[str], *, bridges: int) -> Drain:
+    """How fast ``bridges`` run_bridge processes store a backlog: named, so each finds its session."""
+    from django.conf import settings
+    from django.db import connections
+
+    from agent.contract import wire
+
+    names = [f"drain-{n}" for n in range(bridges)]
+    client_ids = [f"{settings.MQTT_CLIENT_PREFIX}-bridge-{name}" for name in names]
+    with backlog(ctx, device_ids, client_ids, wire.plane_subscriptions(shared=True), f"bridge-{bridges}") as (
+        broker,
+        total,
+    ):
+        start_id = _max_heartbeat_id()
+        env = {**ctx.env, "MQTT_URL": broker.url}
+        cmd = [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"]
+        procs = [harness.PlaneProcess(f"drain-bridge-{n}", [*cmd, "--name", name], env, ctx.workdir)
+                 for n, name in enumerate(names)]  # fmt: skip
+        try:
+            samples = []
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline and not (samples and samples[-1][1] and _quiet(quiet_since)):
+                cpu = sum(_process_cpu(p.proc.pid) for p in procs)
+                samples.append((time.monotonic(), _max_heartbeat_id() - start_id, cpu))
+                if len(samples) > 1 and samples[-1][1] != samples[-2][1]:
+                    quiet_since = time.monotonic()
+                if samples[-1][1] >= total:
+                    break
+                time.sleep(DRAIN_SAMPLE_S)
+        finally:
+            for proc in procs:
+                proc.stop()
+            connections.close_all()
+    return _drain(samples, total)
+
+
 def heartbeat_batch(device_pks: list[int], count: int):
     from agent.contract import wire
     from bench.blaster import heartbeat_payload
@@ -178,7 +373,12 @@ def run(ctx: Context) -> Section:
             f"Offered load: {sizes.ingest_rate:,.0f} heartbeats/s (QoS 1, real Heartbeat payloads) for "
             f"{sizes.ingest_devices:,} registered devices; the bridges store for {sizes.ingest_seconds:g} s, the bare "
             f"subscribers (whose rate is steady within seconds) receive for {sizes.ingest_ceiling_seconds:g} s; "
-            "rates are taken over the steady window after the first second."
+            "rates are taken over the steady window after the first second.",
+            f"Draining a backlog: {sizes.ingest_backlog:,} heartbeats are published into a broker of its own (the "
+            "shipped configuration with no bound on a session's queue) while its consumers, named sessions in one "
+            "shared subscription, are away; then they connect and take it. The rate is taken between 5% and 95% of "
+            "the backlog, so the load generator is off the cores while it is measured; CPU a message is the "
+            "consumers' own (user and system) over the same stretch.",
         ],
     )
     prefix = "ingest"
@@ -205,6 +405,29 @@ def run(ctx: Context) -> Section:
                    target="≥ 10,000/s and ≥ 70% of ceiling",
                    met=stored >= 10_000 and share >= 0.7, note=f"{share:.0%} of the ceiling")
         )  # fmt: skip
+    for bridges in sizes.ingest_drain_bridges:
+        bare = bare_drain(ctx, device_ids, subscribers=bridges)
+        drained = bridge_drain(ctx, device_ids, bridges=bridges)
+        share = drained.rate / bare.rate if bare.rate else 0.0
+        target = DRAIN_TARGETS.get(bridges, 0.7)
+        ctx.log(f"ingestion drain x{bridges}: stored {drained.rate:.0f}/s ({drained.cpu_us:.1f} us CPU a message), "
+                f"bare {bare.rate:.0f}/s ({bare.cpu_us:.1f} us)")  # fmt: skip
+        section.figures.append(
+            Figure(section.title, f"heartbeats stored/s draining a backlog, {bridges} bridge process(es)",
+                   drained.rate or None, "/s",
+                   ceiling=f"bare subscriber(s) (bridge's client) draining the same backlog: {bare.rate:,.0f}/s; "
+                           f"CPU a message: bridge {drained.cpu_us:.1f} µs, bare {bare.cpu_us:.1f} µs; "
+                           f"stored {drained.done:,} of {drained.total:,}",
+                   target=f"≥ {target:.0%} of ceiling",
+                   met=share >= target and drained.done >= drained.total if drained.rate and bare.rate else None,
+                   note=f"{share:.0%} of the ceiling")
+        )  # fmt: skip
+        if bridges == 1 and drained.cpu_us and bare.cpu_us:
+            section.figures.append(
+                Figure(section.title, "heartbeats a bridge core stores (1 s over the bridge's CPU a message, draining)",
+                       1e6 / drained.cpu_us, "/s",
+                       ceiling=f"a bare subscriber core receives {1e6 / bare.cpu_us:,.0f}/s")
+            )  # fmt: skip
     rows = int(min(200_000, max(2_000, sizes.ingest_rate * sizes.ingest_seconds / 3)))
     copy_rate, service_rate = database_ceilings(ctx, device_pks, rows)
     section.figures.append(
