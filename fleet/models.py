@@ -111,6 +111,9 @@ class Artifact(models.Model):
     hardware_class = models.CharField(max_length=32, choices=HardwareClass.choices, default=HardwareClass.ANY)
     status = models.CharField(max_length=16, choices=ArtifactStatus.choices, default=ArtifactStatus.PROCESSING)
     error = models.TextField(blank=True)
+    # While ``processing``: a worker checks the file until then (fleet.services.registry.process_artifact).
+    # Past it, the worker is presumed dead and another may claim the file; null until first claimed.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     # Filled by the processing task: the content-addressed key, hashes and chunk manifest.
     size = models.PositiveBigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True, db_index=True)
