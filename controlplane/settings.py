@@ -152,6 +152,10 @@ ARTIFACT_CHUNK_SIZE = env_int("ARTIFACT_CHUNK_SIZE", 256 * 1024, minimum=1024)
 # "cdc": cut where the content says, so a new version shares chunks with the last (delta
 # transfer); "fixed": every ARTIFACT_CHUNK_SIZE bytes. Applies to files stored from now on.
 ARTIFACT_CHUNKING = env_choice("ARTIFACT_CHUNKING", "cdc", ("cdc", "fixed"))
+# A worker checking an uploaded file holds it this many seconds; past that it is presumed
+# dead, and a redelivered task or the sweep (fleet.retry_stale_artifacts) checks the file
+# again. Longer than the slowest check (a 2 GiB model: about a minute), or the work is done twice.
+ARTIFACT_PROCESSING_LEASE = env_int("ARTIFACT_PROCESSING_LEASE", 900, minimum=1)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 # The most an evaluation set (.npz) may take once loaded; checked from its headers before
 # loading, at upload and wherever the plane reads one (fleet/lib/evaluation.py).
@@ -233,6 +237,8 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile-deployments": {"task": "fleet.reconcile_deployments", "schedule": 60.0},
     # Soak times end and rate-limited stages fill up without any device report.
     "evaluate-rollouts": {"task": "fleet.evaluate_rollouts", "schedule": 15.0},
+    # Uploads whose worker died, or whose task was lost, are checked again.
+    "retry-stale-artifacts": {"task": "fleet.retry_stale_artifacts", "schedule": 300.0},
     # Hourly, once the bridges have stored the hour that ended: rollups, partitions, retention.
     "maintain-heartbeats": {"task": "fleet.maintain_heartbeats", "schedule": crontab(minute=5)},
 }

@@ -111,6 +111,9 @@ class Artifact(models.Model):
     hardware_class = models.CharField(max_length=32, choices=HardwareClass.choices, default=HardwareClass.ANY)
     status = models.CharField(max_length=16, choices=ArtifactStatus.choices, default=ArtifactStatus.PROCESSING)
     error = models.TextField(blank=True)
+    # While ``processing``: a worker checks the file until then (fleet.services.registry.process_artifact).
+    # Past it, the worker is presumed dead and another may claim the file; null until first claimed.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     # Filled by the processing task: the content-addressed key, hashes and chunk manifest.
     size = models.PositiveBigIntegerField(default=0)
     sha256 = models.CharField(max_length=64, blank=True, db_index=True)
@@ -215,6 +218,18 @@ class Tag(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @classmethod
+    def name_problems(cls, name: object) -> list[str]:
+        """Why ``name`` cannot be a tag's (blank, too long, not a slug), in sentences naming it; empty if it can."""
+        if not isinstance(name, str):
+            return [f"A tag is a name, not {name!r}."]
+        try:
+            cls(name=name).clean_fields()
+        except ValidationError as exc:
+            shown = name if len(name) <= 40 else f"{name[:40]}…"
+            return [f"Tag '{shown}': {message}" for message in exc.messages]
+        return []
 
 
 class Device(models.Model):
@@ -451,6 +466,10 @@ class Rollout(models.Model):
     def clean(self) -> None:
         if not self.selector_tags and not self.selector_device_ids:
             raise ValidationError({"selector": "Select devices by 'tags', by 'devices' (ids), or both."})
+        # A name no device can carry selects nothing: a typo, refused however the rollout came in.
+        problems = [problem for name in self.selector_tags for problem in Tag.name_problems(name)]
+        if problems:
+            raise ValidationError({"selector": problems})
         if self.max_per_minute < 1:
             raise ValidationError({"max_per_minute": "At least one assignment a minute."})
 

@@ -25,6 +25,12 @@ def process_artifact(artifact_id: int) -> str | None:
     return artifact.status if artifact else None
 
 
+@shared_task(name="fleet.retry_stale_artifacts")
+def retry_stale_artifacts() -> int:
+    """The beat: uploads whose worker died, or whose task was lost, are checked again."""
+    return len(registry.retry_stale_artifacts())
+
+
 @shared_task(name="fleet.publish_desired", autoretry_for=(Exception,), retry_backoff=True, max_retries=10)
 def publish_desired(device_pks: list[int]) -> int:
     """Publish each device's current desired state, retained. Safe to repeat.

@@ -474,8 +474,9 @@ class RolloutStageSerializer(serializers.ModelSerializer):
 
 
 class RolloutSelectorSerializer(serializers.Serializer):
+    # A tag's rules (a slug of at most 64 characters) are the domain's (Rollout.clean), for every caller.
     tags = serializers.ListField(
-        child=serializers.CharField(max_length=64),
+        child=serializers.CharField(),
         required=False,
         default=list,
         max_length=MAX_NAMED_TAGS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -126,9 +127,10 @@ def record_presences(online: Mapping[str, bool]) -> tuple[set[str], set[str]]:
 def set_tags(device: Device, names: list[str], *, actor: Actor) -> Device:
     """Replace a device's tags, creating the tags that do not exist yet."""
     names = sorted(set(names))
-    for name in names:
-        # get_or_create skips the field validators; a tag name must stay a slug.
-        Tag(name=name).clean_fields()
+    # get_or_create skips the field validators; a tag name must stay a short slug.
+    problems = [problem for name in names for problem in Tag.name_problems(name)]
+    if problems:
+        raise ValidationError({"tags": problems})
     with transaction.atomic():
         # Lock the device: two concurrent edits would otherwise audit the same "before".
         Device.objects.select_for_update().filter(pk=device.pk).first()

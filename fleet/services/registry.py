@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO, cast
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from agent.contract import wire
@@ -305,22 +308,31 @@ def process_artifact(artifact_id: int) -> Artifact | None:
     """Check an uploaded file, build its chunk manifest and move it to its content address.
 
     Runs in the worker. An ONNX model that onnxruntime could not load fails here, with the
-    reason in ``error``. Idempotent: an artifact that is no longer processing is left as it is.
+    reason in ``error``. Idempotent, and safe to run twice at once (a redelivered task, the
+    sweep): a run first claims the artifact for ARTIFACT_PROCESSING_LEASE seconds, and a run
+    that finds it claimed, or no longer processing, leaves it as it is. Past the lease its
+    worker is presumed dead and the next run checks the file again; should the first still
+    finish, whichever run finishes first decides, under the row's lock, and the other changes nothing.
     """
-    artifact = Artifact.objects.select_related("version__model").filter(pk=artifact_id).first()
-    if artifact is None or artifact.status != ArtifactStatus.PROCESSING:
-        return artifact
-    store = get_store()
-    path = store.path(artifact.storage_key)
+    artifact = _claim(artifact_id)
+    if artifact is None:
+        return Artifact.objects.select_related("version__model").filter(pk=artifact_id).first()
+    path = get_store().path(artifact.storage_key)
     try:
         signature = _check_model_file(path) if _is_onnx_model(artifact.role, artifact.format) else {}
         if artifact.role == ArtifactRole.EVALUATION:
             _check_evaluation_set(path)
         if artifact.format == "gguf":
             _check_gguf(path)
+        manifest = _build_manifest(path, artifact.role)
     except ArtifactRejected as exc:
         return _fail_processing(artifact, str(exc))
-    manifest = _build_manifest(path, artifact.role)
+    except FileNotFoundError:
+        # A run that claimed the artifact after this one's lease ran out finished first and moved the file.
+        current = Artifact.objects.get(pk=artifact.pk)
+        if current.status != ArtifactStatus.PROCESSING:
+            return current
+        raise
     duplicate = (
         Artifact.objects.filter(version=artifact.version, sha256=manifest.sha256).exclude(pk=artifact.pk).first()
     )
@@ -328,38 +340,77 @@ def process_artifact(artifact_id: int) -> Artifact | None:
         return _fail_processing(
             artifact, f"the same file (sha256 {manifest.sha256}) is already artifact {duplicate.pk}"
         )
-    key = store.promote(artifact.storage_key, manifest.sha256)
+    return _finish_processing(artifact, manifest, signature)
+
+
+def _claim(artifact_id: int) -> Artifact | None:
+    """The artifact, claimed by this run; None if it is not processing or another run's lease holds it."""
+    lease = timedelta(seconds=settings.ARTIFACT_PROCESSING_LEASE)
+    # Compare-and-swap, on the database's clock so that the workers' clocks need not agree:
+    # of two runs given one artifact (a redelivered task), one claims it and the other leaves it.
+    claimed = (
+        Artifact.objects.filter(pk=artifact_id, status=ArtifactStatus.PROCESSING)
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lte=Now()))
+        .update(lease_expires_at=Now() + lease)
+    )
+    return Artifact.objects.select_related("version__model").get(pk=artifact_id) if claimed else None
+
+
+def _finish_processing(artifact: Artifact, manifest: wire.FileManifest, signature: dict) -> Artifact:
     with transaction.atomic():
-        changed = Artifact.objects.filter(pk=artifact.pk, status=ArtifactStatus.PROCESSING).update(
-            status=ArtifactStatus.READY,
-            storage_key=key,
-            sha256=manifest.sha256,
-            size=manifest.size,
-            chunk_size=manifest.chunk_size,
-            chunk_hashes=manifest.chunks,
-            chunk_count=len(manifest.chunks),
-            chunk_lengths=manifest.lengths,
-            signature=signature,
-        )
-        if changed:
-            artifact.refresh_from_db()
-            record("system", "artifact.ready", artifact, after={"sha256": manifest.sha256, "size": manifest.size})
-            if signature:
-                # Lock the version: two uploads processed at once must not both judge "breaking".
-                _update_breaking(ModelVersion.objects.select_for_update().get(pk=artifact.version_id))
-    return artifact
+        # Lock the row: a run whose lease ran out must not mark it too, nor move a file it no longer holds.
+        locked = Artifact.objects.select_for_update().get(pk=artifact.pk)
+        if locked.status != ArtifactStatus.PROCESSING:
+            return locked
+        fields = {
+            "status": ArtifactStatus.READY,
+            "sha256": manifest.sha256,
+            "size": manifest.size,
+            "chunk_size": manifest.chunk_size,
+            "chunk_hashes": manifest.chunks,
+            "chunk_count": len(manifest.chunks),
+            "chunk_lengths": manifest.lengths,
+            "signature": signature,
+            # Moved last: should the move fail, the row stays processing and the file where it was.
+            "storage_key": get_store().promote(locked.storage_key, manifest.sha256),
+        }
+        for name, value in fields.items():
+            setattr(locked, name, value)
+        locked.save(update_fields=list(fields))
+        record("system", "artifact.ready", locked, after={"sha256": manifest.sha256, "size": manifest.size})
+        if signature:
+            # Lock the version: two uploads processed at once must not both judge "breaking".
+            _update_breaking(ModelVersion.objects.select_for_update().get(pk=locked.version_id))
+    return locked
 
 
 def _fail_processing(artifact: Artifact, error: str) -> Artifact:
-    get_store().delete(artifact.storage_key)
     with transaction.atomic():
-        Artifact.objects.filter(pk=artifact.pk, status=ArtifactStatus.PROCESSING).update(
-            status=ArtifactStatus.FAILED, error=error
-        )
-        artifact.refresh_from_db()
-        record("system", "artifact.failed", artifact, reason=error)
-    log.warning("artifact %s failed: %s", artifact.pk, error)
-    return artifact
+        # Lock the row: a run that finished first (its file moved, this one's check failing on it) decides.
+        locked = Artifact.objects.select_for_update().get(pk=artifact.pk)
+        if locked.status != ArtifactStatus.PROCESSING:
+            return locked
+        get_store().delete(locked.storage_key)
+        locked.status, locked.error = ArtifactStatus.FAILED, error
+        locked.save(update_fields=["status", "error"])
+        record("system", "artifact.failed", locked, reason=error)
+    log.warning("artifact %s failed: %s", locked.pk, error)
+    return locked
+
+
+def retry_stale_artifacts() -> list[int]:
+    """Queue the check again for uploads left processing: their worker died (the lease ran out),
+    or their task was lost (never claimed, a lease after the upload)."""
+    lease = timedelta(seconds=settings.ARTIFACT_PROCESSING_LEASE)
+    stale = Artifact.objects.filter(status=ArtifactStatus.PROCESSING).filter(
+        Q(lease_expires_at__lte=Now()) | Q(lease_expires_at__isnull=True, created_at__lte=Now() - lease)
+    )
+    ids = list(stale.order_by("pk").values_list("pk", flat=True))
+    for pk in ids:
+        transaction.on_commit(functools.partial(jobs.enqueue, "fleet.process_artifact", pk))
+    if ids:
+        log.warning("checking %d upload(s) left processing again: %s", len(ids), ids)
+    return ids
 
 
 def publish_version(version: ModelVersion, *, actor: Actor) -> ModelVersion:

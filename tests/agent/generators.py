@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -80,19 +81,20 @@ def fake_generator(engine: FakeEngine | None = None, info: ModelInfo = INFO) -> 
     return LoadedGenerator(engine or FakeEngine(), GENERATE_SPEC, info)
 
 
+@functools.cache
 def smollm2_bundle() -> Path | None:
-    """SmolLM2-135M's int4 bundle (the variant that answers "Paris"), built from the cached GGUF if need be.
+    """SmolLM2-135M's int4 bundle (the variant that answers "Paris"), converted from the cached GGUF
+    unless the cache holds one this converter made (``--if-stale``: keyed by its version and packages).
 
     The GGUF converter (fleet.lib.gguf.convert) runs in a subprocess, so these agent tests
-    import nothing of the plane; without it or the GGUF (make models) there is no bundle.
+    import nothing of the plane; without it or the GGUF (make models), a cached bundle is
+    taken as it is, and without one there is no bundle.
     """
     int4 = SMOLLM2_BUNDLES / "int4"
-    if (int4 / "genai_config.json").exists():
-        return int4
     if not (SMOLLM2_GGUF.exists() and (REPO / "fleet" / "lib" / "gguf" / "convert.py").exists()):
-        return None
+        return int4 if (int4 / "genai_config.json").exists() else None
     convert = [sys.executable, "-m", "fleet.lib.gguf.convert", str(SMOLLM2_GGUF), str(int4), "--variant", "int4"]
-    done = subprocess.run(convert, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+    done = subprocess.run([*convert, "--if-stale"], cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"converting SmolLM2 failed: {done.stderr[-2000:]}")
     return int4

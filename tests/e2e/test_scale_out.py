@@ -123,8 +123,8 @@ def test_it_completes_a_rollout_when_the_worker_holding_its_fan_out_is_killed(se
     from tests.support import REDIS_URL, TcpProxy, broker, celery_on_redis
 
     settings.ARTIFACT_ROOT = tmp_path / "artifacts"
-    # Made before the workers exist, its artifact checked in this process: a worker checking it at
-    # the same time would race this process for the file (the loser marks the artifact failed).
+    # Made before the workers exist, its artifact checked in this process and ready before they start
+    # (a worker given the same artifact would now find it claimed and leave it: process_artifact's lease).
     version = helpers.make_published_version()
     with broker(tmp_path / "mosquitto") as mosquitto, celery_on_redis():
         env = {**os.environ, "DATABASE_URL": database_url(), "MQTT_URL": f"mqtt://127.0.0.1:{mosquitto.port}",

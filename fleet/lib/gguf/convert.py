@@ -1,6 +1,10 @@
 """GGUF to an onnxruntime-genai bundle, without torch. No Django here.
 
-    python -m fleet.lib.gguf.convert IN.gguf OUT_DIR --variant repack
+    python -m fleet.lib.gguf.convert IN.gguf OUT_DIR --variant repack [--if-stale]
+
+Each bundle is stamped (``converter.json``) with CONVERTER_VERSION, the versions of the
+packages that shape it and its parameters; ``--if-stale`` keeps a bundle stamped as this
+run would stamp it, so a cache of bundles is converted again once the converter changes.
 
 Variants:
 
@@ -16,11 +20,12 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,14 @@ VARIANTS = ("repack", "int4", "int8", "fp32")
 BUNDLE_FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "genai_config.json")
 # The KV cache and rotary tables are sized for this many tokens at most.
 DEFAULT_CONTEXT = 2048
+# Bump by hand whenever a change to this package changes the bundles it writes: a bundle
+# kept in a cache (the tests' and benchmarks' model cache) and stamped otherwise is stale.
+CONVERTER_VERSION = 1
+# The packages that shape a bundle: onnx serializes it, numpy rounds and packs the weights,
+# onnxruntime-genai reads its genai_config.json. Another version of one makes a cached bundle stale.
+KEYED_PACKAGES = ("onnx", "numpy", "onnxruntime-genai")
+# Written beside the bundle's files: the converter and parameters that made them (``cache_key``).
+STAMP = "converter.json"
 
 Progress = Callable[[int, int, str], None]
 
@@ -171,6 +184,44 @@ def genai_config(model: GGUFModel, context_length: int) -> dict:
     }
 
 
+def package_versions() -> dict[str, str]:
+    """The installed versions of KEYED_PACKAGES ("absent" for one not installed)."""
+    found = {}
+    for name in KEYED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def cache_key(
+    *,
+    variant: str,
+    context_length: int,
+    accuracy_level: int,
+    versions: Mapping[str, str] | None = None,
+) -> dict:
+    """What a bundle converted now with these parameters is stamped with; a cached one stamped otherwise is stale."""
+    return {
+        "converter": CONVERTER_VERSION,
+        "packages": dict(package_versions() if versions is None else versions),
+        "variant": variant,
+        "context_length": context_length,
+        "accuracy_level": accuracy_level,
+    }
+
+
+def is_current(out_dir: str | Path, key: Mapping) -> bool:
+    """True when ``out_dir`` holds a whole bundle stamped with ``key``: a cache may use it as it is."""
+    out = Path(out_dir)
+    try:
+        stamped = json.loads((out / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return stamped == dict(key) and all((out / name).is_file() for name in BUNDLE_FILES)
+
+
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -208,6 +259,8 @@ def convert(
     _write_json(tmp / "tokenizer.json", tokenizer_json(model))
     _write_json(tmp / "tokenizer_config.json", tokenizer_config_json(model))
     _write_json(tmp / "genai_config.json", genai_config(model, ctx))
+    key = cache_key(variant=variant, context_length=context_length, accuracy_level=accuracy_level)
+    _write_json(tmp / STAMP, key)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return {
@@ -218,6 +271,7 @@ def convert(
             "block_size": BLOCK,
             "accuracy_level": accuracy_level,
         },
+        "converter": {"version": CONVERTER_VERSION, "packages": key["packages"]},
         "source": model.summary(),
         "files": {name: (out / name).stat().st_size for name in BUNDLE_FILES},
     }
@@ -230,7 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, default="repack")
     parser.add_argument("--context-length", type=int, default=DEFAULT_CONTEXT)
     parser.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4)
+    parser.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="keep OUT_DIR if it holds a bundle this converter made with these parameters (a cache)",
+    )
     args = parser.parse_args(argv)
+    key = cache_key(variant=args.variant, context_length=args.context_length, accuracy_level=args.accuracy_level)
+    if args.if_stale and is_current(args.out_dir, key):
+        print(f"{args.out_dir}: up to date (converter {CONVERTER_VERSION})")
+        return 0
     started = time.monotonic()
 
     def report(done: int, total: int, message: str) -> None:

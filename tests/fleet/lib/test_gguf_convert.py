@@ -7,7 +7,8 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-from fleet.lib.gguf.convert import BUNDLE_FILES, convert
+from fleet.lib.gguf import convert as converter
+from fleet.lib.gguf.convert import BUNDLE_FILES, DEFAULT_CONTEXT, cache_key, convert, is_current, package_versions
 from fleet.lib.gguf.evaluate import DecoderShape, forced_agreement, greedy_tokens, perplexity, token_agreement
 from fleet.lib.gguf.quant import repack_q4_1, repack_q8_0, rtn_int4, rtn_int8
 from fleet.lib.gguf.reader import GGUFError, GGUFModel
@@ -109,3 +110,33 @@ def test_it_measures_agreement_and_perplexity_against_the_reference(tiny_gguf, t
             < perplexity(session(tmp_path / variant), shape, PROMPT + reference)
             < perplexity(session(tmp_path / variant), shape, PROMPT + unlikely)
         )
+
+
+def test_it_stamps_a_bundle_and_a_changed_converter_or_package_misses_the_cache(tiny_gguf, tmp_path, monkeypatch):
+    convert(tiny_gguf, tmp_path / "int4", variant="int4")
+    key = cache_key(variant="int4", context_length=DEFAULT_CONTEXT, accuracy_level=4)
+
+    assert is_current(tmp_path / "int4", key)
+    assert not is_current(tmp_path / "int4", {**key, "variant": "int8"})
+    assert not is_current(tmp_path / "int4", {**key, "packages": {**package_versions(), "onnx": "0.0.1"}})
+    monkeypatch.setattr(converter, "CONVERTER_VERSION", converter.CONVERTER_VERSION + 1)
+    assert not is_current(
+        tmp_path / "int4", cache_key(variant="int4", context_length=DEFAULT_CONTEXT, accuracy_level=4)
+    )
+    assert not is_current(tmp_path / "nothing", key)
+
+
+def test_it_converts_again_with_if_stale_only_once_the_converter_changed(tiny_gguf, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "int4"
+    args = [str(tiny_gguf), str(out), "--variant", "int4", "--if-stale"]
+    assert converter.main(args) == 0
+    made = (out / "model.onnx").stat().st_ino
+
+    assert converter.main(args) == 0
+    assert (out / "model.onnx").stat().st_ino == made
+    assert "up to date" in capsys.readouterr().out
+
+    monkeypatch.setattr(converter, "CONVERTER_VERSION", converter.CONVERTER_VERSION + 1)
+    assert converter.main(args) == 0
+    assert (out / "model.onnx").stat().st_ino != made
+    assert json.loads((out / converter.STAMP).read_text())["converter"] == converter.CONVERTER_VERSION
