@@ -130,11 +130,14 @@ def _mark_seen_postgresql(pks: list[int], newest: datetime) -> None:
     than the update.
     """
     table = connection.ops.quote_name(Device._meta.db_table)
+    # The array as one literal: psycopg's list dumper ran a regular expression on each element,
+    # a microsecond a heartbeat in a batch of distinct devices. Integers need no quoting.
+    ids = "{" + ",".join(map(str, pks)) + "}"
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET online = true, last_seen = %s WHERE id = ANY(%s)"
+            f"UPDATE {table} SET online = true, last_seen = %s WHERE id = ANY(%s::bigint[])"
             " AND (NOT online OR last_seen IS NULL OR last_seen < %s)",
-            [newest, pks, newest - LAST_SEEN_SLACK],
+            [newest, ids, newest - LAST_SEEN_SLACK],
         )
 
 
