@@ -30,7 +30,7 @@ class Sizes:
     ingest_drain_bridges: tuple[int, ...] = (1, 2)
     # Partitioned against unpartitioned heartbeats (bench/partitions.py): rounds of each, alternating.
     partition_rounds: int = 3
-    partition_seconds: float = 15.0
+    partition_backlog: int = 150_000
     partition_rows: int = 100_000
     # bench/cluster.py: gunicorn, 3 bridges, 2 workers under the simulator. 10,000 devices every
     # 2 s (5,000/s) was more than this 2-core machine held with nine plane processes beside the
@@ -62,7 +62,7 @@ QUICK = Sizes(
     ingest_backlog=30_000,
     ingest_drain_bridges=(1,),
     partition_rounds=1,
-    partition_seconds=5.0,
+    partition_backlog=20_000,
     partition_rows=20_000,
     cluster_devices=1_000,
     cluster_interval=1.0,
@@ -89,7 +89,7 @@ TINY = Sizes(
     ingest_backlog=2_000,
     ingest_drain_bridges=(1,),
     partition_rounds=1,
-    partition_seconds=2.0,
+    partition_backlog=2_000,
     partition_rows=2_000,
     cluster_devices=100,
     cluster_interval=1.0,
