@@ -123,6 +123,19 @@ def _max_heartbeat_id() -> float:
         return float(cursor.fetchone()[0])
 
 
+def _last_heartbeat_id() -> float:
+    """The last heartbeat id handed out: the rows stored from now on have ids above it, even in
+    a table just emptied (whose max(id) says 0 while its sequence goes on)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_get_serial_sequence('fleet_heartbeat', 'id')")
+        sequence = cursor.fetchone()[0]
+        cursor.execute(f"SELECT last_value, is_called FROM {sequence}")
+        value, called = cursor.fetchone()
+    return float(max(value if called else value - 1, _max_heartbeat_id()))
+
+
 def bridge_rate(ctx: Context, device_ids: list[str], *, bridges: int) -> tuple[float, float]:
     """Heartbeats a second stored by ``bridges`` run_bridge processes; and the offered rate acked."""
     from django.db import connections
@@ -298,7 +311,7 @@ def bridge_drain(ctx: Context, device_ids: list[str], *, bridges: int) -> Drain:
         broker,
         total,
     ):
-        start_id = _max_heartbeat_id()
+        start_id = _last_heartbeat_id()
         env = {**ctx.env, "MQTT_URL": broker.url}
         cmd = [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"]
         procs = [harness.PlaneProcess(f"drain-bridge-{n}", [*cmd, "--name", name], env, ctx.workdir)

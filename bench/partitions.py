@@ -107,7 +107,11 @@ def run(ctx: Context) -> Section:
     finally:
         ctx.sizes.ingest_backlog = backlog
         use_layout(True)
-    for what, rates, unit in (("1 bridge process draining a backlog", bridge, "/s"), ("store_heartbeats in-process", service, "rows/s")):
+    layouts = (
+        ("1 bridge process draining a backlog", bridge, "/s"),
+        ("store_heartbeats in-process", service, "rows/s"),
+    )
+    for what, rates, unit in layouts:
         parted, plain = statistics.median(rates[True]), statistics.median(rates[False])
         ratio = parted / plain if plain else 0.0
         section.figures.append(
