@@ -26,8 +26,9 @@ class Sizes:
     ingest_bridges: tuple[int, ...] = (1, 2, 3)
     # Heartbeats published into a broker before its consumers connect, then drained: the load
     # generator is off the two cores while the rate is taken (bench/ingestion.py).
-    ingest_backlog: int = 300_000
+    ingest_backlog: int = 200_000
     ingest_drain_bridges: tuple[int, ...] = (1, 2)
+    ingest_drain_rounds: int = 3
     # Partitioned against unpartitioned heartbeats (bench/partitions.py): rounds of each, alternating.
     partition_rounds: int = 3
     partition_backlog: int = 150_000
@@ -61,6 +62,7 @@ QUICK = Sizes(
     ingest_bridges=(1,),
     ingest_backlog=30_000,
     ingest_drain_bridges=(1,),
+    ingest_drain_rounds=1,
     partition_rounds=1,
     partition_backlog=20_000,
     partition_rows=20_000,
@@ -88,6 +90,7 @@ TINY = Sizes(
     ingest_bridges=(1,),
     ingest_backlog=2_000,
     ingest_drain_bridges=(1,),
+    ingest_drain_rounds=1,
     partition_rounds=1,
     partition_backlog=2_000,
     partition_rows=2_000,
