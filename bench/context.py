@@ -81,7 +81,7 @@ QUICK = Sizes(
     api_requests=400,
 )
 
-# The smallest sizes: checks that everything runs, not how fast (CI runs QUICK, as make bench-quick does).
+# The smallest sizes: checks that everything runs, not how fast (CI's smoke test runs these).
 TINY = Sizes(
     ingest_seconds=3.0,
     ingest_ceiling_seconds=2.0,
