@@ -81,7 +81,8 @@ def check_plane_url(url: str, *, allow_insecure: bool = False) -> str:
     return host
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` readable by this user only (the device key, its broker password)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -96,7 +97,7 @@ def load_or_create_key(data_path: Path) -> Ed25519PrivateKey:
             raise EnrollmentError(f"{path} is not an Ed25519 private key")
         return key
     key = Ed25519PrivateKey.generate()
-    _write_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    write_private(path, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
     return key
 
 
@@ -156,7 +157,7 @@ def enroll(
         status, answer = post(url, {"timestamp_ms": timestamp_ms, "signature": signature})
         if status == 200:
             credentials = msgspec.convert(answer, Credentials, strict=False)
-            _write_private(saved, msgspec.json.encode(credentials))
+            write_private(saved, msgspec.json.encode(credentials))
             log.info("enrollment.accepted device_id=%s", device_id)
             return credentials
         if status != 202:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +151,11 @@ class PlaneProcess:
         return self.log.read_text(errors="replace")
 
 
-def bridges(count: int, env: dict[str, str], workdir: Path) -> list[PlaneProcess]:
+def bridges(count: int, env: dict[str, str], workdir: Path, *, names: Sequence[str] = ()) -> list[PlaneProcess]:
+    """``count`` run_bridge processes; with ``names``, one per name (``--name``: a persistent session)."""
     cmd = [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"]
+    if names:
+        return [PlaneProcess(f"bridge-{name}", [*cmd, "--name", name], env, workdir) for name in names]
     return [PlaneProcess(f"bridge-{n}", cmd, env, workdir) for n in range(count)]
 
 

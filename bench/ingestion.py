@@ -16,9 +16,9 @@ import multiprocessing
 import os
 import re
 import statistics
-import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,7 +134,7 @@ def _last_heartbeat_id() -> float:
         sequence = cursor.fetchone()[0]
         cursor.execute(f"SELECT last_value, is_called FROM {sequence}")
         value, called = cursor.fetchone()
-    return float(max(value if called else value - 1, _max_heartbeat_id()))
+    return float(value if called else value - 1)
 
 
 def bridge_rate(ctx: Context, device_ids: list[str], *, bridges: int) -> tuple[float, float]:
@@ -191,18 +191,17 @@ def _session_properties() -> Properties:
 
 
 @contextmanager
-def backlog(ctx: Context, device_ids: list[str], client_ids: list[str], filters: list[str], name: str):
-    """A broker of its own holding ``ctx.sizes.ingest_backlog`` heartbeats for these sessions; yields it and the count.
+def backlog(ctx: Context, device_ids: list[str], client_ids: list[str], filters: list[str], name: str, size: int):
+    """A broker of its own holding ``size`` heartbeats for these sessions; yields it and the count.
 
     The sessions share one subscription, so the broker splits the backlog between them as it
     splits live load; nobody is connected while it is published.
     """
-    sizes = ctx.sizes
+    rate = ctx.sizes.ingest_rate
     with harness.broker(ctx.workdir / f"backlog-{name}", _backlog_config) as broker:
         for client_id in client_ids:
             _open_session(broker.port, client_id, filters)
-        acked = blast_processes(broker.port, device_ids, duration=sizes.ingest_backlog / sizes.ingest_rate,
-                                rate=sizes.ingest_rate, settle=True)  # fmt: skip
+        acked = blast_processes(broker.port, device_ids, duration=size / rate, rate=rate, settle=True)
         yield broker, acked
 
 
@@ -231,12 +230,24 @@ def _drain(samples: list[tuple[float, float, float]], total: int) -> Drain:
     return Drain(count / (high[0] - low[0]), (high[2] - low[2]) / count * 1e6, done, total)
 
 
-def _quiet(since: float) -> bool:
-    """Nothing more has arrived for DRAIN_QUIET_S: the consumers took what they will take."""
-    return time.monotonic() - since > DRAIN_QUIET_S
+def _sample_drain(read: Callable[[], tuple[float, float]], total: int) -> list[tuple[float, float, float]]:
+    """(time, taken, CPU seconds) every DRAIN_SAMPLE_S, until ``total`` are taken, nothing more has
+    arrived for DRAIN_QUIET_S once something did, or DRAIN_TIMEOUT_S passed."""
+    samples: list[tuple[float, float, float]] = []
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    moved_at = time.monotonic()
+    while time.monotonic() < deadline:
+        taken, cpu = read()
+        samples.append((time.monotonic(), taken, cpu))
+        if len(samples) > 1 and taken != samples[-2][1]:
+            moved_at = time.monotonic()
+        if taken >= total or (taken and time.monotonic() - moved_at > DRAIN_QUIET_S):
+            break
+        time.sleep(DRAIN_SAMPLE_S)
+    return samples
 
 
-def _bare_drainer(port: int, client_id: str, total: int, timeout: float, results) -> None:
+def _bare_drainer(port: int, client_id: str, total: int, results) -> None:
     from fleet.mqtt.client import BufferedClient
 
     client = BufferedClient(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
@@ -249,18 +260,13 @@ def _bare_drainer(port: int, client_id: str, total: int, timeout: float, results
 
     client.on_message = on_message
     client.connect("127.0.0.1", port, clean_start=False, properties=_session_properties())
-    samples = []
     client.loop_start()
-    deadline = time.monotonic() + timeout
-    quiet_since = time.monotonic()
-    while time.monotonic() < deadline and not (count[0] and _quiet(quiet_since)):
+
+    def read() -> tuple[float, float]:
         cpu = os.times()
-        samples.append((time.monotonic(), count[0], cpu.user + cpu.system))
-        if len(samples) > 1 and samples[-1][1] != samples[-2][1]:
-            quiet_since = time.monotonic()
-        if count[0] >= total:
-            break
-        time.sleep(DRAIN_SAMPLE_S)
+        return count[0], cpu.user + cpu.system
+
+    samples = _sample_drain(read, total)
     client.disconnect()
     client.loop_stop()
     results.put(samples)
@@ -283,14 +289,12 @@ def bare_drain(ctx: Context, device_ids: list[str], *, subscribers: int) -> Drai
     """How fast ``subscribers`` do-nothing subscribers (the bridge's client) take a backlog."""
     client_ids = [f"bench-drain-bare-{n}" for n in range(subscribers)]
     filters = ["$share/bench-drain/fleet/+/heartbeat"]
-    with backlog(ctx, device_ids, client_ids, filters, f"bare-{subscribers}") as (broker, total):
+    size = ctx.sizes.ingest_backlog
+    with backlog(ctx, device_ids, client_ids, filters, f"bare-{subscribers}", size) as (broker, total):
         context = multiprocessing.get_context("fork")
         results = context.Queue()
         share = total // subscribers
-        procs = [
-            context.Process(target=_bare_drainer, args=(broker.port, cid, share, DRAIN_TIMEOUT_S, results))
-            for cid in client_ids
-        ]
+        procs = [context.Process(target=_bare_drainer, args=(broker.port, cid, share, results)) for cid in client_ids]
         for proc in procs:
             proc.start()
         per_consumer = [results.get(timeout=DRAIN_TIMEOUT_S + 30) for _ in procs]
@@ -299,8 +303,9 @@ def bare_drain(ctx: Context, device_ids: list[str], *, subscribers: int) -> Drai
     return _drain(_combined(per_consumer), total)
 
 
-def bridge_drain(ctx: Context, device_ids: list[str], *, bridges: int) -> Drain:
-    """How fast ``bridges`` run_bridge processes store a backlog: named, so each finds its session."""
+def bridge_drain(ctx: Context, device_ids: list[str], *, bridges: int, size: int | None = None) -> Drain:
+    """How fast ``bridges`` run_bridge processes store a backlog (``size``, or the sizes' own):
+    named, so each finds its session."""
     from django.conf import settings
     from django.db import connections
 
@@ -308,27 +313,17 @@ def bridge_drain(ctx: Context, device_ids: list[str], *, bridges: int) -> Drain:
 
     names = [f"drain-{n}" for n in range(bridges)]
     client_ids = [f"{settings.MQTT_CLIENT_PREFIX}-bridge-{name}" for name in names]
-    with backlog(ctx, device_ids, client_ids, wire.plane_subscriptions(shared=True), f"bridge-{bridges}") as (
-        broker,
-        total,
-    ):
+    filters = wire.plane_subscriptions(shared=True)
+    size = size or ctx.sizes.ingest_backlog
+    with backlog(ctx, device_ids, client_ids, filters, f"bridge-{bridges}", size) as (broker, total):
         start_id = _last_heartbeat_id()
-        env = {**ctx.env, "MQTT_URL": broker.url}
-        cmd = [sys.executable, "manage.py", "run_bridge", "--stats-every", "5"]
-        procs = [harness.PlaneProcess(f"drain-bridge-{n}", [*cmd, "--name", name], env, ctx.workdir)
-                 for n, name in enumerate(names)]  # fmt: skip
+        procs = harness.bridges(bridges, {**ctx.env, "MQTT_URL": broker.url}, ctx.workdir, names=names)
+
+        def read() -> tuple[float, float]:
+            return _max_heartbeat_id() - start_id, sum(_process_cpu(p.proc.pid) for p in procs)
+
         try:
-            samples = []
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            quiet_since = time.monotonic()
-            while time.monotonic() < deadline and not (samples and samples[-1][1] and _quiet(quiet_since)):
-                cpu = sum(_process_cpu(p.proc.pid) for p in procs)
-                samples.append((time.monotonic(), _max_heartbeat_id() - start_id, cpu))
-                if len(samples) > 1 and samples[-1][1] != samples[-2][1]:
-                    quiet_since = time.monotonic()
-                if samples[-1][1] >= total:
-                    break
-                time.sleep(DRAIN_SAMPLE_S)
+            samples = _sample_drain(read, total)
         finally:
             for proc in procs:
                 proc.stop()

@@ -118,11 +118,8 @@ def write_agent_state(state_dir: Path, device: EnrolledDevice, broker_url: str) 
     pem = device.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     credentials = agent_enrollment.Credentials(username=dynsec.device_username(device.device_id),
                                                password=device.password, broker_url=broker_url)  # fmt: skip
-    for name, content in ((agent_enrollment.KEY_FILE, pem), (agent_enrollment.CREDENTIALS_FILE,
-                                                             msgspec.json.encode(credentials))):  # fmt: skip
-        fd = os.open(data / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
+    agent_enrollment.write_private(data / agent_enrollment.KEY_FILE, pem)
+    agent_enrollment.write_private(data / agent_enrollment.CREDENTIALS_FILE, msgspec.json.encode(credentials))
 
 
 @dataclass

@@ -88,15 +88,13 @@ def run(ctx: Context) -> Section:
     device_pks = list(Device.objects.filter(device_id__in=device_ids).values_list("pk", flat=True))
     bridge: dict[bool, list[float]] = {True: [], False: []}
     service: dict[bool, list[float]] = {True: [], False: []}
-    backlog = ctx.sizes.ingest_backlog
     try:
-        ctx.sizes.ingest_backlog = sizes.partition_backlog
         for n in range(sizes.partition_rounds):
             for partitioned in (True, False):
                 use_layout(partitioned)
                 service[partitioned].append(service_rate(device_pks, sizes.partition_rows, n * sizes.partition_rows))
                 use_layout(partitioned)
-                drained = ingestion.bridge_drain(ctx, device_ids, bridges=1)
+                drained = ingestion.bridge_drain(ctx, device_ids, bridges=1, size=sizes.partition_backlog)
                 if drained.done < drained.total:
                     raise RuntimeError(f"the bridge stored {drained.done:,} of a backlog of {drained.total:,}")
                 stored = drained.rate
@@ -105,7 +103,6 @@ def run(ctx: Context) -> Section:
                 ctx.log(f"partitions round {n}: {label}: bridge {stored:,.0f}/s, "
                         f"in-process {service[partitioned][-1]:,.0f} rows/s")  # fmt: skip
     finally:
-        ctx.sizes.ingest_backlog = backlog
         use_layout(True)
     layouts = (
         ("1 bridge process draining a backlog", bridge, "/s"),

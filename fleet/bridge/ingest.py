@@ -457,16 +457,14 @@ class Ingest:
     def _handle_all(self, items: list[Inbound]) -> None:
         """Apply what the inbox held, in order; from the first failure on the database, hold the rest."""
         for n, item in enumerate(items):
+            if self.database_down:
+                # Taken, and applied first once the database answers.
+                held = items[n:]
+                self._taken += [i for i in held if i.mid]
+                self._retry.extend(held)
+                return
             if item.mid:
                 self._taken.append(item)
-            if self.database_down:
-                # As if not taken yet: applied first once the database answers.
-                self._retry.append(item)
-                for rest in items[n + 1 :]:
-                    if rest.mid:
-                        self._taken.append(rest)
-                    self._retry.append(rest)
-                return
             self.handle(item)
 
     def _pending(self) -> int:

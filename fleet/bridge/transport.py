@@ -102,8 +102,8 @@ class Bridge:
             log.warning("bridge lost the broker (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        # paho's thread, once per message: the topic is decoded once, and the queue is tried
-        # without a timeout first (a bridge keeping up never waits).
+        # paho's thread, once per message: the topic is decoded once; agent messages go to the
+        # inbox, chunk requests to the pool's queue, tried without a timeout first.
         self._last_message_at = time.monotonic()
         topic = message.topic
         chunk_request = topic.endswith(CHUNK_REQUEST_SUFFIX)
